@@ -1,0 +1,169 @@
+"""torch -> ONNX for the encoder step and the denoise step (torch.onnx, dynamo), weights as external data.
+
+Batch, new-token count and both cache lengths are dynamic; the canvas length comes from the
+config and is static, as every engine built later wants it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import warnings
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+import torch
+from torch.export import Dim
+
+from dllm_trt.errors import DllmError
+from dllm_trt.models.diffusion_gemma import DenoiseStep, EncoderStep, LayerSpec, layer_specs
+
+OPSET = 23
+ENCODER_FILE = "encoder.onnx"
+DENOISER_FILE = "denoiser.onnx"
+
+# Example sizes for tracing: distinct values so that no two dynamic axes get unified by accident.
+_EXAMPLE = dict(batch=2, new_tokens=5, cache_full=11, cache_sliding=7)
+
+
+@dataclass(frozen=True)
+class GraphIO:
+    """Names of one graph's inputs and outputs, in order."""
+
+    inputs: list[str]
+    outputs: list[str]
+
+
+def cache_names(specs: list[LayerSpec], prefix: str) -> list[str]:
+    return [f"{prefix}{kind}.{spec.index}" for spec in specs for kind in ("key", "value")]
+
+
+def encoder_io(specs: list[LayerSpec]) -> GraphIO:
+    return GraphIO(
+        inputs=["input_ids", "position_ids", "input_mask", "cache_mask", *cache_names(specs, "past_")],
+        outputs=cache_names(specs, ""),
+    )
+
+
+def denoiser_io(specs: list[LayerSpec]) -> GraphIO:
+    return GraphIO(
+        inputs=["canvas_ids", "self_conditioning", "position_ids", "cache_mask", *cache_names(specs, "past_")],
+        outputs=["logits"],
+    )
+
+
+def example_cache(
+    specs: list[LayerSpec], batch: int, cache_full: int, cache_sliding: int, dtype: torch.dtype
+) -> list[torch.Tensor]:
+    tensors = []
+    for spec in specs:
+        length = cache_sliding if spec.sliding else cache_full
+        for _ in ("key", "value"):
+            tensors.append(torch.randn(batch, spec.num_kv_heads, length, spec.head_dim).to(dtype))
+    return tensors
+
+
+def _cache_dims(specs: list[LayerSpec], batch: Dim, full: Dim, sliding: Dim) -> tuple[dict, ...]:
+    return tuple({0: batch, 2: sliding if spec.sliding else full} for spec in specs for _ in ("key", "value"))
+
+
+def _export(module: torch.nn.Module, args: tuple, dynamic_shapes: tuple, io_names: GraphIO, path: Path) -> None:
+    # torch.onnx narrates every stage on stdout and warns about internals; the CLI prints its own progress.
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+        with torch.no_grad():
+            program = torch.onnx.export(
+                module,
+                args,
+                dynamic_shapes=dynamic_shapes,
+                input_names=io_names.inputs,
+                output_names=io_names.outputs,
+                opset_version=OPSET,
+                dynamo=True,
+                external_data=True,
+                verbose=False,
+                optimize=True,
+            )
+        program.save(str(path), external_data=True)
+
+
+def export_encoder(model, path: Path) -> GraphIO:  # noqa: ANN001
+    specs = layer_specs(model)
+    dtype = model.dtype
+    b, t, c = _EXAMPLE["batch"], _EXAMPLE["new_tokens"], _EXAMPLE["cache_full"]
+    vocab = model.config.text_config.vocab_size
+    args = (
+        torch.randint(0, vocab, (b, t)),
+        torch.arange(c, c + t).expand(b, t).contiguous(),
+        torch.ones(b, t, dtype=torch.bool),
+        torch.ones(b, c, dtype=torch.bool),
+        *example_cache(specs, b, c, _EXAMPLE["cache_sliding"], dtype),
+    )
+    batch, tokens = Dim("batch"), Dim("new_tokens")
+    full, sliding = Dim("cache_full"), Dim("cache_sliding")
+    per_token = {0: batch, 1: tokens}
+    shapes = (per_token, per_token, per_token, {0: batch, 1: full}, _cache_dims(specs, batch, full, sliding))
+    io_names = encoder_io(specs)
+    _export(EncoderStep(model), args, shapes, io_names, path)
+    return io_names
+
+
+def export_denoiser(model, path: Path) -> GraphIO:  # noqa: ANN001
+    specs = layer_specs(model)
+    dtype = model.dtype
+    b, c = _EXAMPLE["batch"], _EXAMPLE["cache_full"]
+    canvas = model.config.canvas_length
+    text = model.config.text_config
+    args = (
+        torch.randint(0, text.vocab_size, (b, canvas)),
+        torch.randn(b, canvas, text.hidden_size).to(dtype),
+        torch.arange(c, c + canvas).expand(b, canvas).contiguous(),
+        torch.ones(b, c, dtype=torch.bool),
+        *example_cache(specs, b, c, _EXAMPLE["cache_sliding"], dtype),
+    )
+    batch, full, sliding = Dim("batch"), Dim("cache_full"), Dim("cache_sliding")
+    shapes = ({0: batch}, {0: batch}, {0: batch}, {0: batch, 1: full}, _cache_dims(specs, batch, full, sliding))
+    io_names = denoiser_io(specs)
+    _export(DenoiseStep(model), args, shapes, io_names, path)
+    return io_names
+
+
+def check_experts(path: Path, num_experts: int, gate_up_shape: tuple, down_shape: tuple, layers: int) -> None:
+    """Every MoE layer must hold all `num_experts` experts, whatever the tracing input routed to.
+
+    The exporter may transpose the expert weights, so both orientations of the last two axes count.
+    """
+    graph = onnx.load(str(path), load_external_data=False).graph
+    shapes = Counter(tuple(init.dims) for init in graph.initializer)
+
+    def count(shape: tuple) -> int:
+        return shapes[shape] + (shapes[(shape[0], shape[2], shape[1])] if shape[1] != shape[2] else 0)
+
+    found_gate_up, found_down = count(gate_up_shape), count(down_shape)
+    if found_gate_up != layers or found_down != layers:
+        raise DllmError(
+            f"{path.name} holds {found_gate_up} gate_up and {found_down} down expert tensors of shape "
+            f"{gate_up_shape}/{down_shape}, expected {layers} each (all {num_experts} experts per MoE layer); "
+            "the export dropped experts, please report this"
+        )
+
+
+def check_external_data(path: Path) -> list[Path]:
+    """External data must sit beside the graph under a relative path, and the checker must accept it."""
+    model = onnx.load(str(path), load_external_data=False)
+    files = set()
+    for init in model.graph.initializer:
+        if init.data_location == onnx.TensorProto.EXTERNAL:
+            location = next(e.value for e in init.external_data if e.key == "location")
+            if Path(location).is_absolute() or ".." in Path(location).parts:
+                raise DllmError(f"{path.name} points at external data outside its directory: {location}")
+            files.add(path.parent / location)
+    for file in files:
+        if not file.is_file():
+            raise DllmError(f"{path.name} refers to missing external data {file.name}")
+    onnx.checker.check_model(str(path), full_check=False)
+    return sorted(files)

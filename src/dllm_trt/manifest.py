@@ -1,0 +1,121 @@
+"""The manifest every stage writes beside its artifacts, and the checks a later stage makes on it.
+
+A stage directory is self-describing: which checkpoint (content hash), which model config, which
+tools, and every graph input/output with dtype, shape and which axes are dynamic.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from importlib import metadata
+from pathlib import Path
+
+import onnx
+
+from dllm_trt.errors import DllmError
+
+MANIFEST = "manifest.json"
+FORMAT = "dllm-trt/1"
+_TOOLS = ("dllm-trt", "torch", "transformers", "onnx", "onnxruntime", "onnxscript", "onnx-ir", "polygraphy")
+
+
+def tool_versions() -> dict[str, str]:
+    versions = {}
+    for name in _TOOLS:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def describe_value(value: onnx.ValueInfoProto) -> dict:
+    tensor = value.type.tensor_type
+    shape, dynamic = [], {}
+    for axis, dim in enumerate(tensor.shape.dim):
+        if dim.HasField("dim_value"):
+            shape.append(dim.dim_value)
+        else:
+            shape.append(dim.dim_param or "?")
+            dynamic[str(axis)] = dim.dim_param or "?"
+    return dict(
+        name=value.name,
+        dtype=onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type).name
+        if tensor.elem_type != onnx.TensorProto.BFLOAT16
+        else "bfloat16",
+        shape=shape,
+        dynamic_axes=dynamic,
+    )
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(1 << 24):
+            digest.update(chunk)
+    return "sha256:" + digest.hexdigest()
+
+
+def describe_graph(path: Path, external: list[Path]) -> dict:
+    graph = onnx.load(str(path), load_external_data=False).graph
+    return dict(
+        file=path.name,
+        bytes=path.stat().st_size,
+        sha256=file_sha256(path),
+        external_data=[dict(file=f.name, bytes=f.stat().st_size, sha256=file_sha256(f)) for f in external],
+        inputs=[describe_value(v) for v in graph.input],
+        outputs=[describe_value(v) for v in graph.output],
+        nodes=len(graph.node),
+    )
+
+
+def write_manifest(directory: Path, manifest: dict) -> None:
+    manifest = {"format": FORMAT, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **manifest}
+    (directory / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+def read_manifest(directory: Path, stage: str | None = None) -> dict:
+    path = directory / MANIFEST
+    if not directory.is_dir():
+        raise DllmError(f"{directory} does not exist; pass a directory written by 'dllm-trt export'")
+    if not path.is_file():
+        raise DllmError(f"{directory} has no {MANIFEST}; pass a directory written by 'dllm-trt export' or 'optimize'")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise DllmError(f"{path} is not valid JSON ({exc}); re-run the stage that wrote it") from None
+    if manifest.get("format") != FORMAT:
+        raise DllmError(f"{path} has format {manifest.get('format')!r}, this dllm-trt reads {FORMAT!r}; re-run export")
+    if stage is not None and manifest.get("stage") != stage:
+        raise DllmError(f"{directory} was written by '{manifest.get('stage')}', this step needs the '{stage}' output")
+    return manifest
+
+
+@contextmanager
+def atomic_output(out: Path, force: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling directory; rename it to `out` only when the stage succeeded.
+
+    Nothing half-written is ever left at `out`: on any failure the temporary directory goes away.
+    """
+    if out.exists() and not out.is_dir():
+        raise DllmError(f"output {out} exists and is a file; pick another -o")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise DllmError(f"output directory {out} exists and is not empty; remove it, pick another -o, or pass --force")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)

@@ -1,0 +1,265 @@
+"""DiffusionGemma's two compiled steps as export-friendly modules over the reference weights.
+
+transformers' `DiffusionGemmaForBlockDiffusion` is the source of truth. These modules call its own
+submodules (projections, norms, rotary embedding, router, MLPs) and re-state only what does not
+export: the `Cache` object (replaced by plain K/V tensors the caller owns), the mask factories
+(replaced by masks built from two boolean validity tensors), and the experts' loop over
+`nonzero()` (replaced by every expert on every token, weighted by a dense routing matrix, which
+is exact because unrouted experts get weight zero).
+
+Letters: B batch, T new tokens, C canvas, P cache length (Pf full layers, Ps sliding layers),
+H hidden, Q query heads, G key/value heads, D head dim, N tokens (B*T), E experts, K active
+experts, I expert width, V vocab.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers.models.diffusion_gemma.modeling_diffusion_gemma import (
+    DiffusionGemmaForBlockDiffusion,
+    apply_rotary_pos_emb,
+    repeat_kv,
+)
+
+SLIDING = "sliding_attention"
+FULL = "full_attention"
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """What the runtime needs to know about one layer's cache."""
+
+    index: int
+    sliding: bool
+    head_dim: int
+    num_kv_heads: int
+    k_eq_v: bool  # full layers have no v_proj: V is the raw k_proj output through v_norm
+
+
+def specs_of(layers: nn.ModuleList) -> list[LayerSpec]:
+    return [
+        LayerSpec(
+            index=i,
+            sliding=layer.self_attn.is_sliding,
+            head_dim=layer.self_attn.head_dim,
+            num_kv_heads=layer.self_attn.k_proj.out_features // layer.self_attn.head_dim,
+            k_eq_v=layer.self_attn.v_proj is None,
+        )
+        for i, layer in enumerate(layers)
+    ]
+
+
+def layer_specs(model: DiffusionGemmaForBlockDiffusion) -> list[LayerSpec]:
+    return specs_of(model.model.decoder.layers)
+
+
+def attention_bias(
+    key_valid: torch.Tensor, num_queries: int, causal: bool, window: int | None, dtype: torch.dtype
+) -> torch.Tensor:
+    """Additive mask [B, 1, T, L] for T queries that are the last T of L keys.
+
+    Uses the dtype's most negative finite value, as transformers' eager path does, so that a row
+    with no valid key (a left-padding query) stays finite instead of turning into NaN.
+    """
+    length = key_valid.shape[1]
+    key_pos = torch.arange(length, device=key_valid.device)  # [L]
+    query_pos = torch.arange(num_queries, device=key_valid.device) + (length - num_queries)  # [T]
+    allowed = key_valid[:, None, None, :]  # [B, 1, 1, L]
+    if causal:
+        allowed = allowed & (key_pos[None, :] <= query_pos[:, None])
+    if window is not None:
+        # transformers' sliding_window_overlay: kv_idx > q_idx - sliding_window
+        allowed = allowed & (key_pos[None, :] > query_pos[:, None] - window)
+    zero = torch.zeros((), dtype=dtype, device=key_valid.device)
+    neg = torch.full((), torch.finfo(dtype).min, dtype=dtype, device=key_valid.device)
+    return torch.where(allowed, zero, neg)
+
+
+def attend(
+    attn: nn.Module,
+    hidden: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    past_key: torch.Tensor,
+    past_value: torch.Tensor,
+    bias: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The reference attention (eager form) over cache + new tokens; returns output and new K/V."""
+    batch, tokens, _ = hidden.shape
+    head_dim = attn.head_dim
+    query = attn.q_proj(hidden).view(batch, tokens, -1, head_dim)  # [B, T, Q, D]
+    query = apply_rotary_pos_emb(attn.q_norm(query), cos, sin, unsqueeze_dim=2).transpose(1, 2)  # [B, Q, T, D]
+    key_raw = attn.k_proj(hidden).view(batch, tokens, -1, head_dim)  # [B, T, G, D]
+    value_raw = attn.v_proj(hidden).view(batch, tokens, -1, head_dim) if attn.v_proj is not None else key_raw
+    key = apply_rotary_pos_emb(attn.k_norm(key_raw), cos, sin, unsqueeze_dim=2).transpose(1, 2)  # [B, G, T, D]
+    value = attn.v_norm(value_raw).transpose(1, 2)  # [B, G, T, D]
+
+    keys = repeat_kv(torch.cat([past_key, key], dim=2), attn.num_key_value_groups)  # [B, Q, P+T, D]
+    values = repeat_kv(torch.cat([past_value, value], dim=2), attn.num_key_value_groups)
+    scores = torch.matmul(query, keys.transpose(2, 3))  # [B, Q, T, P+T]
+    if attn.scaling != 1.0:
+        scores = scores * attn.scaling
+    probs = torch.softmax(scores + bias, dim=-1, dtype=torch.float32).to(query.dtype)
+    out = torch.matmul(probs, values).transpose(1, 2).reshape(batch, tokens, -1)  # [B, T, Q*D]
+    return attn.o_proj(out), key, value
+
+
+def moe_all_experts(
+    experts: nn.Module, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+) -> torch.Tensor:
+    """Every expert on every token, weighted by the routing matrix: no data-dependent shapes.
+
+    hidden [N, H], top_k_index/top_k_weights [N, K] -> [N, H]. Exact: an expert a token was not
+    routed to gets weight 0. Costs E/K times the routed FLOPs; the optimize stage replaces it.
+    """
+    num_experts = experts.gate_up_proj.shape[0]
+    dense = torch.zeros(hidden.shape[0], num_experts, dtype=top_k_weights.dtype, device=hidden.device).scatter(
+        1, top_k_index, top_k_weights
+    )  # [N, E]
+    gate_up = torch.matmul(hidden.unsqueeze(0), experts.gate_up_proj.transpose(1, 2))  # [E, N, 2I]
+    gate, up = gate_up.chunk(2, dim=-1)  # [E, N, I] each
+    act = experts.act_fn(gate) * up
+    out = torch.matmul(act, experts.down_proj.transpose(1, 2))  # [E, N, H]
+    out = out * dense.transpose(0, 1).unsqueeze(-1).to(out.dtype)
+    return out.sum(dim=0)
+
+
+def layer_forward(
+    layer: nn.Module,
+    hidden: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    past_key: torch.Tensor,
+    past_value: torch.Tensor,
+    bias: torch.Tensor,
+    need_output: bool = True,
+) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """One decoder/encoder layer in the reference's order; skips the FFN when only K/V are wanted."""
+    residual = hidden
+    attn_out, key, value = attend(layer.self_attn, layer.input_layernorm(hidden), cos, sin, past_key, past_value, bias)
+    if not need_output:
+        return None, key, value
+    hidden = residual + layer.post_attention_layernorm(attn_out)
+
+    residual = hidden
+    dense_out = layer.post_feedforward_layernorm_1(layer.mlp(layer.pre_feedforward_layernorm(hidden)))
+    flat = residual.reshape(-1, residual.shape[-1])  # [N, H]
+    _, top_k_weights, top_k_index = layer.router(flat)
+    moe_out = moe_all_experts(layer.experts, layer.pre_feedforward_layernorm_2(flat), top_k_index, top_k_weights)
+    moe_out = layer.post_feedforward_layernorm_2(moe_out.reshape(residual.shape))
+    hidden = residual + layer.post_feedforward_layernorm(dense_out + moe_out)
+    return hidden * layer.layer_scalar, key, value
+
+
+class _StepBase(nn.Module):
+    def __init__(self, text_model: nn.Module, window: int) -> None:
+        super().__init__()
+        self.embed_tokens = text_model.embed_tokens
+        self.layers = text_model.layers
+        self.rotary_emb = text_model.rotary_emb
+        self.window = window
+        self.specs = specs_of(self.layers)
+
+    def _rope(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> dict[bool, tuple]:
+        types = {spec.sliding for spec in self.specs}
+        return {s: self.rotary_emb(hidden, position_ids, SLIDING if s else FULL) for s in types}
+
+    def _cache_valid(self, cache_mask: torch.Tensor, past: tuple[torch.Tensor, ...]) -> dict[bool, torch.Tensor]:
+        """Per layer type, the validity of the cached keys that layer holds (sliding: the last Ps)."""
+        valid = {}
+        for spec in self.specs:
+            if spec.sliding not in valid:
+                cached = past[2 * spec.index].shape[2]
+                valid[spec.sliding] = cache_mask[:, cache_mask.shape[1] - cached :]  # [B, P_layer]
+        return valid
+
+
+class EncoderStep(_StepBase):
+    """New tokens + the existing cache -> the K/V of the new tokens for every layer (causal).
+
+    Inputs: input_ids [B, T] int64, position_ids [B, T] int64, input_mask [B, T] bool (False at
+    padding), cache_mask [B, Pf] bool (validity of the full layers' cache; sliding layers hold its
+    last Ps positions), then past_key.i / past_value.i [B, G, P, D] for every layer i.
+    Outputs: key.i / value.i [B, G, T, D] for every layer i.
+    """
+
+    def __init__(self, model: DiffusionGemmaForBlockDiffusion) -> None:
+        text_model = model.model.encoder.language_model
+        super().__init__(text_model, model.config.text_config.sliding_window)
+
+    def forward(self, input_ids, position_ids, input_mask, cache_mask, *past):  # noqa: ANN001, ANN201
+        hidden = self.embed_tokens(input_ids)  # [B, T, H]
+        rope = self._rope(hidden, position_ids)
+        tokens = input_ids.shape[1]
+        biases = {
+            sliding: attention_bias(
+                torch.cat([valid, input_mask], dim=1), tokens, True, self.window if sliding else None, hidden.dtype
+            )
+            for sliding, valid in self._cache_valid(cache_mask, past).items()
+        }
+        outputs = []
+        last = len(self.layers) - 1
+        for spec, layer in zip(self.specs, self.layers):
+            cos, sin = rope[spec.sliding]
+            hidden, key, value = layer_forward(
+                layer,
+                hidden,
+                cos,
+                sin,
+                past[2 * spec.index],
+                past[2 * spec.index + 1],
+                biases[spec.sliding],
+                need_output=spec.index != last,
+            )
+            outputs += [key, value]
+        return tuple(outputs)
+
+
+class DenoiseStep(_StepBase):
+    """Canvas + self-conditioning + read-only cache -> softcapped fp32 logits over the canvas.
+
+    Inputs: canvas_ids [B, C] int64, self_conditioning [B, C, H] (the soft embedding of the
+    previous step's processed logits, zeros on the first step, as the reference does),
+    position_ids [B, C] int64, cache_mask [B, Pf] bool, then past_key.i / past_value.i.
+    Output: logits [B, C, V] float32.
+    """
+
+    def __init__(self, model: DiffusionGemmaForBlockDiffusion) -> None:
+        decoder = model.model.decoder
+        super().__init__(decoder, model.config.text_config.sliding_window)
+        self.self_conditioning = decoder.self_conditioning
+        self.norm = decoder.norm
+        self.lm_head = model.lm_head
+        self.softcap = model.final_logit_softcapping
+
+    def forward(self, canvas_ids, self_conditioning, position_ids, cache_mask, *past):  # noqa: ANN001, ANN201
+        hidden = self.self_conditioning(self.embed_tokens(canvas_ids), self_conditioning)  # [B, C, H]
+        rope = self._rope(hidden, position_ids)
+        canvas = canvas_ids.shape[1]
+        canvas_valid = torch.ones_like(canvas_ids, dtype=torch.bool)
+        # The canvas attends bidirectionally to every valid cached key and to itself, sliding or not:
+        # sliding layers see only what their cache holds (the last Ps positions).
+        biases = {
+            sliding: attention_bias(torch.cat([valid, canvas_valid], dim=1), canvas, False, None, hidden.dtype)
+            for sliding, valid in self._cache_valid(cache_mask, past).items()
+        }
+        for spec, layer in zip(self.specs, self.layers):
+            cos, sin = rope[spec.sliding]
+            hidden, _, _ = layer_forward(
+                layer, hidden, cos, sin, past[2 * spec.index], past[2 * spec.index + 1], biases[spec.sliding]
+            )
+        logits = self.lm_head(self.norm(hidden)).to(torch.float32)  # [B, C, V]
+        return torch.tanh(logits / self.softcap) * self.softcap
+
+
+def soft_embedding(model: DiffusionGemmaForBlockDiffusion, processed_logits: torch.Tensor) -> torch.Tensor:
+    """The self-conditioning input for the next step: softmax(processed logits) @ E * sqrt(H).
+
+    [B, C, V] -> [B, C, H], exactly as the reference decoder computes it from the logits.
+    """
+    embed = model.model.decoder.embed_tokens
+    probs = processed_logits.softmax(dim=-1, dtype=torch.float32).to(embed.weight.dtype)
+    return torch.matmul(probs, embed.weight) * embed.embed_scale.to(embed.weight.dtype)

@@ -1,0 +1,166 @@
+"""Small DiffusionGemma configurations of the real architecture, and random checkpoints made from them.
+
+Every preset keeps every architectural feature of the released 26B-A4B model: sliding and full
+layers, full layers with their own head dim and key/value heads and K = V (no v_proj), GQA, the
+dense GeGLU MLP in parallel with the MoE branch, per-expert scales, the logit softcap and the
+self-conditioning block. Only the sizes shrink.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from transformers import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion
+from transformers.models.diffusion_gemma.generation_diffusion_gemma import (
+    DiffusionGemmaGenerationConfig,
+    EntropyBoundSamplerConfig,
+)
+
+# The vision tower is not exported (text only); it is kept as small as transformers allows.
+TINY_VISION = dict(
+    model_type="gemma4_vision",
+    hidden_size=16,
+    intermediate_size=32,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    num_key_value_heads=2,
+    head_dim=8,
+)
+
+# Released 26B-A4B text widths (see DESIGN.md); the presets below scale them down.
+PRESETS: dict[str, dict] = {
+    # Unit tests: seconds. Window 8 < canvas + prompt, so one generation already passes the window.
+    "tiny": dict(
+        text=dict(
+            vocab_size=512,
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            layer_types=["sliding_attention", "full_attention"],
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            global_head_dim=32,
+            num_global_key_value_heads=1,
+            sliding_window=8,
+            num_experts=8,
+            top_k_experts=2,
+            moe_intermediate_size=32,
+            max_position_embeddings=4096,
+        ),
+        canvas_length=8,
+        max_denoising_steps=12,
+    ),
+    # Benchmarks: about 25M parameters.
+    "small": dict(
+        text=dict(
+            vocab_size=8192,
+            hidden_size=256,
+            intermediate_size=512,
+            num_hidden_layers=6,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=64,
+            global_head_dim=128,
+            num_global_key_value_heads=1,
+            sliding_window=256,
+            num_experts=32,
+            top_k_experts=4,
+            moe_intermediate_size=128,
+            max_position_embeddings=8192,
+        ),
+        canvas_length=64,
+        max_denoising_steps=48,
+    ),
+    # The released widths with few layers: real tensor sizes, for the bounded-memory export.
+    "full-width": dict(
+        text=dict(
+            vocab_size=262_144,
+            hidden_size=2816,
+            intermediate_size=2112,
+            num_hidden_layers=2,
+            layer_types=["sliding_attention", "full_attention"],
+            num_attention_heads=16,
+            num_key_value_heads=8,
+            head_dim=256,
+            global_head_dim=512,
+            num_global_key_value_heads=2,
+            sliding_window=1024,
+            num_experts=128,
+            top_k_experts=8,
+            moe_intermediate_size=704,
+            max_position_embeddings=262_144,
+        ),
+        canvas_length=256,
+        max_denoising_steps=48,
+    ),
+}
+
+
+def build_config(preset: str, num_layers: int | None = None) -> DiffusionGemmaConfig:
+    spec = PRESETS[preset]
+    text = dict(spec["text"])
+    if num_layers is not None:
+        text["num_hidden_layers"] = num_layers
+        # 5 sliding : 1 full, the last layer always full, as the released model.
+        text["layer_types"] = [
+            "full_attention" if (i + 1) % 6 == 0 or i == num_layers - 1 else "sliding_attention"
+            for i in range(num_layers)
+        ]
+    return DiffusionGemmaConfig(text_config=text, vision_config=TINY_VISION, canvas_length=spec["canvas_length"])
+
+
+def generation_config_for(preset: str) -> DiffusionGemmaGenerationConfig:
+    return DiffusionGemmaGenerationConfig(
+        max_denoising_steps=PRESETS[preset]["max_denoising_steps"],
+        sampler_config=EntropyBoundSamplerConfig(entropy_bound=0.1),
+        t_min=0.4,
+        t_max=0.8,
+        stability_threshold=1,
+        confidence_threshold=0.005,
+        eos_token_id=[1],
+        pad_token_id=0,
+        bos_token_id=2,
+    )
+
+
+@torch.no_grad()
+def randomize_(model: DiffusionGemmaForBlockDiffusion, seed: int) -> None:
+    """Random weights that exercise every parameter the reference multiplies by.
+
+    transformers initialises norms, router scales, per-expert scales and layer scalars to one;
+    a parity check against ones cannot tell a missing multiply from a correct one, so those get
+    values around one. Linear weights get std 1/sqrt(fan_in) so activations neither vanish nor
+    make every logit a near tie.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    for name, param in model.named_parameters():
+        if "vision" in name or "embed_vision" in name:
+            continue
+        if param.ndim == 1:
+            param.copy_(1.0 + 0.25 * torch.randn(param.shape, generator=gen))
+        else:
+            fan_in = param.shape[-1]
+            param.copy_(torch.randn(param.shape, generator=gen) / math.sqrt(fan_in))
+    text = model.config.text_config
+    if text.pad_token_id is not None:
+        model.model.decoder.embed_tokens.weight[text.pad_token_id].zero_()
+    # Encoder and decoder layers hold separate (untied) layer_scalar buffers; a checkpoint has both.
+    scalars = 1.0 + 0.25 * torch.rand(text.num_hidden_layers, generator=gen)
+    for layers in (model.model.encoder.language_model.layers, model.model.decoder.layers):
+        for layer, value in zip(layers, scalars):
+            layer.layer_scalar.fill_(float(value))
+
+
+def make_checkpoint(
+    out: Path, preset: str = "tiny", seed: int = 0, num_layers: int | None = None
+) -> DiffusionGemmaForBlockDiffusion:
+    """Write a random checkpoint of `preset` in the Hugging Face layout (safetensors)."""
+    torch.manual_seed(seed)
+    model = DiffusionGemmaForBlockDiffusion(build_config(preset, num_layers)).eval()
+    randomize_(model, seed)
+    model.generation_config = generation_config_for(preset)
+    model.save_pretrained(out, safe_serialization=True)
+    return model

@@ -1,0 +1,1 @@
+"""ONNX pass pipeline per target (trt, ort-cuda, ort-cpu)."""

@@ -1,0 +1,1 @@
+"""The block-diffusion loop over one Step interface (torch | onnxruntime | tensorrt backends)."""

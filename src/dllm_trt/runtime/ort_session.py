@@ -1,0 +1,41 @@
+"""Open an ONNX graph in onnxruntime with the providers this machine has."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+_TORCH_OF_NUMPY = {np.dtype("float32"): torch.float32, np.dtype("float16"): torch.float16}
+
+
+def providers(device: str = "cpu") -> list[str]:
+    available = ort.get_available_providers()
+    if device == "cuda":
+        if "CUDAExecutionProvider" not in available:
+            from dllm_trt.errors import DllmError
+
+            raise DllmError("onnxruntime has no CUDA provider here; install the 'gpu' extra (onnxruntime-gpu)")
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+def open_session(
+    path: Path, device: str = "cpu", graph_optimization: bool = True, threads: int = 0
+) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # warnings about unused initializers etc. are not the user's concern
+    options.intra_op_num_threads = threads
+    if not graph_optimization:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return ort.InferenceSession(str(path), options, providers=providers(device))
+
+
+def run(session: ort.InferenceSession, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Run with torch tensors in and out (CPU); only the inputs the graph declares are fed."""
+    wanted = {i.name for i in session.get_inputs()}
+    arrays = {name: tensor.detach().cpu().numpy() for name, tensor in feeds.items() if name in wanted}
+    names = [o.name for o in session.get_outputs()]
+    return {name: torch.from_numpy(value) for name, value in zip(names, session.run(names, arrays))}

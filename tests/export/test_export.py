@@ -1,0 +1,120 @@
+import json
+
+import onnx
+import pytest
+import torch
+from transformers import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion
+
+from dllm_trt.errors import DllmError
+from dllm_trt.export import export_checkpoint
+from dllm_trt.models.checkpoint import load_model
+from dllm_trt.models.diffusion_gemma import layer_specs
+from dllm_trt.models.presets import TINY_VISION, randomize_
+from dllm_trt.runtime.step import OnnxRuntimeStep
+from dllm_trt.validate.export_parity import step_parity
+
+
+def test_manifest_describes_every_graph_input_and_output(tiny_export):
+    manifest = json.loads((tiny_export / "manifest.json").read_text())
+    assert manifest["stage"] == "export" and manifest["opset"] == 23
+    assert manifest["checkpoint"]["hash"].startswith("sha256:")
+    encoder = manifest["graphs"]["encoder"]
+    inputs = {i["name"]: i for i in encoder["inputs"]}
+    assert inputs["input_ids"]["dynamic_axes"] == {"0": "batch", "1": "new_tokens"}
+    assert inputs["past_key.0"]["dynamic_axes"] == {"0": "batch", "2": "cache_sliding"}
+    assert inputs["past_key.1"]["dynamic_axes"] == {"0": "batch", "2": "cache_full"}
+    assert inputs["input_mask"]["dtype"] == "bool"
+    denoiser = manifest["graphs"]["denoiser"]
+    logits = denoiser["outputs"][0]
+    assert logits["name"] == "logits" and logits["dtype"] == "float32"
+    assert logits["shape"] == ["batch", 8, 512]  # canvas static, vocab static
+    for graph in (encoder, denoiser):
+        assert graph["external_data"], "weights must be external data"
+        for entry in graph["external_data"]:
+            assert (tiny_export / entry["file"]).stat().st_size == entry["bytes"]
+
+
+def test_graphs_hold_every_expert(tiny_export):
+    model = onnx.load(str(tiny_export / "denoiser.onnx"), load_external_data=False)
+    shapes = [tuple(init.dims) for init in model.graph.initializer]
+    experts = [s for s in shapes if len(s) == 3 and s[0] == 8]
+    assert len(experts) == 2 * 2  # gate_up and down, two MoE layers
+
+
+def test_parity_tiny_export_fp32(tiny_ckpt, tiny_export):
+    model = load_model(tiny_ckpt)
+    result = step_parity(model, OnnxRuntimeStep(tiny_export, layer_specs(model)), seed=11)
+    for comparison in result.comparisons:
+        print(comparison.line())
+    assert result.exceeds_window
+    assert result.passed
+    logits = [c for c in result.comparisons if "logits" in c.name]
+    assert len(logits) == 2 and all(c.argmax_agreement == 1.0 and c.max_rel <= 1e-4 for c in logits)
+
+
+def test_parity_fails_when_a_weight_is_perturbed(tiny_ckpt, tiny_export):
+    model = load_model(tiny_ckpt)
+    with torch.no_grad():
+        model.model.decoder.layers[1].experts.down_proj[3] *= 1.01
+    result = step_parity(model, OnnxRuntimeStep(tiny_export, layer_specs(model)), seed=11)
+    assert not result.passed
+    assert not [c for c in result.comparisons if "logits" in c.name][0].passed
+
+
+def test_dynamic_batch_and_cache(tiny_ckpt, tiny_export):
+    model = load_model(tiny_ckpt)
+    step = OnnxRuntimeStep(tiny_export, layer_specs(model))
+    from dllm_trt.runtime.step import TorchStep
+
+    reference = TorchStep(model)
+    batch, tokens, full, sliding = 3, 4, 6, 6
+    specs = layer_specs(model)
+    past = [
+        torch.randn(batch, s.num_kv_heads, sliding if s.sliding else full, s.head_dim) for s in specs for _ in (0, 1)
+    ]
+    args = (
+        torch.randint(0, 512, (batch, tokens)),
+        torch.arange(full, full + tokens).expand(batch, -1).contiguous(),
+        torch.ones(batch, tokens, dtype=torch.bool),
+        torch.ones(batch, full, dtype=torch.bool),
+        past,
+    )
+    for ours, ref in zip(step.encode(*args), reference.encode(*args)):
+        assert ours.shape == ref.shape == (batch, ours.shape[1], tokens, ours.shape[3])
+        torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_export_of_a_hand_built_config(tmp_path):
+    text = dict(
+        vocab_size=300,
+        hidden_size=48,
+        intermediate_size=40,
+        num_hidden_layers=3,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+        num_attention_heads=6,
+        num_key_value_heads=3,
+        head_dim=8,
+        global_head_dim=24,
+        num_global_key_value_heads=2,
+        sliding_window=5,
+        num_experts=5,
+        top_k_experts=3,
+        moe_intermediate_size=12,
+        max_position_embeddings=512,
+    )
+    config = DiffusionGemmaConfig(text_config=text, vision_config=TINY_VISION, canvas_length=6)
+    model = DiffusionGemmaForBlockDiffusion(config).eval()
+    randomize_(model, seed=5)
+    model.save_pretrained(tmp_path / "ck")
+    manifest = export_checkpoint(tmp_path / "ck", tmp_path / "onnx", seed=2, quiet=True)
+    assert manifest["parity"]["passed"], manifest["parity"]
+    assert manifest["parity"]["exceeds_window"]
+
+
+def test_existing_output_with_content_is_refused(tiny_ckpt, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("user data")
+    with pytest.raises(DllmError, match="not empty"):
+        export_checkpoint(tiny_ckpt, out, parity=False, quiet=True)
+    assert (out / "keep.txt").read_text() == "user data"

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+
+# Triton kernels run on the CPU under the interpreter; this must be set before anything imports
+# triton, and tests/build imports the kernels too, so it is set here rather than in tests/kernels.
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
 from transformers.utils import logging as hf_logging

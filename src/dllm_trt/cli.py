@@ -39,9 +39,56 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _parse_ids(text: str) -> list[int]:
+    try:
+        ids = [int(part) for part in text.replace(" ", "").split(",") if part]
+    except ValueError:
+        raise DllmError(f"--prompt-ids takes comma-separated integers like 5,17,42, not '{text}'") from None
+    if not ids:
+        raise DllmError("--prompt-ids is empty; pass comma-separated token ids like 5,17,42")
+    return ids
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from dllm_trt.runtime.generate_command import run_generate
+
+    return run_generate(args)
+
+
+def _validate(args: argparse.Namespace) -> int:
+    from dllm_trt.validate.run import validate_artifacts
+
+    prompts = [_parse_ids(p) for p in args.prompt_ids] if args.prompt_ids else None
+    seeds = tuple(int(s) for s in args.seeds.split(","))
+    report = validate_artifacts(
+        args.artifacts, args.reference, args.backend, seeds, prompts, args.max_new_tokens, args.report
+    )
+    print(report["markdown"])
+    if not report["passed"]:
+        print(f"dllm-trt: validation failed: {'; '.join(report['failures'])}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from dllm_trt.demo import run_demo
+
+    return run_demo(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dllm-trt", description=__doc__)
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    demo = verbs.add_parser("demo", help="the main job on the embedded checkpoint: export, generate, validate")
+    demo.add_argument(
+        "--out", type=Path, default=Path("dllm-trt-demo"), help="output directory (default ./dllm-trt-demo)"
+    )
+    demo.add_argument("--prompt", default="def fibonacci(n):", help="prompt text (when the checkpoint has a tokenizer)")
+    demo.add_argument("--max-new-tokens", type=int, default=None, help="default: the generation config's")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--force", action="store_true", help="replace a non-empty output directory")
+    demo.set_defaults(run=_demo)
 
     tiny = verbs.add_parser("make-tiny", help="write a small random DiffusionGemma checkpoint (real architecture)")
     tiny.add_argument("out", type=Path, help="output checkpoint directory")
@@ -58,10 +105,36 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--seed", type=int, default=0, help="seed of the parity check's random inputs")
     export.add_argument("--force", action="store_true", help="replace a non-empty output directory")
     export.set_defaults(run=_export)
+
+    gen = verbs.add_parser("generate", help="run the block-diffusion loop over exported graphs")
+    gen.add_argument("artifacts", type=Path, help="directory written by export")
+    gen.add_argument("--prompt-ids", action="append", metavar="IDS", help="comma-separated ids; repeat for a batch")
+    gen.add_argument("--prompt", action="append", metavar="TEXT", help="text (needs a tokenizer); repeat for a batch")
+    gen.add_argument("--max-new-tokens", type=int, default=None, help="default: the generation config's")
+    gen.add_argument("--max-denoising-steps", type=int, default=None, help="default: the generation config's")
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--backend", default="onnxruntime", help="torch | onnxruntime | tensorrt (default onnxruntime)")
+    gen.add_argument("--device", default="cpu", help="cpu | cuda")
+    gen.add_argument("--checkpoint", type=Path, default=None, help="for --backend torch (default: the exported one)")
+    gen.add_argument("--json", action="store_true", help="print one JSON object: sequences and stats")
+    gen.set_defaults(run=_generate)
+
+    val = verbs.add_parser("validate", help="parity of artifacts against transformers; writes a report")
+    val.add_argument("artifacts", type=Path, help="directory written by export")
+    val.add_argument("--reference", type=Path, required=True, help="the checkpoint the artifacts came from")
+    val.add_argument("--report", type=Path, default=None, help="directory for report.json and report.md")
+    val.add_argument("--backend", default="onnxruntime", help="backend under test (default onnxruntime)")
+    val.add_argument("--seeds", default="0,1", help="comma-separated seeds (default 0,1)")
+    val.add_argument("--prompt-ids", action="append", metavar="IDS", help="comma-separated ids; repeat for a batch")
+    val.add_argument("--max-new-tokens", type=int, default=None, help="default: enough to pass the sliding window")
+    val.set_defaults(run=_validate)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # our own progress lines say what is happening
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)

@@ -43,7 +43,7 @@ def test_graphs_hold_every_expert(tiny_export):
 
 def test_parity_tiny_export_fp32(tiny_ckpt, tiny_export):
     model = load_model(tiny_ckpt)
-    result = step_parity(model, OnnxRuntimeStep(tiny_export, layer_specs(model)), seed=11)
+    result = step_parity(model, OnnxRuntimeStep.from_artifacts(tiny_export), seed=11)
     for comparison in result.comparisons:
         print(comparison.line())
     assert result.exceeds_window
@@ -56,14 +56,14 @@ def test_parity_fails_when_a_weight_is_perturbed(tiny_ckpt, tiny_export):
     model = load_model(tiny_ckpt)
     with torch.no_grad():
         model.model.decoder.layers[1].experts.down_proj[3] *= 1.01
-    result = step_parity(model, OnnxRuntimeStep(tiny_export, layer_specs(model)), seed=11)
+    result = step_parity(model, OnnxRuntimeStep.from_artifacts(tiny_export), seed=11)
     assert not result.passed
     assert not [c for c in result.comparisons if "logits" in c.name][0].passed
 
 
 def test_dynamic_batch_and_cache(tiny_ckpt, tiny_export):
     model = load_model(tiny_ckpt)
-    step = OnnxRuntimeStep(tiny_export, layer_specs(model))
+    step = OnnxRuntimeStep.from_artifacts(tiny_export)
     from dllm_trt.runtime.step import TorchStep
 
     reference = TorchStep(model)

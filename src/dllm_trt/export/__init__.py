@@ -10,10 +10,12 @@ from dllm_trt.export.onnx_export import (
     DENOISER_FILE,
     ENCODER_FILE,
     OPSET,
+    SELF_CONDITIONING_FILE,
     check_experts,
     check_external_data,
     export_denoiser,
     export_encoder,
+    export_self_conditioning,
 )
 from dllm_trt.manifest import atomic_output, describe_graph, tool_versions, write_manifest
 from dllm_trt.models.checkpoint import checkpoint_hash, load_model, read_config, safetensors_files
@@ -52,7 +54,7 @@ def export_checkpoint(
     ckpt: Path, out: Path, parity: bool = True, seed: int = 0, force: bool = False, quiet: bool = False
 ) -> dict:
     """Export, check and (by default) measure parity; returns the manifest written to `out`."""
-    progress = Progress(total=6 if parity else 5, quiet=quiet)
+    progress = Progress(total=7 if parity else 6, quiet=quiet)
     with progress.stage("checking checkpoint") as notes:
         read_config(ckpt)
         files = safetensors_files(ckpt)
@@ -81,6 +83,11 @@ def export_checkpoint(
                 notes.append(
                     f"{graphs[name]['nodes']} nodes, {human_bytes(size)}, {experts} experts x {moe_layers} MoE layers"
                 )
+        with progress.stage(f"exporting {SELF_CONDITIONING_FILE}") as notes:
+            export_self_conditioning(model, tmp / SELF_CONDITIONING_FILE)
+            graphs["self_conditioning"] = describe_graph(
+                tmp / SELF_CONDITIONING_FILE, check_external_data(tmp / SELF_CONDITIONING_FILE)
+            )
         for name in CARRIED_FILES:
             if (ckpt / name).is_file():
                 shutil.copy2(ckpt / name, tmp / name)
@@ -94,10 +101,11 @@ def export_checkpoint(
         )
         if parity:
             with progress.stage("measuring parity: onnxruntime vs transformers") as notes:
-                from dllm_trt.runtime.step import OnnxRuntimeStep
+                from dllm_trt.runtime.step import OnnxRuntimeStep, StepInfo
                 from dllm_trt.validate.export_parity import step_parity
 
-                result = step_parity(model, OnnxRuntimeStep(tmp, layer_specs(model)), seed=seed)
+                step = OnnxRuntimeStep(tmp, layer_specs(model), StepInfo.from_model(model))
+                result = step_parity(model, step, seed=seed)
                 manifest["parity"] = result.to_dict()
                 failed = [c for c in result.comparisons if not c.passed]
                 notes.append(f"{len(result.comparisons) - len(failed)}/{len(result.comparisons)} within tolerance")

@@ -19,11 +19,12 @@ import torch
 from torch.export import Dim
 
 from dllm_trt.errors import DllmError
-from dllm_trt.models.diffusion_gemma import DenoiseStep, EncoderStep, LayerSpec, layer_specs
+from dllm_trt.models.diffusion_gemma import DenoiseStep, EncoderStep, LayerSpec, SoftEmbedding, layer_specs
 
 OPSET = 23
 ENCODER_FILE = "encoder.onnx"
 DENOISER_FILE = "denoiser.onnx"
+SELF_CONDITIONING_FILE = "self_conditioning.onnx"
 
 # Example sizes for tracing: distinct values so that no two dynamic axes get unified by accident.
 _EXAMPLE = dict(batch=2, new_tokens=5, cache_full=11, cache_sliding=7)
@@ -129,6 +130,15 @@ def export_denoiser(model, path: Path) -> GraphIO:  # noqa: ANN001
     shapes = ({0: batch}, {0: batch}, {0: batch}, {0: batch, 1: full}, _cache_dims(specs, batch, full, sliding))
     io_names = denoiser_io(specs)
     _export(DenoiseStep(model), args, shapes, io_names, path)
+    return io_names
+
+
+def export_self_conditioning(model, path: Path) -> GraphIO:  # noqa: ANN001
+    """processed logits -> the next step's self-conditioning input, for backends that hand out logits."""
+    text = model.config.text_config
+    args = (torch.randn(_EXAMPLE["batch"], model.config.canvas_length, text.vocab_size).to(model.dtype),)
+    io_names = GraphIO(inputs=["processed_logits"], outputs=["self_conditioning"])
+    _export(SoftEmbedding(model), args, ({0: Dim("batch")},), io_names, path)
     return io_names
 
 

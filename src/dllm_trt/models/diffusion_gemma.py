@@ -136,8 +136,13 @@ def layer_forward(
     past_value: torch.Tensor,
     bias: torch.Tensor,
     need_output: bool = True,
+    dense_moe: bool = True,
 ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
-    """One decoder/encoder layer in the reference's order; skips the FFN when only K/V are wanted."""
+    """One decoder/encoder layer in the reference's order; skips the FFN when only K/V are wanted.
+
+    `dense_moe` picks the exportable every-expert form; False calls transformers' own experts
+    (faster in eager torch, but data-dependent, so not exportable).
+    """
     residual = hidden
     attn_out, key, value = attend(layer.self_attn, layer.input_layernorm(hidden), cos, sin, past_key, past_value, bias)
     if not need_output:
@@ -148,15 +153,17 @@ def layer_forward(
     dense_out = layer.post_feedforward_layernorm_1(layer.mlp(layer.pre_feedforward_layernorm(hidden)))
     flat = residual.reshape(-1, residual.shape[-1])  # [N, H]
     _, top_k_weights, top_k_index = layer.router(flat)
-    moe_out = moe_all_experts(layer.experts, layer.pre_feedforward_layernorm_2(flat), top_k_index, top_k_weights)
+    experts = moe_all_experts if dense_moe else lambda mod, *args: mod(*args)
+    moe_out = experts(layer.experts, layer.pre_feedforward_layernorm_2(flat), top_k_index, top_k_weights)
     moe_out = layer.post_feedforward_layernorm_2(moe_out.reshape(residual.shape))
     hidden = residual + layer.post_feedforward_layernorm(dense_out + moe_out)
     return hidden * layer.layer_scalar, key, value
 
 
 class _StepBase(nn.Module):
-    def __init__(self, text_model: nn.Module, window: int) -> None:
+    def __init__(self, text_model: nn.Module, window: int, dense_moe: bool) -> None:
         super().__init__()
+        self.dense_moe = dense_moe
         self.embed_tokens = text_model.embed_tokens
         self.layers = text_model.layers
         self.rotary_emb = text_model.rotary_emb
@@ -186,9 +193,9 @@ class EncoderStep(_StepBase):
     Outputs: key.i / value.i [B, G, T, D] for every layer i.
     """
 
-    def __init__(self, model: DiffusionGemmaForBlockDiffusion) -> None:
+    def __init__(self, model: DiffusionGemmaForBlockDiffusion, dense_moe: bool = True) -> None:
         text_model = model.model.encoder.language_model
-        super().__init__(text_model, model.config.text_config.sliding_window)
+        super().__init__(text_model, model.config.text_config.sliding_window, dense_moe)
 
     def forward(self, input_ids, position_ids, input_mask, cache_mask, *past):  # noqa: ANN001, ANN201
         hidden = self.embed_tokens(input_ids)  # [B, T, H]
@@ -213,6 +220,7 @@ class EncoderStep(_StepBase):
                 past[2 * spec.index + 1],
                 biases[spec.sliding],
                 need_output=spec.index != last,
+                dense_moe=self.dense_moe,
             )
             outputs += [key, value]
         return tuple(outputs)
@@ -227,9 +235,9 @@ class DenoiseStep(_StepBase):
     Output: logits [B, C, V] float32.
     """
 
-    def __init__(self, model: DiffusionGemmaForBlockDiffusion) -> None:
+    def __init__(self, model: DiffusionGemmaForBlockDiffusion, dense_moe: bool = True) -> None:
         decoder = model.model.decoder
-        super().__init__(decoder, model.config.text_config.sliding_window)
+        super().__init__(decoder, model.config.text_config.sliding_window, dense_moe)
         self.self_conditioning = decoder.self_conditioning
         self.norm = decoder.norm
         self.lm_head = model.lm_head
@@ -249,17 +257,29 @@ class DenoiseStep(_StepBase):
         for spec, layer in zip(self.specs, self.layers):
             cos, sin = rope[spec.sliding]
             hidden, _, _ = layer_forward(
-                layer, hidden, cos, sin, past[2 * spec.index], past[2 * spec.index + 1], biases[spec.sliding]
+                layer, hidden, cos, sin, past[2 * spec.index], past[2 * spec.index + 1], biases[spec.sliding],
+                dense_moe=self.dense_moe,
             )
         logits = self.lm_head(self.norm(hidden)).to(torch.float32)  # [B, C, V]
         return torch.tanh(logits / self.softcap) * self.softcap
 
 
-def soft_embedding(model: DiffusionGemmaForBlockDiffusion, processed_logits: torch.Tensor) -> torch.Tensor:
+class SoftEmbedding(nn.Module):
     """The self-conditioning input for the next step: softmax(processed logits) @ E * sqrt(H).
 
-    [B, C, V] -> [B, C, H], exactly as the reference decoder computes it from the logits.
+    processed_logits [B, C, V] in the model dtype (the reference casts them to the embedding
+    dtype before handing them on) -> [B, C, H], exactly as the reference decoder computes it.
     """
-    embed = model.model.decoder.embed_tokens
-    probs = processed_logits.softmax(dim=-1, dtype=torch.float32).to(embed.weight.dtype)
-    return torch.matmul(probs, embed.weight) * embed.embed_scale.to(embed.weight.dtype)
+
+    def __init__(self, model: DiffusionGemmaForBlockDiffusion) -> None:
+        super().__init__()
+        self.embed_tokens = model.model.decoder.embed_tokens
+
+    def forward(self, processed_logits: torch.Tensor) -> torch.Tensor:
+        weight = self.embed_tokens.weight
+        probs = processed_logits.softmax(dim=-1, dtype=torch.float32).to(weight.dtype)
+        return torch.matmul(probs, weight) * self.embed_tokens.embed_scale.to(weight.dtype)
+
+
+def soft_embedding(model: DiffusionGemmaForBlockDiffusion, processed_logits: torch.Tensor) -> torch.Tensor:
+    return SoftEmbedding(model)(processed_logits)

@@ -1,22 +1,61 @@
 """One Step interface over every backend: the encoder step and the denoise step, plain tensors in and out.
 
-Backends differ only in how they run the two graphs; the block-diffusion loop never changes.
+Backends differ only in how they run the graphs; the block-diffusion loop never changes.
 Letters: B batch, T new tokens, C canvas, H hidden, V vocab, P cached positions.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 import torch
 
-from dllm_trt.export.onnx_export import DENOISER_FILE, ENCODER_FILE, cache_names
-from dllm_trt.models.diffusion_gemma import DenoiseStep, EncoderStep, LayerSpec, layer_specs
+from dllm_trt.export.onnx_export import DENOISER_FILE, ENCODER_FILE, SELF_CONDITIONING_FILE, cache_names
+from dllm_trt.models.diffusion_gemma import DenoiseStep, EncoderStep, LayerSpec, SoftEmbedding, layer_specs
+from dllm_trt.runtime.sampler import sampling_head
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    """What the loop needs to know about the model behind a Step."""
+
+    canvas_length: int
+    vocab_size: int
+    hidden_size: int
+    sliding_window: int
+    dtype: torch.dtype
+
+    @classmethod
+    def from_model(cls, model) -> StepInfo:  # noqa: ANN001
+        text = model.config.text_config
+        return cls(model.config.canvas_length, text.vocab_size, text.hidden_size, text.sliding_window, model.dtype)
+
+    @classmethod
+    def from_manifest(cls, manifest: dict) -> StepInfo:
+        model = manifest["model"]
+        return cls(
+            model["canvas_length"], model["vocab_size"], model["hidden_size"], model["sliding_window"],
+            _DTYPES[model["dtype"]],
+        )  # fmt: skip
+
+
+@dataclass
+class DenoiseSample:
+    """One denoise step as the sampler consumes it; all [B, C] but the next self-conditioning [B, C, H]."""
+
+    sampled: torch.Tensor
+    argmax: torch.Tensor
+    entropy: torch.Tensor
+    next_self_conditioning: torch.Tensor
 
 
 class Step(Protocol):
     specs: list[LayerSpec]
+    info: StepInfo
 
     def encode(
         self,
@@ -26,26 +65,50 @@ class Step(Protocol):
         cache_mask: torch.Tensor,
         past: list[torch.Tensor],
     ) -> list[torch.Tensor]:
-        """K/V of the T new tokens for every layer: key.0, value.0, ... each [B, G, T, D]."""
+        """K/V of the T new tokens for every layer: key.0, value.0, ... each [B, G, T, D]."""  # fmt: skip
 
-    def denoise(
+    def denoise_and_sample(
         self,
         canvas_ids: torch.Tensor,
         self_conditioning: torch.Tensor,
         position_ids: torch.Tensor,
         cache_mask: torch.Tensor,
         past: list[torch.Tensor],
-    ) -> torch.Tensor:
-        """Softcapped fp32 logits [B, C, V]."""
+        temperature: torch.Tensor,
+        noise: torch.Tensor,
+    ) -> DenoiseSample:
+        """One denoise step and what the sampler needs from it (see runtime.sampler)."""  # fmt: skip
 
 
-class TorchStep:
-    """The transformers modules themselves (through dllm-trt's export-friendly wrappers)."""
+class LogitsStep:
+    """A backend whose denoise step hands out the logits: the sampling head runs here, in torch."""
 
-    def __init__(self, model) -> None:  # noqa: ANN001
+    specs: list[LayerSpec]
+    info: StepInfo
+
+    def denoise(self, canvas_ids, self_conditioning, position_ids, cache_mask, past) -> torch.Tensor:  # noqa: ANN001
+        raise NotImplementedError
+
+    def soft_embedding(self, processed_logits: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def denoise_and_sample(self, canvas_ids, self_conditioning, position_ids, cache_mask, past, temperature, noise):  # noqa: ANN001, ANN201
+        logits = self.denoise(canvas_ids, self_conditioning, position_ids, cache_mask, past)
+        processed = logits / temperature  # LinearTemperatureScheduleLogitsProcessor
+        head = sampling_head(processed, noise)
+        next_sc = self.soft_embedding(processed.to(self.info.dtype))
+        return DenoiseSample(head.sampled, head.argmax, head.entropy, next_sc)
+
+
+class TorchStep(LogitsStep):
+    """The transformers modules themselves, with transformers' own experts implementation."""
+
+    def __init__(self, model, dense_moe: bool = False) -> None:  # noqa: ANN001
         self.specs = layer_specs(model)
-        self.encoder = EncoderStep(model)
-        self.denoiser = DenoiseStep(model)
+        self.info = StepInfo.from_model(model)
+        self.encoder = EncoderStep(model, dense_moe=dense_moe)
+        self.denoiser = DenoiseStep(model, dense_moe=dense_moe)
+        self.soft = SoftEmbedding(model)
 
     @torch.no_grad()
     def encode(self, input_ids, position_ids, input_mask, cache_mask, past):  # noqa: ANN001, ANN201
@@ -55,18 +118,34 @@ class TorchStep:
     def denoise(self, canvas_ids, self_conditioning, position_ids, cache_mask, past):  # noqa: ANN001, ANN201
         return self.denoiser(canvas_ids, self_conditioning, position_ids, cache_mask, *past)
 
+    @torch.no_grad()
+    def soft_embedding(self, processed_logits):  # noqa: ANN001, ANN201
+        return self.soft(processed_logits)
 
-class OnnxRuntimeStep:
-    """The exported (or optimized) graphs in onnxruntime."""
 
-    def __init__(self, artifacts: Path, specs: list[LayerSpec], device: str = "cpu", threads: int = 0) -> None:
+class OnnxRuntimeStep(LogitsStep):
+    """The exported graphs in onnxruntime (CPU provider; CUDA when onnxruntime-gpu is installed)."""
+
+    def __init__(
+        self, artifacts: Path, specs: list[LayerSpec], info: StepInfo, device: str = "cpu", threads: int = 0
+    ) -> None:
         from dllm_trt.runtime.ort_session import open_session
 
         self.specs = specs
+        self.info = info
         self.encoder = open_session(artifacts / ENCODER_FILE, device, threads=threads)
         self.denoiser = open_session(artifacts / DENOISER_FILE, device, threads=threads)
+        self.soft = open_session(artifacts / SELF_CONDITIONING_FILE, device, threads=threads)
         self.past_names = cache_names(specs, "past_")
         self.new_names = cache_names(specs, "")
+
+    @classmethod
+    def from_artifacts(cls, artifacts: Path, device: str = "cpu", threads: int = 0) -> OnnxRuntimeStep:
+        from dllm_trt.manifest import read_manifest
+
+        manifest = read_manifest(artifacts)
+        specs = [LayerSpec(**spec) for spec in manifest["model"]["layers"]]
+        return cls(artifacts, specs, StepInfo.from_manifest(manifest), device, threads)
 
     def encode(self, input_ids, position_ids, input_mask, cache_mask, past):  # noqa: ANN001, ANN201
         from dllm_trt.runtime.ort_session import run
@@ -84,3 +163,8 @@ class OnnxRuntimeStep:
         )
         feeds.update(zip(self.past_names, past))
         return run(self.denoiser, feeds)["logits"]
+
+    def soft_embedding(self, processed_logits):  # noqa: ANN001, ANN201
+        from dllm_trt.runtime.ort_session import run
+
+        return run(self.soft, dict(processed_logits=processed_logits))["self_conditioning"]

@@ -15,7 +15,7 @@ import torch
 
 from dllm_trt.models.diffusion_gemma import layer_specs, soft_embedding
 from dllm_trt.runtime.kv_cache import StaticKVCache
-from dllm_trt.runtime.step import Step
+from dllm_trt.runtime.step import LogitsStep
 from dllm_trt.validate.compare import Comparison, compare, tolerance_for
 from dllm_trt.validate.reference import new_cache, reference_cache_tensors, reference_denoise, reference_encode
 
@@ -62,7 +62,7 @@ def _compare_caches(
 
 
 @torch.no_grad()
-def step_parity(model, step: Step, seed: int = 0, context: int | None = None) -> ParityResult:  # noqa: ANN001
+def step_parity(model, step: LogitsStep, seed: int = 0, context: int | None = None) -> ParityResult:  # noqa: ANN001
     text = model.config.text_config
     window, canvas, vocab = text.sliding_window, model.config.canvas_length, text.vocab_size
     pad = text.pad_token_id if text.pad_token_id is not None else 0

@@ -1,0 +1,33 @@
+"""Open the Step for a backend over an artifacts directory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from dllm_trt.errors import DllmError
+from dllm_trt.manifest import read_manifest
+
+BACKENDS = ("torch", "onnxruntime", "tensorrt")
+
+
+def open_step(artifacts: Path, backend: str, device: str = "cpu", checkpoint: Path | None = None):  # noqa: ANN201
+    """The Step for `backend`; the torch backend loads the checkpoint the artifacts were made from."""
+    manifest = read_manifest(artifacts)
+    if backend == "onnxruntime":
+        from dllm_trt.runtime.step import OnnxRuntimeStep
+
+        return OnnxRuntimeStep.from_artifacts(artifacts, device)
+    if backend == "torch":
+        return open_torch_step(checkpoint or Path(manifest["checkpoint"]["path"]), device)
+    if backend == "tensorrt":
+        raise DllmError("the tensorrt backend needs engines from 'dllm-trt build', which is not available yet")
+    raise DllmError(f"unknown backend '{backend}'; choose one of: {', '.join(BACKENDS)}")
+
+
+def open_torch_step(checkpoint: Path, device: str = "cpu"):  # noqa: ANN201
+    from dllm_trt.models.checkpoint import load_model
+    from dllm_trt.runtime.step import TorchStep
+
+    if device != "cpu":
+        raise DllmError("the torch backend runs on the CPU in this version; pass --device cpu")
+    return TorchStep(load_model(checkpoint))

@@ -1,0 +1,300 @@
+"""Parity over real generations: every step replayed on two backends, and tokens end to end.
+
+Step level: the loop runs on the reference backend; every encoder and denoise call is replayed
+on the candidate backend with the very same inputs (cache, canvas, self-conditioning, noise), so
+that a difference shows where it starts instead of compounding. Compared per call: K/V, logits
+(when the backend hands them out), argmax, token entropy, the accepted set and the sampled token.
+End to end: transformers' own `generate()` after `torch.manual_seed(seed)` against the loop on the
+candidate backend with the same seed: token agreement and denoise calls per canvas.
+Letters: B batch, C canvas, V vocab.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from transformers.models.diffusion_gemma.generation_diffusion_gemma import EntropyBoundSamplerConfig
+
+from dllm_trt.runtime.loop import GenerationSettings, generate
+from dllm_trt.runtime.sampler import accepted_positions
+from dllm_trt.validate.compare import Comparison, Tolerance, compare
+
+
+@dataclass(frozen=True)
+class GenerationTolerance:
+    step: Tolerance  # K/V and logits
+    entropy_abs: float
+    decision_agreement: float  # argmax, accepted set and sampled token, fraction of positions
+    token_agreement: float  # end to end
+
+
+GENERATION_TOLERANCES = {
+    "float32": GenerationTolerance(Tolerance(1e-4, 1.0), entropy_abs=1e-4, decision_agreement=1.0, token_agreement=1.0),
+    "float16": GenerationTolerance(
+        Tolerance(2e-2, 0.99), entropy_abs=2e-2, decision_agreement=0.98, token_agreement=0.0
+    ),
+    "bfloat16": GenerationTolerance(
+        Tolerance(5e-2, 0.98), entropy_abs=5e-2, decision_agreement=0.95, token_agreement=0.0
+    ),
+}
+
+
+@dataclass
+class StepRecord:
+    kind: str  # "encode" | "denoise"
+    canvas: int
+    step: int
+    comparisons: list[Comparison]
+    router_tie: bool = False  # the reference's top-k had equal probabilities at its boundary
+
+
+class RouterTieProbe:
+    """Watches the reference's routers for exact ties at the top-k boundary.
+
+    On equal probabilities torch.topk's order is unspecified (it varies with the position of the
+    tied values), while ONNX TopK takes the lower index: both are right, and the expert picked,
+    hence the logits, may differ. A call with such a tie is reported, not failed.
+    """
+
+    def __init__(self, model) -> None:  # noqa: ANN001
+        self.tie = False
+        top_k = model.config.text_config.top_k_experts
+        self.handles = []
+        for layer in [*model.model.encoder.language_model.layers, *model.model.decoder.layers]:
+            self.handles.append(layer.router.register_forward_hook(self._hook(top_k)))
+
+    def _hook(self, top_k: int):  # noqa: ANN202
+        def hook(module, inputs, outputs) -> None:  # noqa: ANN001
+            probs = outputs[0]
+            if top_k < probs.shape[-1]:
+                top = probs.topk(top_k + 1, dim=-1).values
+                self.tie |= bool((top[:, top_k - 1] == top[:, top_k]).any())
+
+        return hook
+
+    def take(self) -> bool:
+        tie, self.tie = self.tie, False
+        return tie
+
+    def close(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+@dataclass
+class Agreement:
+    name: str
+    value: float
+    required: float
+
+    @property
+    def passed(self) -> bool:
+        return self.value >= self.required
+
+    def to_dict(self) -> dict:
+        return dict(name=self.name, value=self.value, required=self.required, passed=self.passed)
+
+
+class TeeStep:
+    """Runs the reference step, replays each call on the candidate, records the differences.
+
+    The loop sees only the reference's outputs, so the trajectory is the reference's own.
+    """
+
+    def __init__(
+        self,
+        reference,
+        candidate,
+        tolerance: GenerationTolerance,
+        entropy_bound: float,
+        probe: RouterTieProbe,  # noqa: ANN001
+    ) -> None:
+        self.reference, self.candidate = reference, candidate
+        self.probe = probe
+        self.specs, self.info = reference.specs, reference.info
+        self.tolerance = tolerance
+        self.entropy_bound = entropy_bound
+        self.records: list[StepRecord] = []
+        self.decisions: dict[str, list[float]] = {"argmax": [], "accepted set": [], "sampled token": []}
+        self.canvas = -1
+        self.step = 0
+
+    def encode(self, input_ids, position_ids, input_mask, cache_mask, past):  # noqa: ANN001, ANN201
+        self.canvas += 1
+        self.step = 0
+        self.probe.take()
+        expected = self.reference.encode(input_ids, position_ids, input_mask, cache_mask, past)
+        actual = self.candidate.encode(input_ids, position_ids, input_mask, cache_mask, past)
+        valid = input_mask[:, None, :, None]  # [B, 1, T, 1]: padding K/V is never attended
+        comparisons = [
+            compare(f"key/value.{i // 2}", a, e, self.tolerance.step, valid)
+            for i, (a, e) in enumerate(zip(actual, expected))
+        ]
+        self.records.append(StepRecord("encode", self.canvas, 0, comparisons, self.probe.take()))
+        return expected
+
+    def denoise_and_sample(self, canvas_ids, self_conditioning, position_ids, cache_mask, past, temperature, noise):  # noqa: ANN001, ANN201
+        args = (canvas_ids, self_conditioning, position_ids, cache_mask, past)
+        comparisons = []
+        self.probe.take()
+        if hasattr(self.reference, "denoise") and hasattr(self.candidate, "denoise"):
+            logits_ref = self.reference.denoise(*args)
+            logits_cand = self.candidate.denoise(*args)
+            comparisons.append(compare("logits", logits_cand, logits_ref, self.tolerance.step, argmax=True))
+        expected = self.reference.denoise_and_sample(*args, temperature, noise)
+        actual = self.candidate.denoise_and_sample(*args, temperature, noise)
+        entropy_error = float((actual.entropy - expected.entropy).abs().max())
+        comparisons.append(
+            Comparison("entropy", entropy_error, entropy_error, None, entropy_error <= self.tolerance.entropy_abs,
+                       Tolerance(self.tolerance.entropy_abs, 0.0))
+        )  # fmt: skip
+        comparisons.append(
+            compare("next self-conditioning", actual.next_self_conditioning, expected.next_self_conditioning,
+                    self.tolerance.step)
+        )  # fmt: skip
+        tie = self.probe.take()
+        accepted_ref = accepted_positions(expected.entropy, self.entropy_bound)
+        accepted_cand = accepted_positions(actual.entropy, self.entropy_bound)
+        for name, a, e in (
+            ("argmax", actual.argmax, expected.argmax),
+            ("accepted set", accepted_cand, accepted_ref),
+            ("sampled token", actual.sampled, expected.sampled),
+        ):
+            if not tie:
+                self.decisions[name].append(float((a == e).double().mean()))
+        self.records.append(StepRecord("denoise", self.canvas, self.step, comparisons, tie))
+        self.step += 1
+        return expected
+
+
+@dataclass
+class GenerationParity:
+    dtype: str
+    seeds: list[int]
+    prompt_lengths: list[int]
+    max_new_tokens: int
+    steps: list[StepRecord] = field(default_factory=list)
+    decisions: list[Agreement] = field(default_factory=list)
+    end_to_end: list[dict] = field(default_factory=list)
+
+    def worst(self) -> dict[str, Comparison]:
+        """Per (kind, quantity): a failing comparison if any, else the largest relative error, over every call."""
+        worst: dict[str, Comparison] = {}
+        for record in self.steps:
+            if record.router_tie:
+                continue
+            for comparison in record.comparisons:
+                key = f"{record.kind} {comparison.name.split('.')[0]}"
+                best = worst.get(key)
+                if best is None or (not comparison.passed, comparison.max_rel) > (not best.passed, best.max_rel):
+                    worst[key] = comparison
+        return worst
+
+    def failures(self) -> list[str]:
+        failed = [f"{key}: max rel {c.max_rel:.3e} > {c.tolerance.max_rel:.0e}" for key, c in self.worst().items()
+                  if not c.passed]  # fmt: skip
+        failed += [f"{a.name} agreement {100 * a.value:.2f}% < {100 * a.required:.0f}%" for a in self.decisions
+                   if not a.passed]  # fmt: skip
+        for run in self.end_to_end:
+            if not run["passed"]:
+                failed.append(
+                    f"end-to-end seed {run['seed']}: token agreement {100 * run['token_agreement']:.2f}% "
+                    f"(first difference at generated token {run['first_difference']})"
+                )
+        return failed
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures()
+
+    @property
+    def router_ties(self) -> int:
+        return sum(record.router_tie for record in self.steps)
+
+
+def _decisions(tee: TeeStep, tolerance: GenerationTolerance) -> list[Agreement]:
+    return [
+        Agreement(name, min(values) if values else 1.0, tolerance.decision_agreement)
+        for name, values in tee.decisions.items()
+    ]
+
+
+@torch.no_grad()
+def reference_generate(model, input_ids, attention_mask, settings: GenerationSettings, seed: int):  # noqa: ANN001, ANN201
+    """transformers' generate() under torch.manual_seed(seed); also counts its decoder calls per canvas."""
+    calls: list[int] = []
+    encoder = model.model.encoder
+    original_encoder, original_forward = encoder.forward, model.forward
+
+    def counting_encoder(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        calls.append(0)
+        return original_encoder(*args, **kwargs)
+
+    def counting_forward(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        if kwargs.get("decoder_input_ids") is not None:
+            calls[-1] += 1
+        return original_forward(*args, **kwargs)
+
+    encoder.forward, model.forward = counting_encoder, counting_forward
+    try:
+        torch.manual_seed(seed)
+        output = model.generate(
+            input_ids, attention_mask=attention_mask.long(), max_new_tokens=settings.max_new_tokens,
+            max_denoising_steps=settings.sampler.max_denoising_steps, t_min=settings.sampler.t_min,
+            t_max=settings.sampler.t_max, stability_threshold=settings.sampler.stability_threshold,
+            confidence_threshold=settings.sampler.confidence_threshold,
+            sampler_config=EntropyBoundSamplerConfig(entropy_bound=settings.sampler.entropy_bound),
+            eos_token_id=list(settings.eos_token_ids) or None, pad_token_id=settings.pad_token_id,
+        )  # fmt: skip
+    finally:
+        del encoder.forward, model.forward
+    return output, calls
+
+
+def generation_parity(
+    model,  # noqa: ANN001
+    reference_step,  # noqa: ANN001
+    candidate_step,  # noqa: ANN001
+    settings: GenerationSettings,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    seeds: list[int],
+) -> GenerationParity:
+    dtype = str(model.dtype).removeprefix("torch.")
+    tolerance = GENERATION_TOLERANCES[dtype]
+    lengths = attention_mask.sum(dim=-1).tolist()
+    result = GenerationParity(dtype, seeds, lengths, settings.max_new_tokens)
+    probe = RouterTieProbe(model)
+    tee = TeeStep(reference_step, candidate_step, tolerance, settings.sampler.entropy_bound, probe)
+    try:
+        generate(tee, settings, input_ids, attention_mask, seed=seeds[0])
+    finally:
+        probe.close()
+    result.steps = tee.records
+    result.decisions = _decisions(tee, tolerance)
+
+    prompt = input_ids.shape[1]
+    for seed in seeds:
+        expected, expected_calls = reference_generate(model, input_ids, attention_mask, settings, seed)
+        actual = generate(candidate_step, settings, input_ids, attention_mask, seed=seed)
+        want, got = expected.sequences[:, prompt:], actual.sequences[:, prompt:]
+        same_shape = want.shape == got.shape
+        agree = (want == got) if same_shape else torch.zeros(1, dtype=torch.bool)
+        differ = (~agree).nonzero()
+        agreement = float(agree.double().mean())
+        result.end_to_end.append(
+            dict(
+                seed=seed,
+                token_agreement=agreement,
+                first_difference=int(differ[0, -1]) if len(differ) else None,
+                reference_tokens=list(want.shape),
+                candidate_tokens=list(got.shape),
+                reference_calls_per_canvas=expected_calls,
+                candidate_calls_per_canvas=actual.calls_per_canvas,
+                reference_tokens_per_forward=[round(float(t), 4) for t in expected.tokens_per_forward],
+                candidate_tokens_per_forward=[round(t, 4) for t in actual.tokens_per_forward],
+                passed=same_shape and agreement >= tolerance.token_agreement,
+            )
+        )
+    return result

@@ -1,0 +1,117 @@
+"""report.json for machines, report.md for a person who has ten seconds."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from dllm_trt.validate.compare import TOLERANCES
+from dllm_trt.validate.export_parity import ParityResult
+from dllm_trt.validate.generation_parity import GENERATION_TOLERANCES, GenerationParity
+
+
+def report_dict(artifacts: Path, backend: str, step: ParityResult, generation: GenerationParity) -> dict:
+    worst = generation.worst()
+    return dict(
+        artifacts=str(artifacts),
+        backend=backend,
+        passed=step.passed and generation.passed,
+        failures=[c.name for c in step.comparisons if not c.passed] + generation.failures(),
+        tolerances=dict(
+            step={k: vars(v) for k, v in TOLERANCES.items()},
+            generation={
+                k: dict(
+                    step=vars(v.step),
+                    entropy_abs=v.entropy_abs,
+                    decision_agreement=v.decision_agreement,
+                    token_agreement=v.token_agreement,
+                )
+                for k, v in GENERATION_TOLERANCES.items()
+            },
+        ),  # fmt: skip
+        random_input_parity=step.to_dict(),
+        generation=dict(
+            dtype=generation.dtype,
+            seeds=generation.seeds,
+            prompt_lengths=generation.prompt_lengths,
+            max_new_tokens=generation.max_new_tokens,
+            calls_replayed=len(generation.steps),
+            calls_with_router_tie=generation.router_ties,
+            worst_per_quantity={k: c.to_dict() for k, c in worst.items()},
+            decisions=[a.to_dict() for a in generation.decisions],
+            end_to_end=generation.end_to_end,
+            per_call=[
+                dict(
+                    kind=r.kind,
+                    canvas=r.canvas,
+                    step=r.step,
+                    router_tie=r.router_tie,
+                    comparisons=[c.to_dict() for c in r.comparisons],
+                )
+                for r in generation.steps
+            ],  # fmt: skip
+        ),
+    )
+
+
+def markdown(report: dict) -> str:
+    generation = report["generation"]
+    verdict = "PASS" if report["passed"] else "FAIL"
+    lines = [
+        f"# dllm-trt validate: {verdict}",
+        "",
+        f"`{report['artifacts']}` on **{report['backend']}** vs transformers, dtype {generation['dtype']}, "
+        f"seeds {generation['seeds']}, prompts of {generation['prompt_lengths']} tokens, "
+        f"{generation['max_new_tokens']} new tokens, {generation['calls_replayed']} calls replayed.",
+        "",
+    ]
+    if generation["calls_with_router_tie"]:
+        lines += [
+            f"{generation['calls_with_router_tie']} replayed call(s) had an exact tie at the reference router's top-k "
+            "boundary; there torch.topk's pick is unspecified and ONNX TopK takes the lower index, so those calls "
+            "are reported in report.json, not judged.",
+            "",
+        ]
+    if report["failures"]:
+        lines += ["**Failed:**", ""] + [f"- {f}" for f in report["failures"]] + [""]
+    lines += ["| check | worst max abs | worst max rel | tolerance | argmax | ok |", "|---|---|---|---|---|---|"]
+    for comparison in report["random_input_parity"]["comparisons"]:
+        lines.append(_row(f"random inputs: {comparison['name']}", comparison))
+    for name, comparison in generation["worst_per_quantity"].items():
+        lines.append(_row(f"generation: {name}", comparison))
+    for decision in generation["decisions"]:
+        ok = "yes" if decision["passed"] else "**NO**"
+        lines.append(
+            f"| generation: {decision['name']} agreement (worst step) | | {100 * decision['value']:.2f}% | "
+            f">= {100 * decision['required']:.0f}% | | {ok} |"
+        )
+    lines += ["", "| seed | token agreement | denoise calls per canvas (reference / ours) | tokens per forward | ok |",
+              "|---|---|---|---|---|"]  # fmt: skip
+    for run in generation["end_to_end"]:
+        lines.append(
+            f"| {run['seed']} | {100 * run['token_agreement']:.2f}% | {run['reference_calls_per_canvas']} / "
+            f"{run['candidate_calls_per_canvas']} | {run['candidate_tokens_per_forward']} | "
+            f"{'yes' if run['passed'] else '**NO**'} |"
+        )
+    lines += [
+        "",
+        "Relative error is max|a-b| / max|b| over the compared tensor. onnxruntime on CPU computes fp16/bf16 by "
+        "emulation and is a weak judge of reduced-precision parity.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _row(name: str, comparison: dict) -> str:
+    argmax = "" if comparison["argmax_agreement"] is None else f"{100 * comparison['argmax_agreement']:.2f}%"
+    ok = "yes" if comparison["passed"] else "**NO**"
+    return (
+        f"| {name} | {comparison['max_abs']:.3e} | {comparison['max_rel']:.3e} | "
+        f"{comparison['tolerance']['max_rel']:.0e} | {argmax} | {ok} |"
+    )
+
+
+def write_report(directory: Path, report: dict) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (directory / "report.md").write_text(markdown(report))

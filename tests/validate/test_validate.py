@@ -1,0 +1,82 @@
+import json
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import numpy_helper
+
+from dllm_trt.cli import main
+from dllm_trt.models.checkpoint import load_model
+from dllm_trt.runtime.loop import GenerationSettings, left_pad
+from dllm_trt.validate.generation_parity import reference_generate
+
+
+def test_validate_passes_and_writes_reports(capsys, tiny_ckpt, tiny_export, tmp_path):
+    code = main(["validate", str(tiny_export), "--reference", str(tiny_ckpt), "--report", str(tmp_path / "r")])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert report["passed"] and report["generation"]["calls_replayed"] > 10
+    assert all(run["token_agreement"] == 1.0 for run in report["generation"]["end_to_end"])
+    assert "| check |" in (tmp_path / "r" / "report.md").read_text()
+
+
+def test_validate_fails_on_a_tampered_graph(capsys, tiny_ckpt, tiny_export, tmp_path):
+    tampered = tmp_path / "tampered"
+    shutil.copytree(tiny_export, tampered)
+    model = onnx.load(str(tampered / "denoiser.onnx"))
+    # one expert's down projection in the last layer, 2% larger: a plausible silent corruption
+    down = next(init for init in model.graph.initializer if tuple(init.dims) in {(8, 64, 32), (8, 32, 64)})
+    array = numpy_helper.to_array(down).copy()
+    array[3] *= np.float32(1.02)
+    down.CopyFrom(numpy_helper.from_array(array, down.name))
+    for path in tampered.glob("denoiser.onnx*"):
+        path.unlink()
+    onnx.save(model, str(tampered / "denoiser.onnx"), save_as_external_data=True, location="denoiser.onnx.data")
+    code = main(["validate", str(tampered), "--reference", str(tiny_ckpt), "--seeds", "0"])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "validation failed" in err and "denoise first step logits" in err
+
+
+def test_validate_refuses_another_checkpoint(capsys, tiny_export, tmp_path):
+    from dllm_trt.models.presets import make_checkpoint
+
+    make_checkpoint(tmp_path / "other", "tiny", seed=9)
+    code = main(["validate", str(tiny_export), "--reference", str(tmp_path / "other")])
+    assert code == 2
+    assert "validate against the checkpoint it was exported from" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("seed", [0, 4])
+def test_generate_json_equals_reference(capsys, tiny_ckpt, tiny_export, seed):
+    code = main([
+        "generate", str(tiny_export), "--prompt-ids", "5,17,42,9", "--prompt-ids", "8,3", "--max-new-tokens", "16",
+        "--seed", str(seed), "--json",
+    ])  # fmt: skip
+    assert code == 0
+    out = json.loads(capsys.readouterr().out)
+    model = load_model(tiny_ckpt)
+    settings = GenerationSettings.from_generation_config(model.generation_config.to_dict(), max_new_tokens=16)
+    ids, mask = left_pad([[5, 17, 42, 9], [8, 3]], 0)
+    expected, _ = reference_generate(model, ids, mask, settings, seed)
+    assert torch.equal(torch.tensor(out["sequences"]), expected.sequences)
+    assert out["canvases"] == 2 and out["tokens_per_second"] > 0
+
+
+@pytest.mark.parametrize(
+    "argv, fragment",
+    [
+        (["--prompt-ids", "5,x"], "comma-separated integers"),
+        (["--prompt-ids", "5,99999"], "outside the vocabulary"),
+        (["--prompt", "hello"], "no tokenizer.json"),
+        ([], "no prompt"),
+        (["--prompt-ids", "5", "--backend", "magic"], "unknown backend"),
+    ],
+)
+def test_generate_bad_input(capsys, tiny_export, argv, fragment):
+    code = main(["generate", str(tiny_export), *argv])
+    err = capsys.readouterr().err
+    assert code == 2 and fragment in err and "Traceback" not in err

@@ -1,0 +1,1 @@
+"""Custom GPU kernels (Triton). Every module here imports without Triton installed."""

@@ -70,6 +70,24 @@ def _validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _optimize(args: argparse.Namespace) -> int:
+    from dllm_trt.optimize import optimize_artifacts
+
+    manifest = optimize_artifacts(
+        args.artifacts, args.output, args.target, args.precision, args.parity, args.seed, args.force,
+        reference_checkpoint=args.reference,
+    )  # fmt: skip
+    print(f"wrote {args.output}: encoder.onnx, denoiser.onnx, manifest.json, fusion_report.md")
+    failed = [
+        p["name"] for p in manifest["passes"]
+        if p["parity"] and p["parity"].get("judged") and p["parity"].get("passed") is False
+    ]  # fmt: skip
+    if failed:
+        print(f"dllm-trt: parity failed after {', '.join(failed)}; see {args.output}/fusion_report.md", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from dllm_trt.demo import run_demo
 
@@ -105,6 +123,17 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--seed", type=int, default=0, help="seed of the parity check's random inputs")
     export.add_argument("--force", action="store_true", help="replace a non-empty output directory")
     export.set_defaults(run=_export)
+
+    opt = verbs.add_parser("optimize", help="fuse the exported graphs for a target; every pass proven")
+    opt.add_argument("artifacts", type=Path, help="directory written by export")
+    opt.add_argument("--target", required=True, help="trt | ort-cuda | ort-cpu")
+    opt.add_argument("--precision", default="fp32", help="fp32 | fp16 | bf16 (default fp32)")
+    opt.add_argument("-o", "--output", type=Path, required=True, help="output directory")
+    opt.add_argument("--parity", default="each", help="each | final | none: when to measure parity (default each)")
+    opt.add_argument("--reference", type=Path, default=None, help="the checkpoint, if it moved since export")
+    opt.add_argument("--seed", type=int, default=0, help="seed of the parity check's random inputs")
+    opt.add_argument("--force", action="store_true", help="replace a non-empty output directory")
+    opt.set_defaults(run=_optimize)
 
     gen = verbs.add_parser("generate", help="run the block-diffusion loop over exported graphs")
     gen.add_argument("artifacts", type=Path, help="directory written by export")

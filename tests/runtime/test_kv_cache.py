@@ -23,12 +23,15 @@ def test_sliding_layers_keep_what_transformers_keeps():
         cache.append(new, torch.ones(2, tokens, dtype=torch.bool))
         reference.update(new[0], new[1])
         start += tokens
-        key, value, full_key, _ = cache.tensors()
+        key, value, full_key, full_value = cache.tensors()
         assert torch.equal(key, reference.keys) and torch.equal(value, reference.values)
+        assert all(t.is_contiguous() for t in cache.tensors())  # bindable by address
+        expected_full = torch.arange(start, dtype=torch.float32).view(1, 1, -1, 1).expand_as(full_value)
+        assert torch.equal(full_value, expected_full)
         assert full_key.shape[2] == start  # full layers keep everything
         assert cache.mask().shape == (2, start)
     # memory of sliding layers is bounded by the window, whatever the context
-    assert cache.buffers[0].shape[2] == window - 1
+    assert cache.storage[0].numel() == 2 * 2 * (window - 1) * 4
 
 
 def test_overflow_is_refused():

@@ -1,1 +1,179 @@
-"""ONNX pass pipeline per target (trt, ort-cuda, ort-cpu)."""
+"""`dllm-trt optimize`: exported graphs -> fused graphs per target, every pass counted and proven.
+
+Reads an export directory, runs the ordered pipeline (optimize/pipeline.py) over the encoder and
+denoiser graphs, measures parity against transformers after each pass (or only at the end), and
+writes the rewritten graphs, an updated manifest and `fusion_report.json`/`.md`.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import onnx_ir as ir
+
+from dllm_trt.errors import DllmError
+from dllm_trt.export import CARRIED_FILES
+from dllm_trt.export.onnx_export import DENOISER_FILE, ENCODER_FILE, check_external_data
+from dllm_trt.manifest import atomic_output, describe_graph, file_sha256, read_manifest, tool_versions, write_manifest
+from dllm_trt.optimize.context import PRECISIONS, TARGETS, PassContext
+from dllm_trt.optimize.pipeline import PIPELINE, Pass, clean_up, diff_counts, op_counts
+from dllm_trt.optimize.report import write_fusion_report
+from dllm_trt.progress import Progress
+
+GRAPH_FILES = {"encoder": ENCODER_FILE, "denoiser": DENOISER_FILE}
+PARITY_MODES = ("each", "final", "none")
+PRECISION_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
+def save_graphs(graphs: dict[str, ir.Model], directory: Path) -> dict[str, dict]:
+    """Write each graph with its external data beside it; returns their manifest descriptions."""
+    described = {}
+    for name, model in graphs.items():
+        path = directory / GRAPH_FILES[name]
+        for old in directory.glob(f"{path.name}*"):
+            old.unlink()
+        ir.save(model, str(path), external_data=f"{path.name}.data")
+        described[name] = describe_graph(path, check_external_data(path))
+    return described
+
+
+def _stage_manifest(source: dict, target: str, precision: str, graphs: dict, source_hash: str, dtype: str) -> dict:
+    model = dict(source["model"])
+    model["dtype"] = dtype  # the dtype of the graphs' float inputs (cache, self-conditioning)
+    return dict(
+        stage="optimize",
+        target=target,
+        precision=precision,
+        source=dict(stage="export", manifest_sha256=source_hash),
+        checkpoint=source["checkpoint"],
+        model=model,
+        opset=source["opset"],
+        tools=tool_versions(),
+        graphs=graphs,
+    )
+
+
+def _measure(reference, directory: Path, seed: int, dtype: str) -> dict:  # noqa: ANN001
+    from dllm_trt.optimize.cpu_execution import holds_bfloat16, open_cpu_step, unsupported_on_cpu
+
+    blocked = unsupported_on_cpu(directory)
+    if blocked:
+        return dict(measured=False, reason=blocked)
+    from dllm_trt.validate.export_parity import step_parity
+
+    emulated = holds_bfloat16(directory)
+    result = step_parity(reference, open_cpu_step(directory), seed=seed, tolerance_dtype=dtype)
+    failed = [c.name for c in result.comparisons if not c.passed]
+    # fp32 graphs must match; reduced precision is measured and reported against an informative
+    # bound (a router top-k flip under rounding is a legitimate precision effect, not a bug).
+    judged = dtype == "float32"
+    return dict(measured=True, judged=judged, emulated_bf16=emulated, passed=result.passed, failed=failed,
+                result=result.to_dict())  # fmt: skip
+
+
+def optimize_artifacts(
+    source: Path,
+    out: Path,
+    target: str,
+    precision: str = "fp32",
+    parity: str = "each",
+    seed: int = 0,
+    force: bool = False,
+    quiet: bool = False,
+    passes: list[Pass] | None = None,
+    reference_checkpoint: Path | None = None,
+) -> dict:
+    if target not in TARGETS:
+        raise DllmError(f"unknown target '{target}'; choose one of: {', '.join(TARGETS)}")
+    if precision not in PRECISIONS:
+        raise DllmError(f"unknown precision '{precision}'; choose one of: {', '.join(PRECISIONS)}")
+    if parity not in PARITY_MODES:
+        raise DllmError(f"unknown --parity '{parity}'; choose one of: {', '.join(PARITY_MODES)}")
+    manifest = read_manifest(source, stage="export")
+    source_hash = file_sha256(source / "manifest.json")
+    passes = PIPELINE if passes is None else passes
+    active = [p for p in passes if precision in p.precisions]
+    progress = Progress(total=len(active) + 1 + (parity != "none"), quiet=quiet)
+
+    reference = None
+    if parity != "none":
+        with progress.stage("loading the reference (transformers)") as notes:
+            from dllm_trt.models.checkpoint import checkpoint_hash, load_model, safetensors_files
+
+            checkpoint = reference_checkpoint or Path(manifest["checkpoint"]["path"])
+            if not (checkpoint / "config.json").is_file():
+                raise DllmError(
+                    f"the checkpoint {checkpoint} the export came from is gone; pass --reference CKPT or --parity none"
+                )
+            if checkpoint_hash(checkpoint, safetensors_files(checkpoint)) != manifest["checkpoint"]["hash"]:
+                raise DllmError(f"{checkpoint} is not the checkpoint {source} was exported from (hash differs)")
+            reference = load_model(checkpoint)
+            notes.append(str(checkpoint))
+
+    graphs = {name: ir.load(str(source / file)) for name, file in GRAPH_FILES.items()}
+    dtype = manifest["model"]["dtype"]
+    entries = []
+    with atomic_output(out, force=force) as tmp:
+        scratch = tmp / ".scratch"
+        for index, step in enumerate(active):
+            with progress.stage(f"{step.name} ({target}, {precision})") as notes:
+                entry: dict = dict(name=step.name, graphs={})
+                for name in step.graphs:
+                    ctx = PassContext(target, precision, name, manifest["model"])
+                    before = op_counts(graphs[name])
+                    matched = step.run(graphs[name], ctx)
+                    clean_up(graphs[name])
+                    after = op_counts(graphs[name])
+                    entry["graphs"][name] = dict(matched=matched, ops_before=before, ops_after=after,
+                                                 changed=diff_counts(before, after))  # fmt: skip
+                notes.append(", ".join(f"{g}: {e['matched']} matched" for g, e in entry["graphs"].items()))
+                if step.name == "convert_precision":
+                    dtype = PRECISION_DTYPES[precision]
+                if reference is not None and (parity == "each" or index == len(active) - 1):
+                    scratch.mkdir(exist_ok=True)
+                    described = save_graphs(graphs, scratch)
+                    write_manifest(scratch, _stage_manifest(manifest, target, precision, described, source_hash, dtype))
+                    entry["parity"] = _measure(reference, scratch, seed, dtype)
+                    notes.append(_parity_note(entry["parity"]))
+                entries.append(entry)
+        shutil.rmtree(scratch, ignore_errors=True)
+        with progress.stage("writing graphs, manifest.json, fusion_report") as notes:
+            described = save_graphs(graphs, tmp)
+            for name in CARRIED_FILES:
+                if (source / name).is_file():
+                    shutil.copy2(source / name, tmp / name)
+            result = _stage_manifest(manifest, target, precision, described, source_hash, dtype)
+            result["passes"] = [
+                dict(name=e["name"], matched={g: v["matched"] for g, v in e["graphs"].items()},
+                     parity=_parity_summary(e.get("parity")))
+                for e in entries
+            ]  # fmt: skip
+            result["timings_s"] = progress.timings
+            write_manifest(tmp, result)
+            write_fusion_report(tmp, result, entries)
+            notes.append(f"{sum(d['nodes'] for d in described.values())} nodes")
+    return result
+
+
+def _parity_summary(parity: dict | None) -> dict | None:
+    if parity is None:
+        return None
+    if not parity["measured"]:
+        return dict(measured=False, reason=parity["reason"])
+    worst = max(parity["result"]["comparisons"], key=lambda c: c["max_rel"])
+    return dict(measured=True, judged=parity["judged"], passed=parity["passed"], failed=parity["failed"],
+                worst=worst["name"], worst_max_rel=worst["max_rel"])  # fmt: skip
+
+
+def _parity_note(parity: dict) -> str:
+    if not parity["measured"]:
+        return f"parity not measured: {parity['reason']}"
+    summary = _parity_summary(parity)
+    if parity["passed"]:
+        verdict = "parity ok" if parity["judged"] else "parity within the informative bound"
+    elif parity["judged"]:
+        verdict = f"PARITY FAILED ({', '.join(parity['failed'])})"
+    else:
+        verdict = f"reduced-precision drift beyond the informative bound ({', '.join(parity['failed'])})"
+    return f"{verdict}, worst max rel {summary['worst_max_rel']:.2e}"

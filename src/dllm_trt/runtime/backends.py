@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from dllm_trt.errors import DllmError
 from dllm_trt.manifest import read_manifest
 
@@ -16,6 +18,15 @@ def open_step(artifacts: Path, backend: str, device: str = "cpu", checkpoint: Pa
     if backend == "onnxruntime":
         from dllm_trt.runtime.step import OnnxRuntimeStep
 
+        if manifest.get("target") in ("trt", "ort-cuda") and device == "cpu":
+            from dllm_trt.optimize.cpu_execution import unsupported_on_cpu
+
+            reason = unsupported_on_cpu(artifacts)
+            if reason:
+                raise DllmError(
+                    f"{artifacts} was optimized for {manifest['target']} and onnxruntime on CPU cannot run it ({reason}); "
+                    "use --backend tensorrt / --device cuda, or optimize with --target ort-cpu"
+                )
         return OnnxRuntimeStep.from_artifacts(artifacts, device)
     if backend == "torch":
         return open_torch_step(checkpoint or Path(manifest["checkpoint"]["path"]), device)
@@ -28,6 +39,6 @@ def open_torch_step(checkpoint: Path, device: str = "cpu"):  # noqa: ANN201
     from dllm_trt.models.checkpoint import load_model
     from dllm_trt.runtime.step import TorchStep
 
-    if device != "cpu":
-        raise DllmError("the torch backend runs on the CPU in this version; pass --device cpu")
-    return TorchStep(load_model(checkpoint))
+    if device == "cuda" and not torch.cuda.is_available():
+        raise DllmError("--device cuda: torch sees no CUDA device here; pass --device cpu")
+    return TorchStep(load_model(checkpoint).to(device))

@@ -2,7 +2,13 @@
 
 Full layers hold every committed position up to `max_length`. Sliding layers hold only the last
 `window - 1` positions, as transformers' DynamicSlidingWindowLayer does, so their memory is
-bounded however long the context grows. Letters: B batch, G key/value heads, P positions, D head dim.
+bounded however long the context grows.
+
+Each layer's K and V live in one flat preallocated storage, laid out so that the current
+[B, G, P, D] tensor is contiguous at the start of it. A backend can then bind it by address
+(TensorRT) or hand it over without a copy (onnxruntime) on every denoise step; the price is
+one re-layout per committed canvas, when P grows. Letters: B batch, G key/value heads,
+P positions, T new positions, D head dim.
 """
 
 from __future__ import annotations
@@ -23,30 +29,33 @@ class StaticKVCache:
         device: torch.device | str = "cpu",
     ) -> None:
         self.specs = specs
+        self.batch = batch
         self.max_length = max_length
         self.sliding_capacity = min(max_length, window - 1)
         self.length = 0
-        self.buffers: list[torch.Tensor] = []  # key.0, value.0, key.1, ...: [B, G, capacity, D]
+        self.storage: list[torch.Tensor] = []  # key.0, value.0, key.1, ...: flat, capacity B*G*P_max*D
         for spec in specs:
             capacity = self.sliding_capacity if spec.sliding else max_length
             for _ in ("key", "value"):
-                self.buffers.append(
-                    torch.zeros(batch, spec.num_kv_heads, capacity, spec.head_dim, dtype=dtype, device=device)
-                )
+                size = batch * spec.num_kv_heads * capacity * spec.head_dim
+                self.storage.append(torch.zeros(size, dtype=dtype, device=device))
         self.valid = torch.zeros(batch, max_length, dtype=torch.bool, device=device)  # [B, P]
 
     @property
     def sliding_length(self) -> int:
         return min(self.length, self.sliding_capacity)
 
+    def _used(self, spec: LayerSpec) -> int:
+        return self.sliding_length if spec.sliding else self.length
+
+    def _view(self, index: int, positions: int) -> torch.Tensor:
+        spec = self.specs[index // 2]
+        shape = (self.batch, spec.num_kv_heads, positions, spec.head_dim)
+        return self.storage[index][: shape[0] * shape[1] * shape[2] * shape[3]].view(shape)
+
     def tensors(self) -> list[torch.Tensor]:
-        """The filled part of every layer's K/V, in graph input order: [B, G, P_layer, D]."""
-        out = []
-        for spec in self.specs:
-            used = self.sliding_length if spec.sliding else self.length
-            for kind in (0, 1):
-                out.append(self.buffers[2 * spec.index + kind][:, :, :used])
-        return out
+        """Every layer's K/V as contiguous [B, G, P_layer, D] tensors, in graph input order."""
+        return [self._view(index, self._used(self.specs[index // 2])) for index in range(len(self.storage))]
 
     def mask(self) -> torch.Tensor:
         """Validity of the cached positions [B, P]: False where the prompt was padded."""
@@ -57,19 +66,31 @@ class StaticKVCache:
         tokens = new_valid.shape[1]
         if self.length + tokens > self.max_length:
             raise ValueError(f"KV cache full: {self.length} + {tokens} positions > max_length {self.max_length}")
-        for spec in self.specs:
-            for kind in (0, 1):
-                buffer = self.buffers[2 * spec.index + kind]
-                tensor = new[2 * spec.index + kind].to(buffer.dtype)
-                if not spec.sliding:
-                    buffer[:, :, self.length : self.length + tokens] = tensor
-                    continue
-                kept = self.sliding_length
-                if kept + tokens <= self.sliding_capacity:
-                    buffer[:, :, kept : kept + tokens] = tensor
-                else:
-                    # Shift left so the last `window - 1` positions stay contiguous and in order.
-                    merged = torch.cat([buffer[:, :, :kept], tensor], dim=2)[:, :, -self.sliding_capacity :]
-                    buffer.copy_(merged)
+        for index, tensor in enumerate(new):
+            spec = self.specs[index // 2]
+            old = self._used(spec)
+            tensor = tensor.to(self.storage[index].dtype)
+            capacity = self.sliding_capacity if spec.sliding else self.max_length
+            if old + tokens <= capacity:
+                self._grow(index, old, old + tokens)
+                self._view(index, old + tokens)[:, :, old:] = tensor
+            else:
+                # A full sliding layer: keep the last `window - 1` positions, contiguous and in order.
+                merged = torch.cat([self._view(index, old), tensor], dim=2)[:, :, -capacity:]
+                self._view(index, capacity).copy_(merged)
         self.valid[:, self.length : self.length + tokens] = new_valid
         self.length += tokens
+
+    def _grow(self, index: int, old: int, new: int) -> None:
+        """Re-lay rows [B*G] of `old` positions out at the stride of `new`, in place.
+
+        Rows move right, so they are moved last first; each row is cloned before it is written
+        because its destination may overlap its own source.
+        """
+        if old == 0:
+            return
+        spec = self.specs[index // 2]
+        row_old, row_new = old * spec.head_dim, new * spec.head_dim
+        flat = self.storage[index]
+        for row in reversed(range(1, self.batch * spec.num_kv_heads)):
+            flat[row * row_new : row * row_new + row_old] = flat[row * row_old : (row + 1) * row_old].clone()

@@ -118,8 +118,9 @@ def finalize_canvas(
     pad_token_id: int | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """generate()'s _finalize_canvas with its stopping criteria (MaxLength, then EOS in the canvas)."""
-    done_now = torch.full((sequences.shape[0],), sequences.shape[1] >= max_length, dtype=torch.bool)
-    eos = torch.tensor(eos_token_ids, dtype=sequences.dtype) if eos_token_ids else None
+    device = sequences.device
+    done_now = torch.full((sequences.shape[0],), sequences.shape[1] >= max_length, dtype=torch.bool, device=device)
+    eos = torch.tensor(eos_token_ids, dtype=sequences.dtype, device=device) if eos_token_ids else None
     if eos is not None:
         done_now = done_now | torch.isin(sequences[:, -canvas:], eos).any(dim=-1)
     previously = finished
@@ -160,20 +161,25 @@ def generate(
     info = step.info
     canvas, vocab = info.canvas_length, info.vocab_size
     sampler = settings.sampler
-    generator = torch.Generator(device="cpu").manual_seed(seed)
+    device = torch.device(info.device)
+    # On CUDA this is the generator torch.manual_seed() seeds there, as the reference uses.
+    generator = torch.Generator(device=device).manual_seed(seed)
     start = time.perf_counter()
 
+    input_ids = input_ids.to(device)
     batch, prompt_length = input_ids.shape
     max_length = settings.max_new_tokens + prompt_length
     max_new_canvases = math.ceil(settings.max_new_tokens / canvas)
     attention_mask = (
         torch.ones(batch, prompt_length, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+    ).to(device)
+    cache = StaticKVCache(
+        step.specs, batch, prompt_length + max_new_canvases * canvas, info.sliding_window, info.dtype, device
     )
-    cache = StaticKVCache(step.specs, batch, prompt_length + max_new_canvases * canvas, info.sliding_window, info.dtype)
-    finished_sequences = torch.zeros(batch, dtype=torch.bool)
-    forward_passes = torch.zeros(batch, dtype=torch.int)
+    finished_sequences = torch.zeros(batch, dtype=torch.bool, device=device)
+    forward_passes = torch.zeros(batch, dtype=torch.int, device=device)
     stopping = StableAndConfident(sampler.stability_threshold, sampler.confidence_threshold)
-    result = GenerationResult(input_ids.clone(), [], [], [], [], 0, 0.0)
+    result = GenerationResult(input_ids, [], [], [], [], 0, 0.0)
     sequences = input_ids.clone()
     pending, pending_valid = sequences, attention_mask  # tokens the encoder has not seen yet
 
@@ -181,19 +187,19 @@ def generate(
         # 1.a encoder step over the uncached tokens
         t0 = time.perf_counter()
         cur_len = cache.length + pending.shape[1]
-        positions = torch.arange(cache.length, cur_len).expand(batch, -1).contiguous()
+        positions = torch.arange(cache.length, cur_len, device=device).expand(batch, -1).contiguous()
         cache.append(step.encode(pending, positions, pending_valid, cache.mask(), cache.tensors()), pending_valid)
         result.encode_seconds += time.perf_counter() - t0
 
         # 1.b a fresh random canvas, no self-conditioning, stopping state reset
         current = random_canvas(batch, canvas, vocab, generator)
         argmax_canvas = current
-        self_conditioning = torch.zeros(batch, canvas, info.hidden_size, dtype=info.dtype)
-        previous_entropy = torch.zeros(batch, canvas)
-        finished_denoising = torch.zeros(batch, dtype=torch.bool)
+        self_conditioning = torch.zeros(batch, canvas, info.hidden_size, dtype=info.dtype, device=device)
+        previous_entropy = torch.zeros(batch, canvas, device=device)
+        finished_denoising = torch.zeros(batch, dtype=torch.bool, device=device)
         stopping.reset()
-        decoder_positions = torch.arange(cur_len, cur_len + canvas).expand(batch, -1).contiguous()
-        steps = torch.zeros(batch, dtype=torch.int)
+        decoder_positions = torch.arange(cur_len, cur_len + canvas, device=device).expand(batch, -1).contiguous()
+        steps = torch.zeros(batch, dtype=torch.int, device=device)
         calls = 0
 
         # 1.c denoise, counting the remaining steps down from N to 1 as the reference does
@@ -240,12 +246,12 @@ def generate(
         if torch.all(finished_sequences):
             break
         # 1.f the committed canvas (after EOS padding) is the encoder's next input, every position valid
-        pending, pending_valid = sequences[:, -canvas:], torch.ones(batch, canvas, dtype=torch.bool)
+        pending, pending_valid = sequences[:, -canvas:], torch.ones(batch, canvas, dtype=torch.bool, device=device)
 
     result.sequences = sequences
     new = sequences[:, prompt_length:]
     valid = (new != settings.pad_token_id).sum(dim=-1) if settings.pad_token_id is not None else new.shape[1]
-    valid = torch.as_tensor(valid).expand(batch)
+    valid = torch.as_tensor(valid, device=device).expand(batch)
     result.tokens_per_forward = (valid / forward_passes).tolist()
     result.decoder_forward_passes = forward_passes.tolist()
     result.new_tokens = int(valid.sum())

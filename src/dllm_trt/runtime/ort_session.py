@@ -4,11 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import onnxruntime as ort
 import torch
-
-_TORCH_OF_NUMPY = {np.dtype("float32"): torch.float32, np.dtype("float16"): torch.float16}
 
 
 def providers(device: str = "cpu") -> list[str]:
@@ -28,6 +25,9 @@ def open_session(
     options = ort.SessionOptions()
     options.log_severity_level = 3  # warnings about unused initializers etc. are not the user's concern
     options.intra_op_num_threads = threads
+    # Several sessions take turns in the loop (encoder, denoiser, self-conditioning); spinning
+    # worker threads of an idle session would steal the cores of the running one.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if not graph_optimization:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     return ort.InferenceSession(str(path), options, providers=providers(device))

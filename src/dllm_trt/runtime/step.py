@@ -28,18 +28,22 @@ class StepInfo:
     hidden_size: int
     sliding_window: int
     dtype: torch.dtype
+    device: str = "cpu"  # where the loop keeps its tensors and draws its random numbers
 
     @classmethod
     def from_model(cls, model) -> StepInfo:  # noqa: ANN001
         text = model.config.text_config
-        return cls(model.config.canvas_length, text.vocab_size, text.hidden_size, text.sliding_window, model.dtype)
+        return cls(
+            model.config.canvas_length, text.vocab_size, text.hidden_size, text.sliding_window, model.dtype,
+            str(model.device),
+        )  # fmt: skip
 
     @classmethod
-    def from_manifest(cls, manifest: dict) -> StepInfo:
+    def from_manifest(cls, manifest: dict, device: str = "cpu") -> StepInfo:
         model = manifest["model"]
         return cls(
             model["canvas_length"], model["vocab_size"], model["hidden_size"], model["sliding_window"],
-            _DTYPES[model["dtype"]],
+            _DTYPES[model["dtype"]], device,
         )  # fmt: skip
 
 
@@ -123,8 +127,8 @@ class TorchStep(LogitsStep):
         return self.soft(processed_logits)
 
 
-class OnnxRuntimeStep(LogitsStep):
-    """The exported graphs in onnxruntime (CPU provider; CUDA when onnxruntime-gpu is installed)."""
+class _OnnxRuntimeBase:
+    """Sessions and the encoder step shared by both onnxruntime step kinds."""
 
     def __init__(
         self, artifacts: Path, specs: list[LayerSpec], info: StepInfo, device: str = "cpu", threads: int = 0
@@ -135,17 +139,8 @@ class OnnxRuntimeStep(LogitsStep):
         self.info = info
         self.encoder = open_session(artifacts / ENCODER_FILE, device, threads=threads)
         self.denoiser = open_session(artifacts / DENOISER_FILE, device, threads=threads)
-        self.soft = open_session(artifacts / SELF_CONDITIONING_FILE, device, threads=threads)
         self.past_names = cache_names(specs, "past_")
         self.new_names = cache_names(specs, "")
-
-    @classmethod
-    def from_artifacts(cls, artifacts: Path, device: str = "cpu", threads: int = 0) -> OnnxRuntimeStep:
-        from dllm_trt.manifest import read_manifest
-
-        manifest = read_manifest(artifacts)
-        specs = [LayerSpec(**spec) for spec in manifest["model"]["layers"]]
-        return cls(artifacts, specs, StepInfo.from_manifest(manifest), device, threads)
 
     def encode(self, input_ids, position_ids, input_mask, cache_mask, past):  # noqa: ANN001, ANN201
         from dllm_trt.runtime.ort_session import run
@@ -155,16 +150,57 @@ class OnnxRuntimeStep(LogitsStep):
         out = run(self.encoder, feeds)
         return [out[name] for name in self.new_names]
 
-    def denoise(self, canvas_ids, self_conditioning, position_ids, cache_mask, past):  # noqa: ANN001, ANN201
-        from dllm_trt.runtime.ort_session import run
-
+    def _denoise_feeds(self, canvas_ids, self_conditioning, position_ids, cache_mask, past) -> dict:  # noqa: ANN001
         feeds = dict(
             canvas_ids=canvas_ids, self_conditioning=self_conditioning, position_ids=position_ids, cache_mask=cache_mask
         )
         feeds.update(zip(self.past_names, past))
+        return feeds
+
+
+class OnnxRuntimeStep(_OnnxRuntimeBase, LogitsStep):
+    """Exported graphs in onnxruntime: the denoiser hands out logits, the sampling head runs in torch."""
+
+    def __init__(
+        self, artifacts: Path, specs: list[LayerSpec], info: StepInfo, device: str = "cpu", threads: int = 0
+    ) -> None:
+        from dllm_trt.runtime.ort_session import open_session
+
+        super().__init__(artifacts, specs, info, device, threads)
+        self.soft = open_session(artifacts / SELF_CONDITIONING_FILE, device, threads=threads)
+
+    @classmethod
+    def from_artifacts(cls, artifacts: Path, device: str = "cpu", threads: int = 0) -> LogitsStep | OnnxRuntimeHeadStep:
+        """The step for an export or optimize directory; optimized denoisers carry the sampling head."""
+        from dllm_trt.manifest import read_manifest
+
+        manifest = read_manifest(artifacts)
+        specs = [LayerSpec(**spec) for spec in manifest["model"]["layers"]]
+        info = StepInfo.from_manifest(manifest)
+        outputs = {o["name"] for o in manifest["graphs"]["denoiser"]["outputs"]}
+        kind = OnnxRuntimeHeadStep if "sampled_ids" in outputs else cls
+        return kind(artifacts, specs, info, device, threads)
+
+    def denoise(self, canvas_ids, self_conditioning, position_ids, cache_mask, past):  # noqa: ANN001, ANN201
+        from dllm_trt.runtime.ort_session import run
+
+        feeds = self._denoise_feeds(canvas_ids, self_conditioning, position_ids, cache_mask, past)
         return run(self.denoiser, feeds)["logits"]
 
     def soft_embedding(self, processed_logits):  # noqa: ANN001, ANN201
         from dllm_trt.runtime.ort_session import run
 
         return run(self.soft, dict(processed_logits=processed_logits))["self_conditioning"]
+
+
+class OnnxRuntimeHeadStep(_OnnxRuntimeBase):
+    """Optimized graphs in onnxruntime: the denoiser samples inside; only [B, C]-sized results come out."""
+
+    def denoise_and_sample(self, canvas_ids, self_conditioning, position_ids, cache_mask, past, temperature, noise):  # noqa: ANN001, ANN201
+        from dllm_trt.runtime.ort_session import run
+
+        feeds = self._denoise_feeds(canvas_ids, self_conditioning, position_ids, cache_mask, past)
+        feeds["temperature"] = torch.as_tensor(temperature, dtype=torch.float32)
+        feeds["sampling_noise"] = noise.view(canvas_ids.shape[0], canvas_ids.shape[1], -1)
+        out = run(self.denoiser, feeds)
+        return DenoiseSample(out["sampled_ids"], out["argmax_ids"], out["entropy"], out["next_self_conditioning"])

@@ -15,8 +15,9 @@ import torch
 
 from dllm_trt.models.diffusion_gemma import layer_specs, soft_embedding
 from dllm_trt.runtime.kv_cache import StaticKVCache
+from dllm_trt.runtime.sampler import sampling_head, sampling_noise
 from dllm_trt.runtime.step import LogitsStep
-from dllm_trt.validate.compare import Comparison, compare, tolerance_for
+from dllm_trt.validate.compare import Comparison, agreement, compare, tolerance_for
 from dllm_trt.validate.reference import new_cache, reference_cache_tensors, reference_denoise, reference_encode
 
 # A context that passes the sliding window costs window + canvas tokens through every expert of
@@ -62,14 +63,19 @@ def _compare_caches(
 
 
 @torch.no_grad()
-def step_parity(model, step: LogitsStep, seed: int = 0, context: int | None = None) -> ParityResult:  # noqa: ANN001
+def step_parity(
+    model, step, seed: int = 0, context: int | None = None, tolerance_dtype: str | None = None  # noqa: ANN001
+) -> ParityResult:
+    """`tolerance_dtype` judges by another dtype's tolerance (a bf16 graph measured through fp32 emulation)."""
     text = model.config.text_config
     window, canvas, vocab = text.sliding_window, model.config.canvas_length, text.vocab_size
     pad = text.pad_token_id if text.pad_token_id is not None else 0
     if context is None:
         context = window + 3 if window + 3 <= MAX_CHEAP_CONTEXT else 32
-    tolerance = tolerance_for(model.dtype)
-    result = ParityResult(seed, str(model.dtype).removeprefix("torch."), context, context >= window)
+    io_dtype = step.info.dtype  # the graphs' float inputs: the checkpoint's dtype, or the optimized precision
+    dtype_name = tolerance_dtype or str(io_dtype).removeprefix("torch.")
+    tolerance = tolerance_for(dtype_name)
+    result = ParityResult(seed, dtype_name, context, context >= window)
     gen = torch.Generator().manual_seed(seed)
     batch = 2
 
@@ -81,7 +87,7 @@ def step_parity(model, step: LogitsStep, seed: int = 0, context: int | None = No
     positions = torch.arange(context)[None, :]
     reference = new_cache(model)
     reference_encode(model, reference, ids, valid, positions)
-    ours = StaticKVCache(layer_specs(model), batch, context + canvas, window, model.dtype)
+    ours = StaticKVCache(layer_specs(model), batch, context + canvas, window, io_dtype)
     ours.append(step.encode(ids, positions.expand(batch, -1).contiguous(), valid, ours.mask(), ours.tensors()), valid)
     _compare_caches("encoder prompt", ours, reference_cache_tensors(reference), result, tolerance)
 
@@ -96,22 +102,37 @@ def step_parity(model, step: LogitsStep, seed: int = 0, context: int | None = No
     _compare_caches("encoder commit", ours, reference_cache_tensors(reference), result, tolerance)
 
     # 3. denoise: the first step (zero self-conditioning) and a later one
-    positions = torch.arange(context + canvas, context + 2 * canvas)[None, :]
-    canvas_ids = torch.randint(0, vocab, (batch, canvas), generator=gen)
-    zeros = torch.zeros(batch, canvas, text.hidden_size, dtype=model.dtype)
-    expected = reference_denoise(model, reference, canvas_ids, None, history, positions)
-    actual = step.denoise(canvas_ids, zeros, positions.expand(batch, -1).contiguous(), ours.mask(), ours.tensors())
-    result.comparisons.append(compare("denoise first step logits", actual, expected, tolerance, argmax=True))
-
-    processed = (expected / 0.6).to(model.dtype)  # temperature-scaled, as the sampler hands it on
-    canvas_ids = torch.randint(0, vocab, (batch, canvas), generator=gen)
-    expected = reference_denoise(model, reference, canvas_ids, processed, history, positions)
-    actual = step.denoise(
-        canvas_ids,
-        soft_embedding(model, processed),
-        positions.expand(batch, -1).contiguous(),
-        ours.mask(),
-        ours.tensors(),
-    )
-    result.comparisons.append(compare("denoise later step logits", actual, expected, tolerance, argmax=True))
+    positions = torch.arange(context + canvas, context + 2 * canvas)[None, :].expand(batch, -1).contiguous()
+    zeros = torch.zeros(batch, canvas, text.hidden_size, dtype=io_dtype)
+    temperature = torch.tensor(0.6)
+    processed = None
+    for label, self_conditioning_logits in (("first step", None), ("later step", "previous")):
+        canvas_ids = torch.randint(0, vocab, (batch, canvas), generator=gen)
+        if self_conditioning_logits is None:
+            sc_input = zeros
+        else:
+            self_conditioning_logits = processed.to(model.dtype)  # as the sampler hands it on
+            sc_input = soft_embedding(model, self_conditioning_logits).to(io_dtype)
+        expected = reference_denoise(model, reference, canvas_ids, self_conditioning_logits, history, positions[:1])
+        processed = expected / temperature
+        args = (canvas_ids, sc_input, positions, ours.mask(), ours.tensors())
+        if isinstance(step, LogitsStep):
+            result.comparisons.append(
+                compare(f"denoise {label} logits", step.denoise(*args), expected, tolerance, argmax=True)
+            )
+            result.comparisons.append(
+                compare(f"denoise {label} self-conditioning", step.soft_embedding(processed.to(io_dtype)),
+                        soft_embedding(model, processed.to(model.dtype)), tolerance)
+            )  # fmt: skip
+            continue
+        noise = sampling_noise(batch, canvas, vocab, gen)
+        head = sampling_head(processed, noise)
+        actual = step.denoise_and_sample(*args, temperature, noise)
+        result.comparisons += [
+            compare(f"denoise {label} entropy", actual.entropy, head.entropy, tolerance),
+            agreement(f"denoise {label} argmax", actual.argmax, head.argmax, tolerance),
+            agreement(f"denoise {label} sampled token", actual.sampled, head.sampled, tolerance),
+            compare(f"denoise {label} self-conditioning", actual.next_self_conditioning,
+                    soft_embedding(model, processed.to(model.dtype)), tolerance),
+        ]  # fmt: skip
     return result

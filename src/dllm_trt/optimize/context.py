@@ -1,0 +1,24 @@
+"""What every optimize pass is told: the target, the precision, which graph, and the model's facts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+TARGETS = ("trt", "ort-cuda", "ort-cpu")
+PRECISIONS = ("fp32", "fp16", "bf16")
+
+
+@dataclass(frozen=True)
+class PassContext:
+    target: str  # one of TARGETS
+    precision: str  # one of PRECISIONS
+    graph: str  # "encoder" | "denoiser" | "self_conditioning"
+    model: dict  # manifest["model"]: num_experts, top_k_experts, hidden_size, layers, vocab_size, ...
+
+    @property
+    def num_experts(self) -> int:
+        return self.model["num_experts"]
+
+    @property
+    def top_k(self) -> int:
+        return self.model["top_k_experts"]

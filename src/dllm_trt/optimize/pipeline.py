@@ -1,0 +1,71 @@
+"""The optimize pipeline: one explicit, ordered list of passes, each counted and proven.
+
+Every pass maps an onnx_ir Model to itself in place and returns how many patterns it rewrote.
+The order matters: norms first (the attention and MoE patterns then see RMSNormalization
+nodes), attention before the MoE (independent, but it keeps counts readable), the sampling head
+after every fusion (it extends the final graph), precision last (it decides dtypes per region of
+the finished graph), and a clean-up after every pass.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import onnx_ir as ir
+from onnx_ir.passes import common as common_passes
+
+from dllm_trt.optimize.context import PassContext
+
+PassFn = Callable[[ir.Model, PassContext], int]
+
+
+@dataclass(frozen=True)
+class Pass:
+    name: str
+    run: PassFn
+    graphs: tuple[str, ...] = ("encoder", "denoiser")
+    precisions: tuple[str, ...] = ("fp32", "fp16", "bf16")
+
+
+def _lazy(module: str, function: str) -> PassFn:
+    """Import a pass when it runs, so that one broken pass module cannot break `--help`."""
+
+    def run(model: ir.Model, ctx: PassContext) -> int:
+        import importlib
+
+        return getattr(importlib.import_module(f"dllm_trt.optimize.{module}"), function)(model, ctx)
+
+    run.__name__ = function
+    return run
+
+
+PIPELINE: list[Pass] = [
+    Pass("fuse_rms_norm", _lazy("rms_norm", "fuse_rms_norm")),
+    Pass("fuse_rotary_embedding", _lazy("rotary", "fuse_rotary_embedding")),
+    Pass("fuse_attention", _lazy("attention", "fuse_attention")),
+    Pass("fuse_moe", _lazy("moe", "fuse_moe")),
+    Pass("add_sampling_head", _lazy("sampling_head", "add_sampling_head"), graphs=("denoiser",)),
+    Pass("convert_precision", _lazy("precision", "convert_precision"), precisions=("fp16", "bf16")),
+]
+
+
+def op_counts(model: ir.Model) -> dict[str, int]:
+    counts = Counter(
+        f"{node.domain}.{node.op_type}" if node.domain not in ("", "ai.onnx") else node.op_type
+        for node in model.graph.all_nodes()
+    )
+    return dict(sorted(counts.items()))
+
+
+def clean_up(model: ir.Model) -> None:
+    """Drop what a rewrite left unused; keeps initializers the graph still reads."""
+    common_passes.RemoveUnusedNodesPass()(model)
+    common_passes.RemoveUnusedFunctionsPass()(model)
+    common_passes.RemoveUnusedOpsetsPass()(model)
+
+
+def diff_counts(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
+    keys = sorted(set(before) | set(after))
+    return {k: after.get(k, 0) - before.get(k, 0) for k in keys if after.get(k, 0) != before.get(k, 0)}

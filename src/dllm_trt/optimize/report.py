@@ -1,0 +1,53 @@
+"""fusion_report.json and fusion_report.md: per pass, what matched, what changed, and parity after it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def write_fusion_report(directory: Path, manifest: dict, entries: list[dict]) -> None:
+    report = dict(target=manifest["target"], precision=manifest["precision"], passes=entries)
+    (directory / "fusion_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (directory / "fusion_report.md").write_text(markdown(manifest, entries))
+
+
+def markdown(manifest: dict, entries: list[dict]) -> str:
+    lines = [
+        f"# dllm-trt optimize: target {manifest['target']}, precision {manifest['precision']}",
+        "",
+        "| pass | graph | matched | ops removed | ops added | parity after the pass |",
+        "|---|---|---|---|---|---|",
+    ]
+    for entry in entries:
+        parity = _parity_cell(entry.get("parity"))
+        for graph, result in entry["graphs"].items():
+            removed = ", ".join(f"{op} {n}" for op, n in result["changed"].items() if n < 0) or "-"
+            added = ", ".join(f"{op} +{n}" for op, n in result["changed"].items() if n > 0) or "-"
+            lines.append(f"| {entry['name']} | {graph} | {result['matched']} | {removed} | {added} | {parity} |")
+    lines += ["", "Final op counts:", ""]
+    for graph in ("encoder", "denoiser"):
+        for entry in reversed(entries):
+            if graph in entry["graphs"]:
+                counts = entry["graphs"][graph]["ops_after"]
+                lines.append(f"- {graph}: " + ", ".join(f"{op} {n}" for op, n in counts.items()))
+                break
+    lines.append("")
+    return "\n".join(lines)
+
+
+def _parity_cell(parity: dict | None) -> str:
+    if parity is None:
+        return "not measured (--parity final/none)"
+    if not parity["measured"]:
+        return f"not measurable on CPU: {parity['reason']}"
+    comparisons = parity["result"]["comparisons"]
+    worst = max(comparisons, key=lambda c: c["max_rel"])
+    if parity["passed"]:
+        verdict = "ok" if parity["judged"] else "within the informative bound"
+    else:
+        verdict = ("**FAILED** " if parity["judged"] else "drift beyond the informative bound: ") + ", ".join(
+            parity["failed"]
+        )
+    emulated = " (bf16 emulated in fp32 on CPU)" if parity.get("emulated_bf16") else ""
+    return f"{verdict} (worst {worst['name']}: max rel {worst['max_rel']:.2e}){emulated}"

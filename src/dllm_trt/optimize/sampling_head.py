@@ -1,0 +1,107 @@
+"""add_sampling_head: the logits never leave the denoise graph.
+
+Matches: the denoiser's `logits` output [B, C, V] (softcapped fp32) and the token-embedding
+Gather fed by `canvas_ids` (its data is the tied embedding E [V, H], followed by a Mul by the
+embedding scale sqrt(H)).
+
+Emits, inside the graph, everything the sampler needs from one denoise step, computed as
+runtime.sampler.sampling_head and the reference do:
+    processed = logits / temperature                         (temperature: new input, [] fp32)
+    probs     = Softmax(processed)
+    sampled_ids = ArgMax(probs / sampling_noise)              (sampling_noise: new input [B, C, V],
+                                                               the Exp(1) noise torch.multinomial draws)
+    argmax_ids  = ArgMax(processed)
+    entropy     = -ReduceSum(Max(LogSoftmax(processed), fmin) * probs)   (Categorical(logits).entropy)
+    next_self_conditioning = (probs of processed in the embedding dtype) @ E * sqrt(H)
+and replaces the `logits` output by sampled_ids, argmax_ids [B, C] int64, entropy [B, C] fp32 and
+next_self_conditioning [B, C, H]. Outputs 93x smaller than the logits (at the released sizes)
+leave the device. Letters: B batch, C canvas, V vocab, H hidden.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from dllm_trt.optimize.context import PassContext
+
+NEW_INPUTS = ("temperature", "sampling_noise")
+NEW_OUTPUTS = ("sampled_ids", "argmax_ids", "entropy", "next_self_conditioning")
+
+
+def _embedding(graph: ir.Graph) -> tuple[ir.Value, ir.Value]:
+    """The embedding matrix E and the embedding scale, found from the Gather of canvas_ids."""
+    canvas = next(v for v in graph.inputs if v.name == "canvas_ids")
+    gather = next(use.node for use in canvas.uses() if use.node.op_type == "Gather")
+    embed = gather.inputs[0]
+    scale_mul = next(use.node for use in gather.outputs[0].uses() if use.node.op_type == "Mul")
+    scale = next(v for v in scale_mul.inputs if v is not gather.outputs[0])
+    return embed, scale
+
+
+def _const(graph: ir.Graph, name: str, value: np.ndarray) -> ir.Value:
+    tensor = ir.tensor(value, name=name)
+    out = ir.Value(name=name, shape=ir.Shape(value.shape), type=ir.TensorType(tensor.dtype), const_value=tensor)
+    graph.register_initializer(out)
+    return out
+
+
+def add_sampling_head(model: ir.Model, ctx: PassContext) -> int:
+    graph = model.graph
+    logits = next((v for v in graph.outputs if v.name == "logits"), None)
+    if logits is None:
+        return 0  # not a denoiser in logits form (already has a head, or another graph)
+    embed, embed_scale = _embedding(graph)
+    batch, canvas, vocab = logits.shape.dims
+    hidden = embed.shape.dims[1]
+
+    temperature = ir.Value(name="temperature", shape=ir.Shape([]), type=ir.TensorType(ir.DataType.FLOAT))
+    noise = ir.Value(
+        name="sampling_noise", shape=ir.Shape([batch, canvas, vocab]), type=ir.TensorType(ir.DataType.FLOAT)
+    )
+    graph.inputs.extend([temperature, noise])
+    fmin = _const(graph, "sampling_head.float32_min", np.array(np.finfo(np.float32).min, dtype=np.float32))
+    axes = _const(graph, "sampling_head.last_axis", np.array([-1], dtype=np.int64))
+
+    tape = ir.tape.Tape(graph)
+    processed = tape.op("Div", [logits, temperature])  # [B, C, V]
+    probs = tape.op("Softmax", [processed], attributes={"axis": -1})
+    sampled = tape.op("ArgMax", [tape.op("Div", [probs, noise])], attributes={"axis": -1, "keepdims": 0})
+    argmax = tape.op("ArgMax", [processed], attributes={"axis": -1, "keepdims": 0})
+    log_probs = tape.op("Max", [tape.op("LogSoftmax", [processed], attributes={"axis": -1}), fmin])
+    entropy = tape.op("Neg", [tape.op("ReduceSum", [tape.op("Mul", [log_probs, probs]), axes],
+                                      attributes={"keepdims": 0})])  # fmt: skip
+    # The reference hands the processed logits on in the embedding dtype, then softmaxes in fp32.
+    embed_dtype = embed.dtype
+    sc_probs = probs
+    if embed_dtype != ir.DataType.FLOAT:
+        sc_logits = tape.op("Cast", [tape.op("Cast", [processed], attributes={"to": embed_dtype})],
+                            attributes={"to": ir.DataType.FLOAT})  # fmt: skip
+        sc_probs = tape.op("Cast", [tape.op("Softmax", [sc_logits], attributes={"axis": -1})],
+                           attributes={"to": embed_dtype})  # fmt: skip
+    scale = embed_scale
+    if embed_scale.dtype != embed_dtype:
+        scale = tape.op("Cast", [embed_scale], attributes={"to": embed_dtype})
+    soft = tape.op("Mul", [tape.op("MatMul", [sc_probs, embed]), scale])  # [B, C, H]
+
+    for node in tape.nodes:
+        graph.append(node)
+        for out in node.outputs:  # later passes (precision) read every value's dtype
+            if node.op_type == "ArgMax":
+                out.type = ir.TensorType(ir.DataType.INT64)
+            elif node.op_type == "Cast":
+                out.type = ir.TensorType(ir.DataType(node.attributes["to"].value))
+            else:
+                out.type = ir.TensorType(next(v.dtype for v in node.inputs if v is not None and v.dtype is not None))
+    for value, name, dtype, shape in (
+        (sampled, "sampled_ids", ir.DataType.INT64, [batch, canvas]),
+        (argmax, "argmax_ids", ir.DataType.INT64, [batch, canvas]),
+        (entropy, "entropy", ir.DataType.FLOAT, [batch, canvas]),
+        (soft, "next_self_conditioning", embed_dtype, [batch, canvas, hidden]),
+    ):
+        value.name = name
+        value.type = ir.TensorType(dtype)
+        value.shape = ir.Shape(shape)
+    graph.outputs.remove(logits)
+    graph.outputs.extend([sampled, argmax, entropy, soft])
+    return 1

@@ -24,8 +24,8 @@ def open_step(artifacts: Path, backend: str, device: str = "cpu", checkpoint: Pa
             reason = unsupported_on_cpu(artifacts)
             if reason:
                 raise DllmError(
-                    f"{artifacts} was optimized for {manifest['target']} and onnxruntime on CPU cannot run it ({reason}); "
-                    "use --backend tensorrt / --device cuda, or optimize with --target ort-cpu"
+                    f"{artifacts} was optimized for {manifest['target']} and onnxruntime on CPU cannot run it "
+                    f"({reason}); use --backend tensorrt / --device cuda, or optimize with --target ort-cpu"
                 )
         return OnnxRuntimeStep.from_artifacts(artifacts, device)
     if backend == "torch":

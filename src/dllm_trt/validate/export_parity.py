@@ -64,7 +64,11 @@ def _compare_caches(
 
 @torch.no_grad()
 def step_parity(
-    model, step, seed: int = 0, context: int | None = None, tolerance_dtype: str | None = None  # noqa: ANN001
+    model,
+    step,
+    seed: int = 0,
+    context: int | None = None,
+    tolerance_dtype: str | None = None,  # noqa: ANN001
 ) -> ParityResult:
     """`tolerance_dtype` judges by another dtype's tolerance (a bf16 graph measured through fp32 emulation)."""
     text = model.config.text_config

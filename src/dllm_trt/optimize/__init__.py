@@ -17,6 +17,7 @@ from dllm_trt.export import CARRIED_FILES
 from dllm_trt.export.onnx_export import DENOISER_FILE, ENCODER_FILE, check_external_data
 from dllm_trt.manifest import atomic_output, describe_graph, file_sha256, read_manifest, tool_versions, write_manifest
 from dllm_trt.optimize.context import PRECISIONS, TARGETS, PassContext
+from dllm_trt.optimize.cpu_execution import carry_self_conditioning
 from dllm_trt.optimize.pipeline import PIPELINE, Pass, clean_up, diff_counts, op_counts
 from dllm_trt.optimize.report import write_fusion_report
 from dllm_trt.progress import Progress
@@ -63,13 +64,16 @@ def _measure(reference, directory: Path, seed: int, dtype: str) -> dict:  # noqa
     from dllm_trt.validate.export_parity import step_parity
 
     emulated = holds_bfloat16(directory)
+    from dllm_trt.optimize.cpu_execution import needs_standins
+
+    standins = needs_standins(directory)
     result = step_parity(reference, open_cpu_step(directory), seed=seed, tolerance_dtype=dtype)
     failed = [c.name for c in result.comparisons if not c.passed]
     # fp32 graphs must match; reduced precision is measured and reported against an informative
     # bound (a router top-k flip under rounding is a legitimate precision effect, not a bug).
     judged = dtype == "float32"
-    return dict(measured=True, judged=judged, emulated_bf16=emulated, passed=result.passed, failed=failed,
-                result=result.to_dict())  # fmt: skip
+    return dict(measured=True, judged=judged, emulated_bf16=emulated, standins=standins, passed=result.passed,
+                failed=failed, result=result.to_dict())  # fmt: skip
 
 
 def optimize_artifacts(
@@ -132,6 +136,7 @@ def optimize_artifacts(
                     dtype = PRECISION_DTYPES[precision]
                 if reference is not None and (parity == "each" or index == len(active) - 1):
                     scratch.mkdir(exist_ok=True)
+                    carry_self_conditioning(source, scratch)
                     described = save_graphs(graphs, scratch)
                     write_manifest(scratch, _stage_manifest(manifest, target, precision, described, source_hash, dtype))
                     entry["parity"] = _measure(reference, scratch, seed, dtype)
@@ -140,6 +145,8 @@ def optimize_artifacts(
         shutil.rmtree(scratch, ignore_errors=True)
         with progress.stage("writing graphs, manifest.json, fusion_report") as notes:
             described = save_graphs(graphs, tmp)
+            if "logits" in {o["name"] for o in described["denoiser"]["outputs"]}:
+                carry_self_conditioning(source, tmp)  # no sampling head: the runtime needs it
             for name in CARRIED_FILES:
                 if (source / name).is_file():
                     shutil.copy2(source / name, tmp / name)

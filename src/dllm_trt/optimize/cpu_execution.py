@@ -1,9 +1,12 @@
-"""Running optimized graphs on this CPU, where onnxruntime can, to measure their parity.
+"""Running optimized graphs on this CPU, to measure their parity, where onnxruntime has no kernel.
 
-onnxruntime has no CPU kernels for bfloat16 math. A bf16 graph is therefore measured through an
-emulation: every bf16 tensor becomes fp32 holding bf16-rounded values (a Cast to bf16 and back
-after every node that produced bf16, and on the graph inputs), so storage rounds as in bf16 while
-arithmetic runs in fp32, as TensorRT's bf16 kernels accumulate. This measures the precision
+Fused MoE nodes without a CPU kernel (TensorRT's DllmMoE, com.microsoft.MoE with geglu) run
+through Python stand-ins of their specified semantics (optimize/cpu_standins.py: this proves the
+graph around them, not their kernels). onnxruntime has no CPU kernels for bfloat16 math: a bf16
+graph is therefore measured through an emulation: every bf16 tensor becomes fp32 holding
+bf16-rounded values (a Cast to bf16 and back after every node that produced bf16, and on the
+graph inputs), so storage rounds as in bf16 while arithmetic runs in fp32, as TensorRT's bf16
+kernels accumulate. This measures the precision
 policy the graph encodes, not any particular kernel.
 """
 
@@ -18,25 +21,26 @@ import onnx_ir as ir
 
 from dllm_trt.manifest import read_manifest, write_manifest
 
-# Ops with no onnxruntime CPU kernel, and why.
-NO_CPU_KERNEL = {
-    ("dllm_trt", "DllmMoE"): "DllmMoE is a TensorRT plugin op",
-    ("com.microsoft", "MoE"): "com.microsoft.MoE with geglu has only a CUDA kernel",
-}
-EMULATED = "bf16-emulated"
+# Ops with no onnxruntime CPU kernel; they run through stand-ins.
+NO_CPU_KERNEL = {("dllm_trt", "DllmMoE"), ("com.microsoft", "MoE")}
+CPU_VARIANT = "cpu-variant"
 
 
 def _graphs(directory: Path) -> list[onnx.GraphProto]:
     return [onnx.load(str(directory / f), load_external_data=False).graph for f in ("encoder.onnx", "denoiser.onnx")]
 
 
+def needs_standins(directory: Path) -> bool:
+    return any((node.domain, node.op_type) in NO_CPU_KERNEL for g in _graphs(directory) for node in g.node)
+
+
 def unsupported_on_cpu(directory: Path) -> str | None:
-    """Why onnxruntime on CPU cannot run these graphs, or None when it can (bf16 is emulated)."""
-    for graph in _graphs(directory):
-        for node in graph.node:
-            reason = NO_CPU_KERNEL.get((node.domain, node.op_type))
-            if reason:
-                return reason
+    """Why onnxruntime on CPU cannot run these graphs even with stand-ins, or None when it can."""
+    if needs_standins(directory):
+        try:
+            import onnxruntime_extensions  # noqa: F401
+        except ImportError:
+            return "fused MoE nodes need onnxruntime-extensions for their CPU stand-ins (pip install it)"
     return None
 
 
@@ -89,21 +93,43 @@ def emulate_bfloat16(model: ir.Model) -> None:
                 round_trip(out, node)
 
 
-def open_cpu_step(directory: Path):  # noqa: ANN201
-    """An onnxruntime CPU step over these graphs; bf16 graphs through the emulation."""
+def carry_self_conditioning(source: Path, directory: Path) -> None:
+    """Graphs still in logits form need the export's self_conditioning graph beside them."""
+    from dllm_trt.export.onnx_export import SELF_CONDITIONING_FILE
+
+    for file in source.glob(f"{SELF_CONDITIONING_FILE}*"):
+        shutil.copy2(file, directory / file.name)
+
+
+def cpu_variant(directory: Path) -> Path:
+    """`directory` itself when onnxruntime on CPU runs it as is, else a sibling copy that it runs:
+    fused MoE nodes retargeted to their stand-ins, bf16 emulated in fp32."""
     from dllm_trt.optimize import GRAPH_FILES, save_graphs
+    from dllm_trt.optimize.cpu_standins import with_cpu_standins
+
+    standins, bf16 = needs_standins(directory), holds_bfloat16(directory)
+    if not (standins or bf16):
+        return directory
+    variant = directory / CPU_VARIANT
+    shutil.rmtree(variant, ignore_errors=True)
+    variant.mkdir()
+    graphs = {name: ir.load(str(directory / file)) for name, file in GRAPH_FILES.items()}
+    for name, model in graphs.items():
+        if bf16:
+            emulate_bfloat16(model)
+        if standins:
+            graphs[name] = with_cpu_standins(model)
+    carry_self_conditioning(directory, variant)
+    manifest = read_manifest(directory)
+    manifest["graphs"] = save_graphs(graphs, variant)
+    if bf16:
+        manifest["model"] = dict(manifest["model"], dtype="float32")
+    write_manifest(variant, manifest)
+    return variant
+
+
+def open_cpu_step(directory: Path):  # noqa: ANN201
+    """An onnxruntime CPU step over these graphs (see cpu_variant)."""
     from dllm_trt.runtime.step import OnnxRuntimeStep
 
-    if not holds_bfloat16(directory):
-        return OnnxRuntimeStep.from_artifacts(directory)
-    emulated = directory / EMULATED
-    shutil.rmtree(emulated, ignore_errors=True)
-    emulated.mkdir()
-    graphs = {name: ir.load(str(directory / file)) for name, file in GRAPH_FILES.items()}
-    for model in graphs.values():
-        emulate_bfloat16(model)
-    manifest = read_manifest(directory)
-    manifest["graphs"] = save_graphs(graphs, emulated)
-    manifest["model"] = dict(manifest["model"], dtype="float32")
-    write_manifest(emulated, manifest)
-    return OnnxRuntimeStep.from_artifacts(emulated)
+    return OnnxRuntimeStep.from_artifacts(cpu_variant(directory))

@@ -50,4 +50,5 @@ def _parity_cell(parity: dict | None) -> str:
             parity["failed"]
         )
     emulated = " (bf16 emulated in fp32 on CPU)" if parity.get("emulated_bf16") else ""
-    return f"{verdict} (worst {worst['name']}: max rel {worst['max_rel']:.2e}){emulated}"
+    standins = " (fused MoE through its CPU stand-in)" if parity.get("standins") else ""
+    return f"{verdict} (worst {worst['name']}: max rel {worst['max_rel']:.2e}){emulated}{standins}"

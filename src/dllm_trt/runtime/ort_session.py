@@ -30,7 +30,21 @@ def open_session(
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if not graph_optimization:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    if _uses_standins(path):
+        from dllm_trt.optimize.cpu_standins import standin_session_options
+
+        standin_session_options(options)
     return ort.InferenceSession(str(path), options, providers=providers(device))
+
+
+def _uses_standins(path: Path) -> bool:
+    """Graphs made runnable on CPU by optimize.cpu_execution carry Python stand-in ops."""
+    import onnx
+
+    from dllm_trt.optimize.cpu_standins import STANDIN_DOMAIN
+
+    model = onnx.load(str(path), load_external_data=False)
+    return any(opset.domain == STANDIN_DOMAIN for opset in model.opset_import)
 
 
 def run(session: ort.InferenceSession, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -140,9 +140,10 @@ class _Converter:
 
     def visit(self, node: ir.Node) -> None:
         op = node.op_type
-        if node.domain == "dllm_trt" and op == "DllmMoE":
-            for index, dtype in enumerate([self.low, ir.DataType.FLOAT, ir.DataType.FLOAT, self.low, self.low]):
-                self.set_input(node, index, dtype)
+        if node.domain == "dllm_trt" and op in ("DllmMoE", "RoutedMoE"):
+            # (hidden, router_logits, per_expert_scale, expert weights...): routing in fp32 as the reference
+            for index in range(len(node.inputs)):
+                self.set_input(node, index, ir.DataType.FLOAT if index in (1, 2) else self.low)
             self.set_outputs(node, self.low, Tag.LOW, force=True)  # no ONNX type inference for plugin ops
             return
         if op in LOW_ANCHORS or (node.domain == "com.microsoft" and op == "MoE"):

@@ -31,7 +31,12 @@ def open_step(artifacts: Path, backend: str, device: str = "cpu", checkpoint: Pa
     if backend == "torch":
         return open_torch_step(checkpoint or Path(manifest["checkpoint"]["path"]), device)
     if backend == "tensorrt":
-        raise DllmError("the tensorrt backend needs engines from 'dllm-trt build', which is not available yet")
+        from dllm_trt.runtime.tensorrt_step import TensorRTStep
+
+        if manifest.get("stage") != "build":
+            raise DllmError(f"{artifacts} holds '{manifest.get('stage')}' output; the tensorrt backend runs the "
+                            "engines of 'dllm-trt build'")  # fmt: skip
+        return TensorRTStep.from_artifacts(artifacts, device)  # always on CUDA, whatever --device says
     raise DllmError(f"unknown backend '{backend}'; choose one of: {', '.join(BACKENDS)}")
 
 

@@ -27,7 +27,7 @@ def _export(args: argparse.Namespace) -> int:
     from dllm_trt.export import export_checkpoint
 
     manifest = export_checkpoint(
-        args.checkpoint, args.output, parity=not args.no_parity, seed=args.seed, force=args.force
+        args.checkpoint, args.output, parity=not args.no_parity, seed=args.seed, force=args.force, dtype=args.dtype
     )
     print(f"wrote {args.output}/encoder.onnx, denoiser.onnx and manifest.json")
     if "parity_failed" in manifest:
@@ -37,6 +37,14 @@ def _export(args: argparse.Namespace) -> int:
         )
         return 1
     return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from dllm_trt.export.inspect import inspect_artifacts, print_inspection
+
+    result = inspect_artifacts(args.artifacts)
+    print_inspection(result)
+    return 0 if result.ok else 1
 
 
 def _parse_ids(text: str) -> list[int]:
@@ -88,6 +96,33 @@ def _optimize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _build(args: argparse.Namespace) -> int:
+    from dllm_trt.build.stage import BuildOptions, build_engines, format_plan, plan_build
+
+    given = dict(
+        precision=args.precision, profiles=tuple(args.profile or ()), timing_cache=args.timing_cache,
+        opt_level=args.opt_level, moe=args.moe, ptx_version=args.ptx_version, force=args.force,
+    )  # fmt: skip
+    # an option not given is left to BuildOptions, the one place defaults live
+    options = BuildOptions(gpu=args.gpu, **{k: v for k, v in given.items() if v is not None})
+    if args.dry_run:
+        print(format_plan(plan_build(args.optimized, options)))
+        return 0
+    info = build_engines(args.optimized, args.output, options)
+    engines = ", ".join(e["file"] for e in info["engines"].values())
+    print(f"wrote {args.output}/{engines}, build_info.json and manifest.json (TensorRT {info['tensorrt_version']})")
+    return 0
+
+
+def _lint_trt(args: argparse.Namespace) -> int:
+    from dllm_trt.build.lint import lint_artifacts
+
+    given = dict(gpu=args.gpu, profile_overrides=args.profile)
+    report = lint_artifacts(args.optimized, args.trt_version, **{k: v for k, v in given.items() if v is not None})
+    print(report.table())
+    return 0 if report.passed else 1
+
+
 def _demo(args: argparse.Namespace) -> int:
     from dllm_trt.demo import run_demo
 
@@ -122,7 +157,14 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--no-parity", action="store_true", help="skip the parity measurement")
     export.add_argument("--seed", type=int, default=0, help="seed of the parity check's random inputs")
     export.add_argument("--force", action="store_true", help="replace a non-empty output directory")
+    export.add_argument(
+        "--dtype", default=None, help="float32 | float16 | bfloat16 (default: the checkpoint's); float32 for CPU parity"
+    )
     export.set_defaults(run=_export)
+
+    inspect = verbs.add_parser("inspect", help="verify an artifact directory's checksums and summarize its graphs")
+    inspect.add_argument("artifacts", type=Path, help="directory written by export (or optimize)")
+    inspect.set_defaults(run=_inspect)
 
     opt = verbs.add_parser("optimize", help="fuse the exported graphs for a target; every pass proven")
     opt.add_argument("artifacts", type=Path, help="directory written by export")
@@ -157,6 +199,28 @@ def build_parser() -> argparse.ArgumentParser:
     val.add_argument("--prompt-ids", action="append", metavar="IDS", help="comma-separated ids; repeat for a batch")
     val.add_argument("--max-new-tokens", type=int, default=None, help="default: enough to pass the sliding window")
     val.set_defaults(run=_validate)
+
+    build = verbs.add_parser("build", help="build TensorRT engines from 'optimize --target trt' output")
+    build.add_argument("optimized", type=Path, help="directory written by 'dllm-trt optimize --target trt'")
+    build.add_argument("-o", "--output", type=Path, required=True, help="output directory for the engines")
+    build.add_argument("--gpu", required=True, help="h100 | h200 | dgx-spark | b200 | gb300 (must be this machine's)")
+    build.add_argument("--precision", default=None, help="bf16 | fp8 | nvfp4 (default: the GPU preset's)")
+    build.add_argument("--profile", action="append", metavar="DIM=MIN:OPT:MAX",
+                       help="override one profile dimension (batch, new_tokens, cache_full, cache_sliding); repeat")
+    build.add_argument("--timing-cache", type=Path, default=None, help="default: ~/.cache/dllm-trt/timing-caches/")
+    build.add_argument("--opt-level", type=int, default=None, help="builder optimization level 0..5 (default 3)")
+    build.add_argument("--moe", default=None, help="chain (4 single-kernel plugins, default) | single")
+    build.add_argument("--ptx-version", type=int, default=None, help="cap the plugins' PTX ISA (e.g. 88)")
+    build.add_argument("--dry-run", action="store_true", help="check and print the plan; needs no TensorRT or GPU")
+    build.add_argument("--force", action="store_true", help="replace a non-empty output directory")
+    build.set_defaults(run=_build)
+
+    lint = verbs.add_parser("lint-trt", help="check optimized graphs against TensorRT's ONNX parser, without TensorRT")
+    lint.add_argument("optimized", type=Path, help="directory written by 'dllm-trt optimize --target trt'")
+    lint.add_argument("--trt-version", default=None, help="10.14 | 10.15 | 11.x (default 11.x)")
+    lint.add_argument("--gpu", default=None, help="GPU preset whose default profiles are checked (default h100)")
+    lint.add_argument("--profile", action="append", metavar="DIM=MIN:OPT:MAX", help="profile override, as for build")
+    lint.set_defaults(run=_lint_trt)
     return parser
 
 

@@ -2,10 +2,11 @@ import json
 import shutil
 
 import pytest
+import torch
 from safetensors.torch import load_file, save_file
 
 from dllm_trt.errors import DllmError
-from dllm_trt.models.checkpoint import load_model, read_config, safetensors_files
+from dllm_trt.models.checkpoint import load_model, read_config, read_rows, safetensors_files, tensor_index
 
 
 def copy_ckpt(src, dst):
@@ -57,3 +58,21 @@ def test_missing_tensor(tiny_ckpt, tmp_path):
     save_file(tensors, ck / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(DllmError, match=r"lacks \d+ tensor.*layers\.1\.router\.proj\.weight"):
         load_model(ck)
+
+
+def test_tensor_index_and_row_reads_over_shards(tiny_ckpt, tmp_path):
+    model = load_model(tiny_ckpt)
+    model.save_pretrained(tmp_path / "ck", max_shard_size="100KB")
+    files = safetensors_files(tmp_path / "ck")
+    assert len(files) > 1
+    index = tensor_index(files)
+    tensors = {}
+    for path in files:
+        tensors.update(load_file(path))
+    assert index.keys() == tensors.keys()
+    for name, tensor in tensors.items():
+        entry = index[name]
+        assert (entry.dtype, entry.shape) == (tensor.dtype, tuple(tensor.shape))
+        assert torch.equal(read_rows(entry), tensor)
+        if tensor.dim() and tensor.shape[0] > 2:
+            assert torch.equal(read_rows(entry, 1, 3), tensor[1:3])

@@ -1,6 +1,7 @@
 import json
 
 import pytest
+import torch
 
 from dllm_trt.models.presets import PRESETS, build_config, make_checkpoint
 
@@ -39,3 +40,31 @@ def test_make_checkpoint_writes_hf_layout_with_non_trivial_scales(tmp_path):
     assert not bool((layer.router.per_expert_scale == 1).all())
     assert float(layer.layer_scalar) != 1.0
     assert float(model.model.encoder.language_model.layers[0].layer_scalar) == float(layer.layer_scalar)
+
+
+def test_full_width_is_bfloat16_and_written_streamed(monkeypatch, tmp_path):
+    import dllm_trt.models.presets as presets
+
+    assert PRESETS["full-width"]["dtype"] == "bfloat16"
+    calls = []
+    monkeypatch.setattr(presets, "write_streamed_checkpoint", lambda *a, **k: calls.append((a, k)))
+    presets.make_checkpoint(tmp_path / "ck", "full-width", seed=1, num_layers=3)
+    assert calls and calls[0][1]["dtype"] == torch.bfloat16
+
+
+def test_streamed_checkpoint_is_a_sharded_hf_checkpoint_transformers_loads(tmp_path):
+    from dllm_trt.models.checkpoint import load_model
+    from dllm_trt.models.presets import write_streamed_checkpoint
+
+    meta = write_streamed_checkpoint(tmp_path / "ck", "tiny", seed=2, dtype=torch.bfloat16, max_shard_bytes=50_000)
+    assert len(list((tmp_path / "ck").glob("model-0000*-of-*.safetensors"))) > 3
+    index = json.loads((tmp_path / "ck" / "model.safetensors.index.json").read_text())
+    assert index["metadata"]["total_size"] > 0
+    model = load_model(tmp_path / "ck")  # fails on any missing or mis-shaped tensor
+    assert model.dtype == torch.bfloat16
+    assert sum(p.numel() for p in meta.parameters()) == sum(p.numel() for p in model.parameters())
+    layer = model.model.decoder.layers[1]
+    assert not bool((layer.router.per_expert_scale == 1).all())
+    assert float(model.model.encoder.language_model.layers[1].layer_scalar) == float(layer.layer_scalar) != 1.0
+    assert float(model.model.decoder.embed_tokens.weight[0].detach().abs().sum()) == 0  # the padding row
+    assert 0.2 < float(layer.experts.gate_up_proj.detach().float().std() * 32**0.5) < 0.8  # std 0.5/sqrt(fan_in)

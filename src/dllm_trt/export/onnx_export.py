@@ -1,7 +1,9 @@
 """torch -> ONNX for the encoder step and the denoise step (torch.onnx, dynamo), weights as external data.
 
 Batch, new-token count and both cache lengths are dynamic; the canvas length comes from the
-config and is static, as every engine built later wants it.
+config and is static, as every engine built later wants it. `export_encoder` and friends are the
+in-memory path (a loaded model in, a saved graph out); the streaming path (`streaming.py`) traces
+the same `TraceSpec`s over a model without weights.
 """
 
 from __future__ import annotations
@@ -71,28 +73,38 @@ def _cache_dims(specs: list[LayerSpec], batch: Dim, full: Dim, sliding: Dim) -> 
     return tuple({0: batch, 2: sliding if spec.sliding else full} for spec in specs for _ in ("key", "value"))
 
 
-def _export(module: torch.nn.Module, args: tuple, dynamic_shapes: tuple, io_names: GraphIO, path: Path) -> None:
+@dataclass
+class TraceSpec:
+    """What torch.onnx.export needs for one graph: the module, example inputs, dynamic axes, names."""
+
+    module: torch.nn.Module
+    args: tuple
+    dynamic_shapes: tuple
+    io_names: GraphIO
+
+
+def trace(spec: TraceSpec, optimize: bool):  # noqa: ANN201 (torch.onnx.ONNXProgram)
+    """torch.onnx.export (dynamo); `optimize=False` leaves the optimizer for the caller to run."""
     # torch.onnx narrates every stage on stdout and warns about internals; the CLI prints its own progress.
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
         logging.getLogger("torch.onnx").setLevel(logging.ERROR)
         with torch.no_grad():
-            program = torch.onnx.export(
-                module,
-                args,
-                dynamic_shapes=dynamic_shapes,
-                input_names=io_names.inputs,
-                output_names=io_names.outputs,
+            return torch.onnx.export(
+                spec.module,
+                spec.args,
+                dynamic_shapes=spec.dynamic_shapes,
+                input_names=spec.io_names.inputs,
+                output_names=spec.io_names.outputs,
                 opset_version=OPSET,
                 dynamo=True,
                 external_data=True,
                 verbose=False,
-                optimize=True,
+                optimize=optimize,
             )
-        program.save(str(path), external_data=True)
 
 
-def export_encoder(model, path: Path) -> GraphIO:  # noqa: ANN001
+def encoder_spec(model) -> TraceSpec:  # noqa: ANN001
     specs = layer_specs(model)
     dtype = model.dtype
     b, t, c = _EXAMPLE["batch"], _EXAMPLE["new_tokens"], _EXAMPLE["cache_full"]
@@ -108,12 +120,10 @@ def export_encoder(model, path: Path) -> GraphIO:  # noqa: ANN001
     full, sliding = Dim("cache_full"), Dim("cache_sliding")
     per_token = {0: batch, 1: tokens}
     shapes = (per_token, per_token, per_token, {0: batch, 1: full}, _cache_dims(specs, batch, full, sliding))
-    io_names = encoder_io(specs)
-    _export(EncoderStep(model), args, shapes, io_names, path)
-    return io_names
+    return TraceSpec(EncoderStep(model), args, shapes, encoder_io(specs))
 
 
-def export_denoiser(model, path: Path) -> GraphIO:  # noqa: ANN001
+def denoiser_spec(model) -> TraceSpec:  # noqa: ANN001
     specs = layer_specs(model)
     dtype = model.dtype
     b, c = _EXAMPLE["batch"], _EXAMPLE["cache_full"]
@@ -128,18 +138,33 @@ def export_denoiser(model, path: Path) -> GraphIO:  # noqa: ANN001
     )
     batch, full, sliding = Dim("batch"), Dim("cache_full"), Dim("cache_sliding")
     shapes = ({0: batch}, {0: batch}, {0: batch}, {0: batch, 1: full}, _cache_dims(specs, batch, full, sliding))
-    io_names = denoiser_io(specs)
-    _export(DenoiseStep(model), args, shapes, io_names, path)
-    return io_names
+    return TraceSpec(DenoiseStep(model), args, shapes, denoiser_io(specs))
 
 
-def export_self_conditioning(model, path: Path) -> GraphIO:  # noqa: ANN001
+def self_conditioning_spec(model) -> TraceSpec:  # noqa: ANN001
     """processed logits -> the next step's self-conditioning input, for backends that hand out logits."""
     text = model.config.text_config
     args = (torch.randn(_EXAMPLE["batch"], model.config.canvas_length, text.vocab_size).to(model.dtype),)
     io_names = GraphIO(inputs=["processed_logits"], outputs=["self_conditioning"])
-    _export(SoftEmbedding(model), args, ({0: Dim("batch")},), io_names, path)
-    return io_names
+    return TraceSpec(SoftEmbedding(model), args, ({0: Dim("batch")},), io_names)
+
+
+def _export_spec(spec: TraceSpec, path: Path) -> GraphIO:
+    """The in-memory path: trace the loaded model, let torch.onnx optimize and save it with its weights."""
+    trace(spec, optimize=True).save(str(path), external_data=True)
+    return spec.io_names
+
+
+def export_encoder(model, path: Path) -> GraphIO:  # noqa: ANN001
+    return _export_spec(encoder_spec(model), path)
+
+
+def export_denoiser(model, path: Path) -> GraphIO:  # noqa: ANN001
+    return _export_spec(denoiser_spec(model), path)
+
+
+def export_self_conditioning(model, path: Path) -> GraphIO:  # noqa: ANN001
+    return _export_spec(self_conditioning_spec(model), path)
 
 
 def check_experts(path: Path, num_experts: int, gate_up_shape: tuple, down_shape: tuple, layers: int) -> None:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import hashlib
 import json
 import struct
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -86,14 +88,95 @@ def check_safetensors_file(path: Path) -> dict:
     return header
 
 
-def checkpoint_hash(ckpt: Path, files: list[Path]) -> str:
-    """sha256 over config.json and every weight file, in a fixed order: what the manifest pins."""
+# safetensors dtype names -> torch dtypes (the ones a DiffusionGemma checkpoint can hold).
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """Where one checkpoint tensor's bytes lie: file, dtype, shape and absolute byte range."""
+
+    name: str
+    file: Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int  # absolute offset of the first byte in `file`
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+
+def tensor_index(files: list[Path]) -> dict[str, TensorEntry]:
+    """Every tensor of the checkpoint by name, from the safetensors headers alone (no data is read)."""
+    index: dict[str, TensorEntry] = {}
+    for path in files:
+        header = check_safetensors_file(path)
+        with path.open("rb") as handle:
+            (header_len,) = struct.unpack("<Q", handle.read(8))
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            if info.get("dtype") not in SAFETENSORS_DTYPES:
+                raise DllmError(f"{path.name}: tensor {name} has dtype {info.get('dtype')}, which dllm-trt cannot read")
+            begin, end = info["data_offsets"]
+            index[name] = TensorEntry(
+                name, path, SAFETENSORS_DTYPES[info["dtype"]], tuple(info["shape"]), 8 + header_len + begin,
+                8 + header_len + end,
+            )  # fmt: skip
+    return index
+
+
+def read_rows(entry: TensorEntry, first: int = 0, stop: int | None = None) -> torch.Tensor:
+    """Rows [first, stop) along axis 0 of one checkpoint tensor, read with plain file reads.
+
+    No memory map: pages of a mapped 50 GB checkpoint would count against the process as they
+    are touched, and the point of streaming is that only the rows asked for are resident.
+    """
+    rows = entry.shape[0] if entry.shape else 1
+    stop = rows if stop is None else stop
+    row_bytes = entry.nbytes // rows if rows else 0
+    shape = (stop - first, *entry.shape[1:]) if entry.shape else ()
+    out = torch.empty(shape, dtype=entry.dtype)
+    view = memoryview(out.view(torch.uint8).numpy() if out.dim() else out.reshape(1).view(torch.uint8).numpy())
+    with entry.file.open("rb", buffering=0) as handle:
+        handle.seek(entry.start + first * row_bytes)
+        done = 0
+        while done < len(view):
+            count = handle.readinto(view[done:])
+            if not count:
+                raise DllmError(f"{entry.file} ended inside tensor {entry.name}; re-download the checkpoint")
+            done += count
+    return out
+
+
+def checkpoint_hash(ckpt: Path, files: list[Path], advance: Callable[[int], None] | None = None) -> str:
+    """sha256 over config.json and every weight file, in a fixed order: what the manifest pins.
+
+    Streamed in 16 MB reads (memory does not grow with the checkpoint); `advance(n)` is told of every read.
+    """
     digest = hashlib.sha256()
     for path in [ckpt / "config.json", *files]:
         digest.update(path.name.encode())
         with path.open("rb") as handle:
             while chunk := handle.read(1 << 24):
                 digest.update(chunk)
+                if advance is not None:
+                    advance(len(chunk))
     return "sha256:" + digest.hexdigest()
 
 

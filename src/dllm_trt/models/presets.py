@@ -4,11 +4,18 @@ Every preset keeps every architectural feature of the released 26B-A4B model: sl
 layers, full layers with their own head dim and key/value heads and K = V (no v_proj), GQA, the
 dense GeGLU MLP in parallel with the MoE branch, per-expert scales, the logit softcap and the
 self-conditioning block. Only the sizes shrink.
+
+`full-width` keeps the released widths and dtype (bfloat16): a layer is about 1.6 GB. It is
+written tensor by tensor into safetensors shards with an index (`write_streamed_checkpoint`),
+never holding more than one chunk of one tensor, so any layer count fits in memory.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+import struct
 from pathlib import Path
 
 import torch
@@ -95,6 +102,7 @@ PRESETS: dict[str, dict] = {
         ),
         canvas_length=256,
         max_denoising_steps=48,
+        dtype="bfloat16",  # the released checkpoint's dtype; written streamed (see write_streamed_checkpoint)
     ),
 }
 
@@ -160,10 +168,119 @@ def randomize_(model: DiffusionGemmaForBlockDiffusion, seed: int) -> None:
 def make_checkpoint(
     out: Path, preset: str = "tiny", seed: int = 0, num_layers: int | None = None
 ) -> DiffusionGemmaForBlockDiffusion:
-    """Write a random checkpoint of `preset` in the Hugging Face layout (safetensors)."""
+    """Write a random checkpoint of `preset` in the Hugging Face layout (safetensors).
+
+    Presets with a `dtype` (full-width) are written streamed and return the model on the meta
+    device (structure and parameter counts, no weights); the others are built in memory.
+    """
+    if "dtype" in PRESETS[preset]:
+        dtype = getattr(torch, PRESETS[preset]["dtype"])
+        return write_streamed_checkpoint(out, preset, seed, num_layers, dtype=dtype)
     torch.manual_seed(seed)
     model = DiffusionGemmaForBlockDiffusion(build_config(preset, num_layers)).eval()
     randomize_(model, seed)
     model.generation_config = generation_config_for(preset)
     model.save_pretrained(out, safe_serialization=True)
     return model
+
+
+# Shards of about this size: a full-width layer (about 1.6 GB in bfloat16) per shard, like released checkpoints.
+STREAMED_SHARD_BYTES = 2 << 30
+_SAFETENSORS_NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+_CHUNK_ELEMENTS = 1 << 24  # random values are drawn in pieces of this many float32 elements (64 MB)
+
+
+def _random_tensor_chunks(name: str, shape: tuple[int, ...], seed: int, vocab_pad: int | None):
+    """The values `randomize_` gives such a tensor, drawn in row chunks from a generator of its own.
+
+    Same distributions as `randomize_` (vectors about one, matrices std 0.5/sqrt(fan_in), the
+    padding row of the embedding zero, layer scalars 1 + 0.25 U[0,1), equal in encoder and
+    decoder), but each tensor has its own seed, so a tensor can be drawn alone and in pieces.
+    Vision weights (never exported) get a small normal init.
+    """
+    if name.endswith("layer_scalar"):
+        layer = name.split(".layers.")[1].split(".")[0]  # encoder and decoder layer i share the value
+        gen = torch.Generator().manual_seed(_tensor_seed(f"layer_scalar.{layer}", seed))
+        yield 1.0 + 0.25 * torch.rand(shape, generator=gen)
+        return
+    gen = torch.Generator().manual_seed(_tensor_seed(name, seed))
+    if len(shape) <= 1:
+        yield (0.02 if "vision" in name else 0.25) * torch.randn(shape, generator=gen) + (0 if "vision" in name else 1)
+        return
+    scale = 0.02 if "vision" in name else 0.5 / math.sqrt(shape[-1])
+    row = math.prod(shape[1:])
+    step = max(1, _CHUNK_ELEMENTS // row)
+    for first in range(0, shape[0], step):
+        chunk = scale * torch.randn((min(step, shape[0] - first), *shape[1:]), generator=gen)
+        if vocab_pad is not None and first <= vocab_pad < first + chunk.shape[0]:
+            chunk[vocab_pad - first].zero_()
+        yield chunk
+
+
+def _tensor_seed(name: str, seed: int) -> int:
+    return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little") & ((1 << 63) - 1)
+
+
+def write_streamed_checkpoint(
+    out: Path,
+    preset: str,
+    seed: int = 0,
+    num_layers: int | None = None,
+    dtype: torch.dtype = torch.bfloat16,
+    max_shard_bytes: int = STREAMED_SHARD_BYTES,
+) -> DiffusionGemmaForBlockDiffusion:
+    """A random checkpoint written tensor by tensor: safetensors shards plus `model.safetensors.index.json`.
+
+    The keys are exactly those `save_pretrained` writes (tied copies left out); returns the model
+    on the meta device.
+    """
+    config = build_config(preset, num_layers)
+    config.dtype = dtype  # so that from_pretrained(dtype="auto") loads it in its own dtype
+    with torch.device("meta"):
+        model = DiffusionGemmaForBlockDiffusion(config).eval()
+    tied = set(getattr(model, "all_tied_weights_keys", {}) or {})
+    entries = [(k, tuple(v.shape)) for k, v in model.state_dict().items() if k not in tied]
+    itemsize = dtype.itemsize
+    shards: list[list[tuple[str, tuple[int, ...]]]] = [[]]
+    size = 0
+    for key, shape in entries:
+        nbytes = math.prod(shape) * itemsize
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append((key, shape))
+        size += nbytes
+    out.mkdir(parents=True, exist_ok=True)
+    pad = config.text_config.pad_token_id
+    weight_map = {}
+    for number, shard in enumerate(shards, start=1):
+        file = "model.safetensors" if len(shards) == 1 else f"model-{number:05d}-of-{len(shards):05d}.safetensors"
+        _write_safetensors(out / file, shard, dtype, seed, pad)
+        weight_map.update({key: file for key, _ in shard})
+    if len(shards) > 1:
+        total = sum(math.prod(shape) * itemsize for _, shape in entries)
+        index = dict(metadata=dict(total_size=total), weight_map=weight_map)
+        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    config.save_pretrained(out)
+    generation_config_for(preset).save_pretrained(out)
+    return model
+
+
+def _write_safetensors(
+    path: Path, tensors: list[tuple[str, tuple[int, ...]]], dtype: torch.dtype, seed: int, pad: int | None
+) -> None:
+    header: dict = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for key, shape in tensors:
+        nbytes = math.prod(shape) * dtype.itemsize
+        header[key] = dict(dtype=_SAFETENSORS_NAMES[dtype], shape=list(shape), data_offsets=[offset, offset + nbytes])
+        offset += nbytes
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+    with path.open("wb") as handle:
+        handle.write(struct.pack("<Q", len(encoded)))
+        handle.write(encoded)
+        for key, shape in tensors:
+            vocab_pad = pad if key.endswith("embed_tokens.weight") and "vision" not in key else None
+            for chunk in _random_tensor_chunks(key, shape, seed, vocab_pad):
+                handle.write(memoryview(chunk.to(dtype).reshape(-1).view(torch.uint8).numpy()))

@@ -1,0 +1,29 @@
+"""Trace one step over the weightless model and optimize it with its weights left in the checkpoint."""
+
+from __future__ import annotations
+
+import onnx_ir as ir
+
+from dllm_trt.export.onnx_export import TraceSpec, trace
+from dllm_trt.export.weights import FOLD_INPUT_LIMIT, attach_weights, fold_lazy_transposes
+from dllm_trt.models.checkpoint import TensorEntry
+
+
+def lazy_graph(
+    spec: TraceSpec,
+    model,  # noqa: ANN001 (the skeleton spec.module was built from)
+    index: dict[str, TensorEntry],
+    eager_max_elements: int = FOLD_INPUT_LIMIT,
+) -> ir.Model:
+    """The graph the in-memory path saves, node for node, with large weights as lazy checkpoint reads.
+
+    torch.onnx.export with optimize=True runs the optimizer right after translation; here the
+    translation is kept unoptimized, given its weights (lazily), the Transposes over large weights
+    are folded lazily, and then the same optimizer runs.
+    """
+    program = trace(spec, optimize=False)
+    graph = program.model.graph
+    attach_weights(graph, spec.module, model, index, eager_max_elements)
+    fold_lazy_transposes(graph)
+    program.optimize()
+    return program.model

@@ -1,8 +1,9 @@
 """`dllm-trt demo`: the main job on the embedded default, end to end, on this CPU.
 
-Checkpoint (the shipped trained one, else a fresh `tiny`) -> export (with parity) -> generate
-(onnxruntime, streaming canvases) -> validate (report). Every stage writes its own directory
-under OUT, as the individual verbs do.
+Checkpoint (the shipped trained one, else a fresh `tiny`) -> export (with parity) -> optimize for
+onnxruntime on CPU (fused graphs, parity after the passes) -> generate over the optimized graphs
+(streaming canvases) -> validate them against transformers (report). Every stage writes its own
+directory under OUT, as the individual verbs do.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ def shipped_checkpoint() -> Path | None:
 def run_demo(args: argparse.Namespace) -> int:
     from dllm_trt.export import export_checkpoint
     from dllm_trt.models.presets import make_checkpoint
+    from dllm_trt.optimize import optimize_artifacts
     from dllm_trt.runtime.generate_command import run_generate
     from dllm_trt.validate.run import validate_artifacts
 
@@ -47,20 +49,29 @@ def run_demo(args: argparse.Namespace) -> int:
     if "parity_failed" in manifest:
         raise DllmError(f"export parity failed ({manifest['parity_failed']}); see {out / 'onnx' / 'manifest.json'}")
 
-    print("== generate (onnxruntime, CPU)", file=sys.stderr)
-    has_tokenizer = (out / "onnx" / "tokenizer.json").is_file()
+    print(f"== optimize for ort-cpu -> {out / 'optimized'}", file=sys.stderr)
+    optimized = optimize_artifacts(out / "onnx", out / "optimized", "ort-cpu", "fp32", parity="final")
+    failed = [p["name"] for p in optimized["passes"] if p["parity"] and p["parity"].get("passed") is False]
+    if failed:
+        raise DllmError(f"parity failed after {', '.join(failed)}; see {out / 'optimized' / 'fusion_report.md'}")
+
+    print("== generate (onnxruntime, CPU, optimized graphs)", file=sys.stderr)
+    has_tokenizer = (out / "optimized" / "tokenizer.json").is_file()
     generate_args = argparse.Namespace(
-        artifacts=out / "onnx", prompt=[args.prompt] if has_tokenizer else None,
+        artifacts=out / "optimized", prompt=[args.prompt] if has_tokenizer else None,
         prompt_ids=None if has_tokenizer else ["5,17,42"], max_new_tokens=args.max_new_tokens,
         max_denoising_steps=None, seed=args.seed, backend="onnxruntime", device="cpu", checkpoint=None, json=False,
     )  # fmt: skip
     run_generate(generate_args)
 
-    print(f"== validate -> {out / 'report'}", file=sys.stderr)
-    report = validate_artifacts(out / "onnx", checkpoint, report_dir=out / "report")
+    print(f"== validate the optimized graphs against transformers -> {out / 'report'}", file=sys.stderr)
+    report = validate_artifacts(out / "optimized", checkpoint, seeds=(args.seed,), report_dir=out / "report")
     print(report["markdown"])
     if not report["passed"]:
         print(f"dllm-trt: validation failed: {'; '.join(report['failures'])}", file=sys.stderr)
         return 1
-    print(f"demo artifacts in {out}: onnx/ (graphs + manifest.json), report/ (report.md, report.json)")
+    print(
+        f"demo artifacts in {out}: onnx/ (exported graphs, manifest.json), optimized/ (fused graphs, "
+        "fusion_report.md), report/ (report.md, report.json)"
+    )
     return 0

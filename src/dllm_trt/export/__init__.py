@@ -41,6 +41,7 @@ from dllm_trt.manifest import MANIFEST, describe_value, file_sha256, tool_versio
 from dllm_trt.models.checkpoint import checkpoint_hash, read_config, safetensors_files, tensor_index
 from dllm_trt.models.diffusion_gemma import layer_specs
 from dllm_trt.progress import Progress, human_bytes
+from dllm_trt.validate.compare import summary_lines
 
 # Files a runtime needs beside the graphs: how to generate, and how to tokenize when there is a tokenizer.
 CARRIED_FILES = (
@@ -242,7 +243,7 @@ def _measure_parity(
             f"parity of a {_name(export_dtype)} copy of a {_name(source_dtype)} checkpoint: it proves the graphs, "
             f"not {_name(source_dtype)} numerics (onnxruntime CPU does not compute in {_name(source_dtype)})"
         )
-    return out, [c.line() for c in result.comparisons]
+    return out, summary_lines(result.comparisons)
 
 
 def _journal_key(digest: str, dtype: torch.dtype, max_shard_bytes: int, eager_max_elements: int) -> str:

@@ -18,11 +18,10 @@ import torch
 
 from dllm_trt.runtime.kv_cache import StaticKVCache
 from dllm_trt.runtime.sampler import (
+    RandomDraws,
     SamplerSettings,
     StableAndConfident,
     accepted_positions,
-    random_canvas,
-    sampling_noise,
     temperature,
 )
 
@@ -160,10 +159,21 @@ def generate(
     """Token-for-token the reference's generate() under `torch.manual_seed(seed)`."""
     info = step.info
     canvas, vocab = info.canvas_length, info.vocab_size
-    sampler = settings.sampler
     device = torch.device(info.device)
     # On CUDA this is the generator torch.manual_seed() seeds there, as the reference uses.
     generator = torch.Generator(device=device).manual_seed(seed)
+    draws = RandomDraws(generator, input_ids.shape[0], canvas, vocab)
+    try:
+        return _generate(step, settings, input_ids, attention_mask, draws, on_canvas)
+    finally:
+        draws.close()
+
+
+def _generate(step, settings, input_ids, attention_mask, draws, on_canvas) -> GenerationResult:  # noqa: ANN001
+    info = step.info
+    canvas = info.canvas_length
+    sampler = settings.sampler
+    device = torch.device(info.device)
     start = time.perf_counter()
 
     input_ids = input_ids.to(device)
@@ -192,7 +202,7 @@ def generate(
         result.encode_seconds += time.perf_counter() - t0
 
         # 1.b a fresh random canvas, no self-conditioning, stopping state reset
-        current = random_canvas(batch, canvas, vocab, generator)
+        current = draws.canvas()
         argmax_canvas = current
         self_conditioning = torch.zeros(batch, canvas, info.hidden_size, dtype=info.dtype, device=device)
         previous_entropy = torch.zeros(batch, canvas, device=device)
@@ -208,13 +218,12 @@ def generate(
             forward_passes += counted
             steps += counted
             t0 = time.perf_counter()
-            noise = sampling_noise(batch, canvas, vocab, generator)
+            noise, renoised = draws.step()
             out = step.denoise_and_sample(
                 current, self_conditioning, decoder_positions, cache.mask(), cache.tensors(),
                 temperature(sampler, cur_step), noise,
             )  # fmt: skip
             accepted = accepted_positions(out.entropy, sampler.entropy_bound)
-            renoised = random_canvas(batch, canvas, vocab, generator)
             # accept_canvas then renoise_canvas: accepted positions take the sample, the rest fresh noise
             new_current = torch.where(accepted, out.sampled, renoised)
             new_argmax, entropy, next_sc = out.argmax, out.entropy, out.next_self_conditioning

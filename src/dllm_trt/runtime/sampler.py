@@ -103,3 +103,60 @@ class StableAndConfident:
             self.history[-1] = argmax
         confident = torch.mean(entropy, dim=-1) < self.confidence_threshold
         return stable & confident
+
+
+class RandomDraws:
+    """The loop's random draws in the reference's order, the next step's drawn while this one runs.
+
+    Per denoise step the reference draws the multinomial noise [B*C, V], then the re-noising ids
+    [B, C]; neither depends on the step's result, so on the CPU the next step's pair is drawn on a
+    worker thread while the backend computes the current step (the noise is as costly as a small
+    model's whole denoise step). When a canvas ends instead, the generator is rolled back to the
+    state the reference would be in, so the stream stays the reference's.
+    """
+
+    def __init__(self, generator: torch.Generator, batch: int, canvas: int, vocab: int) -> None:
+        self.generator = generator
+        self.shape = (batch, canvas, vocab)
+        self.pool = None
+        if generator.device.type == "cpu":  # CUDA draws are asynchronous already
+            from concurrent.futures import ThreadPoolExecutor
+
+            self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dllm-trt-draws")
+        self.pending = None
+        self.state_before_pending: torch.Tensor | None = None
+
+    def _draw(self) -> tuple[torch.Tensor, torch.Tensor]:
+        batch, canvas, vocab = self.shape
+        noise = sampling_noise(batch, canvas, vocab, self.generator)
+        return noise, random_canvas(batch, canvas, vocab, self.generator)
+
+    def canvas(self) -> torch.Tensor:
+        """The initial canvas: never drawn ahead (a canvas may not come)."""
+        self.rollback()
+        batch, canvas, vocab = self.shape
+        return random_canvas(batch, canvas, vocab, self.generator)
+
+    def step(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(multinomial noise [B*C, V], re-noising ids [B, C]) for this step; starts drawing the next."""
+        if self.pending is not None:
+            draws = self.pending.result()
+        else:
+            draws = self._draw()
+        self.pending = None
+        if self.pool is not None:
+            self.state_before_pending = self.generator.get_state()
+            self.pending = self.pool.submit(self._draw)
+        return draws
+
+    def rollback(self) -> None:
+        """Undo a draw made ahead for a step that did not happen."""
+        if self.pending is not None:
+            self.pending.result()
+            self.generator.set_state(self.state_before_pending)
+            self.pending = None
+
+    def close(self) -> None:
+        self.rollback()
+        if self.pool is not None:
+            self.pool.shutdown(wait=True)

@@ -7,6 +7,7 @@ near-zero entries dominate and say nothing about the graph (the fp32 reference i
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass
 
 import torch
@@ -98,3 +99,30 @@ def agreement(name: str, actual: torch.Tensor, reference: torch.Tensor, toleranc
     share = float((actual == reference).double().mean()) if reference.numel() else 1.0
     differ = float((actual != reference).double().sum())  # reported as max_abs: how many entries differ
     return Comparison(name, differ, 0.0, share, share >= tolerance.argmax_agreement, tolerance)
+
+
+def group_name(name: str) -> str:
+    """'encoder prompt key.3' -> 'encoder prompt key/value': one row per quantity, not per layer."""
+    stem = re.sub(r"\.\d+$", "", name)
+    return re.sub(r"\b(key|value)$", "key/value", stem)
+
+
+def worst_per_group(comparisons: list[Comparison]) -> list[tuple[str, int, Comparison]]:
+    """(group, how many compared, the failing or worst comparison) in first-seen order."""
+    groups: dict[str, list[Comparison]] = {}
+    for comparison in comparisons:
+        groups.setdefault(group_name(comparison.name), []).append(comparison)
+    out = []
+    for name, members in groups.items():
+        worst = max(members, key=lambda c: (not c.passed, c.max_rel, -(c.argmax_agreement or 1.0)))
+        out.append((name, len(members), worst))
+    return out
+
+
+def summary_lines(comparisons: list[Comparison]) -> list[str]:
+    """One line per quantity: its worst (or failing) comparison, and how many tensors it covers."""
+    lines = []
+    for name, count, worst in worst_per_group(comparisons):
+        line = worst.line().replace(worst.name.ljust(34), (name + (f" ({count})" if count > 1 else "")).ljust(34))
+        lines.append(line)
+    return lines

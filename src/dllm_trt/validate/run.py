@@ -20,8 +20,8 @@ from dllm_trt.validate.report import markdown, report_dict, write_report
 
 
 def default_max_new_tokens(canvas: int, window: int) -> int:
-    """Enough canvases that the context passes the sliding window, at most four."""
-    return canvas * min(4, max(2, math.ceil((window + canvas) / canvas)))
+    """Enough canvases that the context passes the sliding window, at most three."""
+    return canvas * min(3, max(2, math.ceil((window + canvas) / canvas)))
 
 
 def default_prompts(vocab: int, seed: int) -> list[list[int]]:

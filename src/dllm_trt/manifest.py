@@ -62,13 +62,18 @@ def file_sha256(path: Path) -> str:
     return "sha256:" + digest.hexdigest()
 
 
-def describe_graph(path: Path, external: list[Path]) -> dict:
+def external_data_entries(files: list[Path]) -> list[dict]:
+    return [dict(file=f.name, bytes=f.stat().st_size, sha256=file_sha256(f)) for f in files]
+
+
+def describe_graph(path: Path, external_data: list[dict]) -> dict:
+    """The manifest entry of one graph; `external_data` as external_data_entries() gives it."""
     graph = onnx.load(str(path), load_external_data=False).graph
     return dict(
         file=path.name,
         bytes=path.stat().st_size,
         sha256=file_sha256(path),
-        external_data=[dict(file=f.name, bytes=f.stat().st_size, sha256=file_sha256(f)) for f in external],
+        external_data=external_data,
         inputs=[describe_value(v) for v in graph.input],
         outputs=[describe_value(v) for v in graph.output],
         nodes=len(graph.node),

@@ -188,16 +188,9 @@ def compile_single_launch(
 
 
 def _check_launch_abi(metadata: object) -> None:
-    """Refuse Triton features a QDP AOT launch cannot reproduce (it passes null scratch, 1 CTA, no PDL)."""
-    problems = {
-        "global_scratch_size": getattr(metadata, "global_scratch_size", 0) != 0,
-        "profile_scratch_size": getattr(metadata, "profile_scratch_size", 0) != 0,
-        "num_ctas": getattr(metadata, "num_ctas", 1) != 1,
-        "launch_cooperative_grid": bool(getattr(metadata, "launch_cooperative_grid", False)),
-        "launch_pdl": bool(getattr(metadata, "launch_pdl", False)),
-        "tmem_size": getattr(metadata, "tmem_size", 0) != 0,
-    }
-    bad = [name for name, is_bad in problems.items() if is_bad]
+    from dllm_trt.build.triton_aot import launch_abi_problems
+
+    bad = launch_abi_problems(metadata)
     if bad:
         raise RuntimeError(f"moe_single_launch_kernel needs launch features TensorRT AOT plugins lack: {bad}")
 

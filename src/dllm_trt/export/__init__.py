@@ -17,7 +17,6 @@ from dataclasses import asdict
 from importlib import metadata
 from pathlib import Path
 
-import onnx
 import onnx_ir as ir
 import torch
 
@@ -37,7 +36,7 @@ from dllm_trt.export.onnx_export import (
 from dllm_trt.export.skeleton import build_skeleton, checkpoint_dtype, parse_dtype
 from dllm_trt.export.weights import FOLD_INPUT_LIMIT
 from dllm_trt.export.writer import DEFAULT_SHARD_BYTES, WrittenFile, plan_shards, write_shards
-from dllm_trt.manifest import MANIFEST, describe_value, file_sha256, tool_versions, write_manifest
+from dllm_trt.manifest import MANIFEST, describe_graph, tool_versions, write_manifest
 from dllm_trt.models.checkpoint import checkpoint_hash, read_config, safetensors_files, tensor_index
 from dllm_trt.models.diffusion_gemma import layer_specs
 from dllm_trt.progress import Progress, human_bytes
@@ -85,16 +84,7 @@ def model_summary(model) -> dict:  # noqa: ANN001
 
 def describe_exported_graph(path: Path, written: list[WrittenFile]) -> dict:
     """The manifest entry of one graph; external-data checksums come from the writer (no second read)."""
-    graph = onnx.load(str(path), load_external_data=False).graph
-    return dict(
-        file=path.name,
-        bytes=path.stat().st_size,
-        sha256=file_sha256(path),
-        external_data=[dict(file=w.file, bytes=w.bytes, sha256=w.sha256) for w in written],
-        inputs=[describe_value(v) for v in graph.input],
-        outputs=[describe_value(v) for v in graph.output],
-        nodes=len(graph.node),
-    )
+    return describe_graph(path, [dict(file=w.file, bytes=w.bytes, sha256=w.sha256) for w in written])
 
 
 def export_checkpoint(

@@ -15,7 +15,15 @@ import onnx_ir as ir
 from dllm_trt.errors import DllmError
 from dllm_trt.export import CARRIED_FILES
 from dllm_trt.export.onnx_export import DENOISER_FILE, ENCODER_FILE, check_external_data
-from dllm_trt.manifest import atomic_output, describe_graph, file_sha256, read_manifest, tool_versions, write_manifest
+from dllm_trt.manifest import (
+    atomic_output,
+    describe_graph,
+    external_data_entries,
+    file_sha256,
+    read_manifest,
+    tool_versions,
+    write_manifest,
+)
 from dllm_trt.optimize.context import PRECISIONS, TARGETS, PassContext
 from dllm_trt.optimize.cpu_execution import carry_self_conditioning
 from dllm_trt.optimize.pipeline import PIPELINE, Pass, clean_up, diff_counts, op_counts
@@ -35,7 +43,7 @@ def save_graphs(graphs: dict[str, ir.Model], directory: Path) -> dict[str, dict]
         for old in directory.glob(f"{path.name}*"):
             old.unlink()
         ir.save(model, str(path), external_data=f"{path.name}.data")
-        described[name] = describe_graph(path, check_external_data(path))
+        described[name] = describe_graph(path, external_data_entries(check_external_data(path)))
     return described
 
 

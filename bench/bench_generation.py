@@ -5,6 +5,7 @@
 Makes (or reuses) a `small` checkpoint, exports it, optimizes it for ort-cpu (fp32), then runs the
 same generation (same seed, same prompt) in a fresh process per backend:
   - transformers `generate()` (eager PyTorch, the reference),
+  - the loop over transformers' own modules (dllm-trt's torch backend),
   - the loop over the exported graphs in onnxruntime (logits leave the graph; the sampling head
     runs in torch),
   - the loop over the optimized graphs in onnxruntime (fused, sampling head in the graph),
@@ -68,8 +69,13 @@ def child_generate(mode: str, workdir: Path, max_new_tokens: int, seed: int, bat
         seconds = time.perf_counter() - start
         new_tokens = int((sequences[:, ids.shape[1] :] != 0).sum())
     else:
-        directory = workdir / ("onnx" if mode == "ort-exported" else "optimized")
-        step = OnnxRuntimeStep.from_artifacts(directory)
+        directory = workdir / ("optimized" if mode == "ort-optimized" else "onnx")
+        if mode == "torch":  # the loop over transformers' own modules (the torch backend)
+            from dllm_trt.runtime.step import TorchStep
+
+            step = TorchStep(load_model(workdir / "checkpoint"))
+        else:
+            step = OnnxRuntimeStep.from_artifacts(directory)
         settings = GenerationSettings.from_generation_config(
             json.loads((directory / "generation_config.json").read_text()), max_new_tokens=max_new_tokens
         )

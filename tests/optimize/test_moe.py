@@ -2,7 +2,8 @@
 
 Each target is checked for the count, the new op present and the old ops gone, and numerical
 equality under onnxruntime with its graph optimisations off (only the rewrite is tested): ort-cpu
-directly, trt and ort-cuda through the CPU stand-ins (``optimize.cpu_standins``).
+directly, trt and ort-cuda through the CPU stand-ins (``optimize.cpu_standins``), against the
+unfused graph and against transformers' own router + experts.
 """
 
 from __future__ import annotations
@@ -173,10 +174,81 @@ def test_emitted_layouts():
 
     cpu, _ = fused(moe_block(weights=w), "ort-cpu")
     node = next(n for n in cpu.graph if n.op_type == "RoutedMoE")
-    assert node.overload == f"e{E}_k{K}" and len(node.inputs) == 3 + 2 * E
+    assert node.overload == f"e{E}_k{K}" and len(node.inputs) == 5
     assert ("dllm_trt", "RoutedMoE", f"e{E}_k{K}") in cpu.functions
-    np.testing.assert_array_equal(node.inputs[3 + 5].const_value.numpy(), w["gate_up"][5].T)
-    np.testing.assert_array_equal(node.inputs[3 + E + 5].const_value.numpy(), w["down"][5].T)
+    np.testing.assert_array_equal(node.inputs[3].const_value.numpy(), w["gate_up"].transpose(0, 2, 1))  # [E, H, 2I]
+    np.testing.assert_array_equal(node.inputs[4].const_value.numpy(), w["down"].transpose(0, 2, 1))  # [E, I, H]
+    body = [n.op_type for n in cpu.functions["dllm_trt", "RoutedMoE", f"e{E}_k{K}"] if n.op_type != "Constant"]
+    assert body.count("MatMul") == 2 and len(body) <= 40, body  # one batched MatMul per projection, not 2E
+
+
+def test_routed_moe_capacity_extremes():
+    """ort-cpu pads every expert to this call's largest count: one token (capacity 1, most experts
+    empty) and every token on the same K experts (capacity N, the others all padding)."""
+    original = moe_block(router_gemm=False)
+    model, count = fused(original, "ort-cpu")
+    assert count == 1
+    rng = np.random.default_rng(5)
+    same_row = np.tile(rng.standard_normal((1, E)).astype(np.float32), (48, 1))
+    for logits in (rng.standard_normal((1, E), np.float32), same_row, rng.standard_normal((200, E), np.float32)):
+        feeds = {"logits": logits, "x": rng.standard_normal((logits.shape[0], H), np.float32)}
+        err = max_rel(run(model, feeds), run(original, feeds))
+        print(f"N={logits.shape[0]}: max rel {err:.2e}")
+        assert err <= FP32_TOL
+
+
+def _hf_router_and_experts(seed: int = 0):  # noqa: ANN202
+    pytest.importorskip("transformers.models.diffusion_gemma", reason="needs transformers >= 5.13")
+    import torch
+    from transformers.models.diffusion_gemma.configuration_diffusion_gemma import DiffusionGemmaTextConfig
+    from transformers.models.diffusion_gemma.modeling_diffusion_gemma import (
+        DiffusionGemmaTextExperts,
+        DiffusionGemmaTextRouter,
+    )
+
+    config = DiffusionGemmaTextConfig(
+        hidden_size=H, num_experts=E, top_k_experts=K, moe_intermediate_size=I, num_hidden_layers=1,
+        layer_types=["full_attention"], experts_implementation="eager",
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    router, experts = DiffusionGemmaTextRouter(config), DiffusionGemmaTextExperts(config)
+    with torch.no_grad():
+        router.proj.weight.normal_(0.0, 1.0)
+        router.scale.uniform_(0.5, 1.5)
+        router.per_expert_scale.uniform_(0.5, 1.5)
+        experts.gate_up_proj.normal_(0.0, H**-0.5)
+        experts.down_proj.normal_(0.0, I**-0.5)
+    return router.eval(), experts.eval()
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_fused_block_matches_transformers_router_and_experts(target):
+    """The fused node fed the router's logits (its proj output, captured) against transformers'
+    DiffusionGemmaTextRouter + DiffusionGemmaTextExperts on fresh random inputs."""
+    import torch
+
+    router, experts = _hf_router_and_experts()
+    weights = dict(
+        proj=router.proj.weight.detach().numpy(), scale=router.per_expert_scale.detach().numpy(),
+        gate_up=experts.gate_up_proj.detach().numpy(), down=experts.down_proj.detach().numpy(),
+    )  # fmt: skip
+    model, count = fused(moe_block(router_gemm=False, weights=weights), target)
+    assert count == 1
+    gen = torch.Generator().manual_seed(11)
+    captured = {}
+    hook = router.proj.register_forward_hook(lambda _m, _i, out: captured.__setitem__("logits", out))
+    for tokens in (1, 7, 64):
+        routing_input = torch.randn(tokens, H, generator=gen)  # the residual stream
+        expert_input = torch.randn(tokens, H, generator=gen)  # after pre_feedforward_layernorm_2
+        with torch.no_grad():
+            _, hf_weights, hf_index = router(routing_input)
+            expected = experts(expert_input, hf_index, hf_weights).numpy()
+        feeds = {"logits": captured["logits"].numpy(), "x": expert_input.numpy()}
+        actual = run(model, feeds, standins=target != "ort-cpu")
+        err = max_rel(actual, expected)
+        print(f"{target} N={tokens} vs transformers: max abs {np.abs(actual - expected).max():.2e} max rel {err:.2e}")
+        assert err <= FP32_TOL
+    hook.remove()
 
 
 @pytest.mark.parametrize("target", TARGETS)

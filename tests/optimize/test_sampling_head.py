@@ -62,7 +62,7 @@ def test_head_equals_the_torch_sampler_head():
     temperature = torch.tensor(0.55)
     processed = torch.from_numpy(logits) / temperature
     expected = sampling_head(processed, noise)
-    embed = torch.from_numpy(numpy_helper.to_array(original.graph.initializer[0]))
+    embed = torch.from_numpy(numpy_helper.to_array(original.graph.initializer[0]).copy())
     expected_sc = torch.softmax(processed, -1) @ embed * float(np.sqrt(H))
     sampled, argmax, entropy, sc = session(rewritten).run(
         None, {"canvas_ids": canvas, "temperature": temperature.numpy(), "sampling_noise": noise.view(B, C, V).numpy()}

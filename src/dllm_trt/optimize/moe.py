@@ -37,10 +37,11 @@ every variant: only what follows its Gemm is fused. What each named rule emits, 
              normalize_routing_weights 1
 
 ``FuseMoE[ort-cpu]``: ``dllm_trt::RoutedMoE``, a model-local function (onnxruntime inlines it; plain
-ONNX ops only) computing only the routed token-expert pairs, see ``routed_moe_function``::
+ONNX ops only) computing the routed token-expert pairs in per-expert capacity slots with one batched
+MatMul per projection, see ``routed_moe_function``::
 
     inputs   0 hidden [N, H]   1 router_logits [N, E]   2 per_expert_scale [E]
-             3 .. 3+E-1 gate_up_t.e [H, 2I]   3+E .. 3+2E-1 down_t.e [I, H]   (one pair per expert)
+             3 gate_up_t [E, H, 2I]   4 down_t [E, I, H]   (the export's own initializers, as they are)
     overload "e{E}_k{K}" (the body depends on E and K)
 
 onnxruntime's ``com.microsoft.MoE`` (1.32; the schema text is read from the installed wheel with
@@ -68,24 +69,48 @@ CPU kernel, see tests/optimize/test_cpu_standins.py):
 * Never run here: no CUDA provider on these machines. ``optimize.cpu_standins`` runs the node on
   CPU from our reading of this spec (wiring and layout checks, not the CUDA kernel).
 
-ort-cpu candidates, measured once by hand (not by the tests): onnxruntime 1.32 CPU, 1 intra-op
-thread, default graph optimisations, median of 50-100 runs on a shared 2-core machine, fp32, the
-small preset (H=256, E=32, K=4, I=128); every form agreed with the dense one to <= 5.2e-7 relative.
-One MoE layer, ms:
+ort-cpu candidates, measured by hand (not by the tests): onnxruntime 1.32 CPU on a 2-core machine,
+default intra-op threads (2) with ``session.intra_op.allow_spinning=0`` as runtime.ort_session opens
+them, default graph optimisations, fp32, the small preset (H=256, E=32, K=4, I=128, canvas 64,
+cache 72), the denoiser inputs recorded from a real 128-token generation (routing as the loop sees
+it: the largest expert count is ~1.9x the mean at batch 1, ~1.7x at batch 2), all forms in one
+process, interleaved. A call: median of 96 runs over 48 recorded calls; a layer: the 6 MoE nodes of
+a recorded call back to back / 6, median over 4 calls of 16 runs each. Every form's MoE outputs
+agreed with the sorted form's to < 1e-5 relative, the denoiser's to 7.5e-6 with the same argmax:
 
-    form                                                          N=64    N=128
-    dense every-expert (the export)                               4.13    16.0 (min 7.1)
-    per expert NonZero/GatherND + ScatterND(add) chain            1.30    1.57
-    same, one ScatterND(add) after a Concat                       1.17    1.55
-    sorted by expert, per-expert Slice, Gather un-sort            0.87    1.47
-    sorted by expert, Split by counts, one gelu*up (chosen)       0.86    1.39
-    gathered weights per (token, expert) pair, batched MatMul     21.3    44.9
-    com.microsoft.MoE CPU, interleaved swiglu (NOT geglu: timing)  1.45    2.27
+    form                                                         layer ms       denoiser call ms
+                                                                 B=1    B=2     B=1    B=2   (1 thread: B=1 B=2)
+    dense every-expert (the export)                              2.58   4.29
+    sorted by expert, Split by counts, 2E MatMuls (previous)     2.16   2.77    22.8   34.5  (22.9  36.5)
+    capacity slots, 2 batched MatMuls (chosen)                   1.52   1.94    18.7   28.5  (27.5  41.7)
+    same, weights as the left operand (W^T X^T, 2 Transposes)    1.44   1.75    17.9   27.4  (25.8  39.0)
+    If(E*cap <= 3A) capacity else sorted per expert              1.60   2.05    18.6   29.0  (27.5  41.8)
 
-One denoiser call (6 MoE layers, canvas 64, 64 cached positions; batch 1 and 2), ms:
-dense 38.9 / 68.6, RoutedMoE 20.6 / 32.6 (logits max rel 3.6e-6, argmax 100%). The chosen form
-spends its time in the 2E small MatMuls (N*K*3*I*H*2 = 50 MFLOP at N=64); the sorted forms are
-within noise of each other, so the one with fewest nodes (2E MatMuls + 50, Constants included) was kept.
+The time is the expert MatMuls, and it is not per-node overhead: one [8, 256] x [256, 256] MatMul
+takes ~8 us with its weight in cache and ~20 us streamed (a call's 75 MB of expert weights do not
+stay in the 2 MB L2), so the sorted form's 2E small MatMuls sit near the single-core streaming
+bound; a second thread does not help them (each wakes the pool, spinning off: 2 threads = 1) but
+does halve the two large batched ones. Hence the capacity form wins with 2 free cores and loses
+with 1. In the generation loop (bench_generation's ort-optimized run, 128 tokens) the second core
+is mostly taken: the loop draws the next step's sampling noise on a worker thread while the
+denoiser runs (~11 ms of a core per step at batch 1), and the step median moved only 23.2 -> 21.7
+ms at batch 1 and 34.1 -> 34.8 ms at batch 2 (+-1 ms between runs); with the draws made serially
+it moved 34.7 -> 29.0 and 52.3 -> 47.0 ms.
+
+Its padding costs E*cap - A rows, so skewed routing makes it lose (per layer, E=32, N=64 / 128):
+one expert in every token's top-K 2.8 / 4.3 ms vs 2.2 / 2.9 sorted; every token on the same K
+experts 2.9 / 4.6 vs 0.8 / 1.3; with E=8, H=192, I=64 the crossover is already at E*cap ~ 2A. The
+shipped pycode-tiny checkpoint routes that way (one expert takes every token in 5 of its 6 layers):
+its denoiser call goes 4.9 -> 5.5 ms at batch 1, 7.6 -> 8.3 ms at batch 2. The If form keeps both
+speeds (the threshold picks per call) but needs the per-expert weights beside the stacked ones:
+onnxruntime folds the slices at load, RSS +410 MB (peak 740) against +53 MB for the capacity form
+and +128 MB for the sorted one (slicing inside the If branch instead took 1.6 GB). The W^T X^T
+variant is 4-10% faster but needs transposed weight copies and its MLAS blocks run over cap 16
+columns at a time (cap 17 costs what 24 does); within 10%, the simpler form was kept.
+
+Measured before, 1 thread, ms per layer at N=64 / 128: per-expert NonZero/GatherND + ScatterND(add)
+1.30 / 1.57; per-expert Slice 0.87 / 1.47; weights gathered per (token, expert) pair 21.3 / 44.9;
+com.microsoft.MoE CPU (interleaved swiglu, not geglu: timing only) 1.45 / 2.27.
 """
 
 from __future__ import annotations
@@ -269,12 +294,8 @@ class MoEFusion(pattern.RewriteRuleClassBase):
             return op.initializer(_lazy(name, dtype, shape, make), name=name)
 
         if self.target == "ort-cpu":
-            # one [H, 2I] and one [I, H] initializer per expert: MatMul's right operand as is
-            gate_ups = [
-                weight(f"{e}.gate_up_t", (hidden, 2 * width), lambda e=e: gu_src.numpy()[e]) for e in range(num_experts)
-            ]
-            downs = [weight(f"{e}.down_t", (width, hidden), lambda e=e: dn_src.numpy()[e]) for e in range(num_experts)]
-            out = op.op(ROUTED_MOE, x, logits, scale_table, *gate_ups, *downs, _domain=TRT_DOMAIN)
+            # the export's own [E, H, 2I] and [E, I, H] initializers: batched MatMul's right operands as is
+            out = op.op(ROUTED_MOE, x, logits, scale_table, gate_up_t, down_t, _domain=TRT_DOMAIN)
             out.producer().overload = routed_moe_overload(num_experts, self.top_k)
             return out
 
@@ -320,13 +341,16 @@ def routed_moe_overload(num_experts: int, top_k: int) -> str:
 
 
 def routed_moe_function(num_experts: int, top_k: int, opset: int) -> ir.Function:
-    """``dllm_trt::RoutedMoE``: the exact MoE computing only the N*K routed pairs, plain ONNX ops.
+    """``dllm_trt::RoutedMoE``: the exact MoE computing the N*K routed pairs in expert capacity
+    slots, plain ONNX ops, one batched MatMul per projection.
 
-    Assignments are sorted by expert (a stable TopK over the expert ids), the tokens gathered in
-    that order and Split by per-expert counts, so each expert is one MatMul per projection over
-    just its tokens (empty for experts nobody picked); then weighted, un-sorted back to token
-    order and summed over K in k order (deterministic, no scatter-add). Same fp32 arithmetic as
-    the reference, summed in another order: equal to rounding.
+    Assignment a = n*K + k of expert e takes slot e*cap + r, r = how many earlier assignments
+    chose e (an exclusive CumSum of the one-hot ids), cap = the largest per-expert count of this
+    call (ReduceMax, data-dependent). The tokens are gathered into [E, cap, H] (padding rows read
+    token 0: computed, never read back), both projections run as batched MatMuls against the
+    [E, H, 2I] / [E, I, H] weights, and every assignment's row is gathered back to [N, K, H],
+    weighted and summed over K in k order (deterministic, no scatter-add). Same fp32 products
+    as the reference, summed in another order: equal to rounding.
     """
     op = TapeBuilder()
 
@@ -336,8 +360,8 @@ def routed_moe_function(num_experts: int, top_k: int, opset: int) -> ir.Function
     x = ir.Value(name="hidden")  # [N, H]
     logits = ir.Value(name="router_logits")  # [N, E]
     scale = ir.Value(name="per_expert_scale")  # [E]
-    gate_ups = [ir.Value(name=f"gate_up_t.{e}") for e in range(num_experts)]  # [H, 2I]
-    downs = [ir.Value(name=f"down_t.{e}") for e in range(num_experts)]  # [I, H]
+    gate_up = ir.Value(name="gate_up_t")  # [E, H, 2I]
+    down = ir.Value(name="down_t")  # [E, I, H]
 
     # routing, in the reference's order
     probs = op.Softmax(logits, axis=-1)  # [N, E]
@@ -345,33 +369,30 @@ def routed_moe_function(num_experts: int, top_k: int, opset: int) -> ir.Function
     weights = op.Div(top_p, op.ReduceSum(top_p, const([-1]), keepdims=1))
     weights = op.Mul(weights, op.Cast(op.Gather(scale, top_i, axis=0), to=ir.DataType.FLOAT))  # [N, K] fp32
 
-    # assignments grouped by expert
-    ids = op.Reshape(top_i, const([-1]))  # [A]
-    assignments = op.Shape(ids)  # [1] = A
-    _, order = op.TopK(op.Cast(ids, to=ir.DataType.FLOAT), assignments, axis=0, largest=0, sorted=1, _outputs=2)
-    tokens = op.Div(order, const(top_k))  # [A] token of each sorted assignment
-    one_hot = op.Equal(op.Unsqueeze(ids, const([-1])), const(np.arange(num_experts)))  # [A, E]
-    counts = op.ReduceSum(op.Cast(one_hot, to=ir.DataType.INT64), const([0]), keepdims=0)  # [E]
+    # capacity slots
+    ids = op.Reshape(top_i, const([-1, 1]))  # [A, 1]
+    one_hot = op.Cast(op.Equal(ids, const(np.arange(num_experts))), to=ir.DataType.INT64)  # [A, E]
+    rank = op.GatherElements(op.CumSum(one_hot, const(0), exclusive=1), ids, axis=1)  # [A, 1]
+    cap = op.ReduceMax(op.ReduceSum(one_hot, const([0]), keepdims=0), keepdims=1)  # [1]
+    slot = op.Add(op.Mul(ids, cap), rank)  # [A, 1]
+    assignments = op.Squeeze(op.Shape(ids, end=1))  # A = N*K (scalar)
+    tokens = op.Div(op.Range(const(0), assignments, const(1)), const(top_k))  # [A] token of each assignment
+    empty = op.ConstantOfShape(op.Mul(cap, const([num_experts])), value=ir.tensor(np.zeros(1, np.int64)))
+    table = op.Reshape(op.ScatterND(empty, slot, tokens), const([num_experts, -1]))  # [E, cap] token ids
 
-    # one MatMul per expert per projection, over its own rows only
-    rows = op.Split(op.Gather(x, tokens, axis=0), counts, axis=0, _outputs=num_experts)  # E x [n_e, H]
-    gate_up = op.Concat(*[op.MatMul(rows[e], gate_ups[e]) for e in range(num_experts)], axis=0)  # [A, 2I]
-    gate, up = op.Split(gate_up, axis=-1, num_outputs=2, _outputs=2)  # [A, I] each
-    act = op.Split(op.Mul(op.Gelu(gate, approximate="tanh"), up), counts, axis=0, _outputs=num_experts)
-    y = op.Concat(*[op.MatMul(act[e], downs[e]) for e in range(num_experts)], axis=0)  # [A, H], sorted
-    sorted_weights = op.Gather(op.Reshape(weights, const([-1])), order, axis=0)  # [A]
-    y = op.Mul(y, op.CastLike(op.Unsqueeze(sorted_weights, const([-1])), y))
+    # the experts, batched over E
+    rows = op.Gather(x, table, axis=0)  # [E, cap, H]
+    gate, up = op.Split(op.MatMul(rows, gate_up), axis=-1, num_outputs=2, _outputs=2)  # [E, cap, I] each
+    y = op.MatMul(op.Mul(op.Gelu(gate, approximate="tanh"), up), down)  # [E, cap, H]
 
-    # back to token order: inverse[order[j]] = j, then [N, K, H] summed over K
-    positions = op.Range(const(0), op.Squeeze(assignments), const(1))  # [A]
-    inverse = op.ScatterElements(order, order, positions, axis=0)
-    y = op.Gather(y, inverse, axis=0)  # [A, H], assignment n*K + k at row n*K + k
-    shape = op.Concat(const([-1, top_k]), op.Shape(x, start=1), axis=0)  # [N, K, H]
-    out = op.ReduceSum(op.Reshape(y, shape), const([1]), keepdims=0)  # [N, H]
+    # back to (token, k) order, weighted, summed over K
+    y = op.Gather(op.Flatten(y, axis=2), op.Reshape(slot, const([-1, top_k])), axis=0)  # [N, K, H]
+    y = op.Mul(y, op.CastLike(op.Unsqueeze(weights, const([-1])), y))
+    out = op.ReduceSum(y, const([1]), keepdims=0)  # [N, H]
     out.name = "out"
 
     graph = ir.Graph(
-        [x, logits, scale, *gate_ups, *downs], [out], nodes=op.nodes, opset_imports={"": opset}, name=ROUTED_MOE
+        [x, logits, scale, gate_up, down], [out], nodes=op.nodes, opset_imports={"": opset}, name=ROUTED_MOE
     )
     return ir.Function(TRT_DOMAIN, ROUTED_MOE, routed_moe_overload(num_experts, top_k), graph=graph, attributes=[])
 
@@ -383,8 +404,7 @@ def _add_routed_functions(model: ir.Model) -> None:
         if node.domain == TRT_DOMAIN and node.op_type == ROUTED_MOE:
             key = (TRT_DOMAIN, ROUTED_MOE, node.overload)
             if key not in model.functions:
-                num_experts = (len(node.inputs) - 3) // 2
-                top_k = int(node.overload.rsplit("_k", 1)[1])
+                num_experts, top_k = (int(v) for v in node.overload[1:].split("_k"))
                 model.functions[key] = routed_moe_function(num_experts, top_k, opset)
 
 

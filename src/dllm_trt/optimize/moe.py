@@ -70,7 +70,7 @@ CPU kernel, see tests/optimize/test_cpu_standins.py):
   CPU from our reading of this spec (wiring and layout checks, not the CUDA kernel).
 
 ort-cpu candidates, measured by hand (not by the tests): onnxruntime 1.32 CPU on a 2-core machine,
-default intra-op threads (2) with ``session.intra_op.allow_spinning=0`` as runtime.ort_session opens
+default intra-op threads (2) with ``session.intra_op.allow_spinning=0`` as runtime.ort_session opened
 them, default graph optimisations, fp32, the small preset (H=256, E=32, K=4, I=128, canvas 64,
 cache 72), the denoiser inputs recorded from a real 128-token generation (routing as the loop sees
 it: the largest expert count is ~1.9x the mean at batch 1, ~1.7x at batch 2), all forms in one

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from dllm_trt.runtime import exponential_noise
+
 
 @dataclass(frozen=True)
 class SamplerSettings:
@@ -45,8 +47,11 @@ def sampling_noise(batch: int, canvas: int, vocab: int, generator: torch.Generat
 
     torch's multinomial for one sample computes argmax(probs / q) with q ~ Exp(1) of the probs'
     shape [B*C, V]; drawing q here with the same generator consumes the same random stream, and
-    lets a graph that never hands its logits out sample the very same token.
+    lets a graph that never hands its logits out sample the very same token. On the CPU the same
+    bits come from numpy, faster (see runtime.exponential_noise), where that is checked to hold.
     """
+    if generator.device.type == "cpu" and exponential_noise.reproduces_torch():
+        return exponential_noise.exponential(generator, batch * canvas * vocab).view(batch * canvas, vocab)
     return torch.empty(batch * canvas, vocab, device=generator.device).exponential_(1, generator=generator)
 
 

@@ -137,8 +137,10 @@ class _OnnxRuntimeBase:
 
         self.specs = specs
         self.info = info
-        self.encoder = open_session(artifacts / ENCODER_FILE, device, threads=threads)
-        self.denoiser = open_session(artifacts / DENOISER_FILE, device, threads=threads)
+        # only the sampling-head step leaves torch idle between runs, see ort_session.open_session
+        spin = isinstance(self, OnnxRuntimeHeadStep)
+        self.encoder = open_session(artifacts / ENCODER_FILE, device, threads=threads, spin=spin)
+        self.denoiser = open_session(artifacts / DENOISER_FILE, device, threads=threads, spin=spin)
         self.past_names = cache_names(specs, "past_")
         self.new_names = cache_names(specs, "")
 

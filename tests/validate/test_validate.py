@@ -80,3 +80,29 @@ def test_generate_bad_input(capsys, tiny_export, argv, fragment):
     code = main(["generate", str(tiny_export), *argv])
     err = capsys.readouterr().err
     assert code == 2 and fragment in err and "Traceback" not in err
+
+
+def test_router_probe_calls_ties_by_margin_and_ignores_padding(tiny_ckpt):
+    from dllm_trt.validate.generation_parity import NEAR_TIE_ULPS, RouterTieProbe
+
+    model = load_model(tiny_ckpt)
+    probe = RouterTieProbe(model)
+    try:
+        top_k = model.config.text_config.top_k_experts
+        hook = probe._hook(top_k)
+        eps = torch.finfo(torch.float32).eps
+        probs = torch.full((3, 8), 0.01)
+        probs[:, :top_k] = 0.3  # rows 0-1: the k-th and (k+1)-th far apart
+        probs[2, top_k] = 0.3 * (1 - eps)  # row 2: one ulp below the k-th
+        hook(None, None, (probs[:2],))
+        far = probe.take()
+        assert far > 0.5 and not probe.tied(far)
+        hook(None, None, (probs,))
+        near = probe.take()
+        assert 0 < near <= NEAR_TIE_ULPS * eps and probe.tied(near)
+        probe.rows = torch.tensor([True, True, False])  # row 2 is padding: its tie does not count
+        hook(None, None, (probs,))
+        assert probe.take() == far
+        assert probe.take() == 1.0  # nothing ran since the last take
+    finally:
+        probe.close()

@@ -38,6 +38,7 @@ GENERATION_TOLERANCES = {
         Tolerance(5e-2, 0.98), entropy_abs=5e-2, decision_agreement=0.95, token_agreement=0.0
     ),
 }
+NEAR_TIE_ULPS = 4  # see RouterTieProbe
 
 
 @dataclass
@@ -46,19 +47,27 @@ class StepRecord:
     canvas: int
     step: int
     comparisons: list[Comparison]
-    router_tie: bool = False  # the reference's top-k had equal probabilities at its boundary
+    router_tie: bool = False  # the reference's top-k boundary was (near) tied, see RouterTieProbe
+    router_margin: float = 1.0  # smallest relative gap at that boundary over the call's routers
 
 
 class RouterTieProbe:
-    """Watches the reference's routers for exact ties at the top-k boundary.
+    """Watches the reference's routers for (near) ties at the top-k boundary.
 
     On equal probabilities torch.topk's order is unspecified (it varies with the position of the
     tied values), while ONNX TopK takes the lower index: both are right, and the expert picked,
-    hence the logits, may differ. A call with such a tie is reported, not failed.
+    hence the logits, may differ. The same holds when the k-th and (k+1)-th probabilities are a few
+    ulps apart: the candidate's router input differs from the reference's by rounding, and so may
+    its pick. Measured on the random `small` preset in fp32 (147 replayed calls): every call whose
+    logits failed had a margin of 0 or 1.15e-7 (one ulp); margins from 2.3e-7 up never flipped.
+    A call whose smallest relative margin is within `NEAR_TIE_ULPS` ulps of the dtype is reported,
+    not judged.
     """
 
     def __init__(self, model) -> None:  # noqa: ANN001
-        self.tie = False
+        self.margin = 1.0
+        self.rows: torch.Tensor | None = None  # the router rows that matter (padding's never does)
+        self.threshold = NEAR_TIE_ULPS * torch.finfo(model.dtype).eps
         top_k = model.config.text_config.top_k_experts
         self.handles = []
         for layer in [*model.model.encoder.language_model.layers, *model.model.decoder.layers]:
@@ -67,15 +76,22 @@ class RouterTieProbe:
     def _hook(self, top_k: int):  # noqa: ANN202
         def hook(module, inputs, outputs) -> None:  # noqa: ANN001
             probs = outputs[0]
-            if top_k < probs.shape[-1]:
-                top = probs.topk(top_k + 1, dim=-1).values
-                self.tie |= bool((top[:, top_k - 1] == top[:, top_k]).any())
+            if self.rows is not None and probs.shape[0] == self.rows.numel():
+                probs = probs[self.rows]
+            if top_k < probs.shape[-1] and probs.shape[0]:
+                top = probs.float().topk(top_k + 1, dim=-1).values
+                gap = (top[:, top_k - 1] - top[:, top_k]) / top[:, top_k - 1].clamp_min(torch.finfo(torch.float32).tiny)
+                self.margin = min(self.margin, float(gap.min()))
 
         return hook
 
-    def take(self) -> bool:
-        tie, self.tie = self.tie, False
-        return tie
+    def take(self) -> float:
+        """The smallest relative margin since the last take (1.0 when no router ran)."""
+        margin, self.margin = self.margin, 1.0
+        return margin
+
+    def tied(self, margin: float) -> bool:
+        return margin <= self.threshold
 
     def close(self) -> None:
         for handle in self.handles:
@@ -124,14 +140,19 @@ class TeeStep:
         self.canvas += 1
         self.step = 0
         self.probe.take()
-        expected = self.reference.encode(input_ids, position_ids, input_mask, cache_mask, past)
+        self.probe.rows = input_mask.reshape(-1)
+        try:
+            expected = self.reference.encode(input_ids, position_ids, input_mask, cache_mask, past)
+        finally:
+            self.probe.rows = None
         actual = self.candidate.encode(input_ids, position_ids, input_mask, cache_mask, past)
         valid = input_mask[:, None, :, None]  # [B, 1, T, 1]: padding K/V is never attended
         comparisons = [
             compare(f"key/value.{i // 2}", a, e, self.tolerance.step, valid)
             for i, (a, e) in enumerate(zip(actual, expected))
         ]
-        self.records.append(StepRecord("encode", self.canvas, 0, comparisons, self.probe.take()))
+        margin = self.probe.take()
+        self.records.append(StepRecord("encode", self.canvas, 0, comparisons, self.probe.tied(margin), margin))
         return expected
 
     def denoise_and_sample(self, canvas_ids, self_conditioning, position_ids, cache_mask, past, temperature, noise):  # noqa: ANN001, ANN201
@@ -153,7 +174,8 @@ class TeeStep:
             compare("next self-conditioning", actual.next_self_conditioning, expected.next_self_conditioning,
                     self.tolerance.step)
         )  # fmt: skip
-        tie = self.probe.take()
+        margin = self.probe.take()
+        tie = self.probe.tied(margin)
         accepted_ref = accepted_positions(expected.entropy, self.entropy_bound)
         accepted_cand = accepted_positions(actual.entropy, self.entropy_bound)
         for name, a, e in (
@@ -163,7 +185,7 @@ class TeeStep:
         ):
             if not tie:
                 self.decisions[name].append(float((a == e).double().mean()))
-        self.records.append(StepRecord("denoise", self.canvas, self.step, comparisons, tie))
+        self.records.append(StepRecord("denoise", self.canvas, self.step, comparisons, tie, margin))
         self.step += 1
         return expected
 
@@ -267,34 +289,39 @@ def generation_parity(
     result = GenerationParity(dtype, seeds, lengths, settings.max_new_tokens)
     probe = RouterTieProbe(model)
     tee = TeeStep(reference_step, candidate_step, tolerance, settings.sampler.entropy_bound, probe)
+    prompt = input_ids.shape[1]
     try:
         generate(tee, settings, input_ids, attention_mask, seed=seeds[0])
+        result.steps = tee.records
+        result.decisions = _decisions(tee, tolerance)
+        for seed in seeds:
+            expected, expected_calls = reference_generate(model, input_ids, attention_mask, settings, seed)
+            actual = generate(candidate_step, settings, input_ids, attention_mask, seed=seed)
+            want, got = expected.sequences[:, prompt:], actual.sequences[:, prompt:]
+            result.end_to_end.append(_end_to_end(seed, want, got, expected, expected_calls, actual, tolerance))
     finally:
         probe.close()
-    result.steps = tee.records
-    result.decisions = _decisions(tee, tolerance)
-
-    prompt = input_ids.shape[1]
-    for seed in seeds:
-        expected, expected_calls = reference_generate(model, input_ids, attention_mask, settings, seed)
-        actual = generate(candidate_step, settings, input_ids, attention_mask, seed=seed)
-        want, got = expected.sequences[:, prompt:], actual.sequences[:, prompt:]
-        same_shape = want.shape == got.shape
-        agree = (want == got) if same_shape else torch.zeros(1, dtype=torch.bool)
-        differ = (~agree).nonzero()
-        agreement = float(agree.double().mean())
-        result.end_to_end.append(
-            dict(
-                seed=seed,
-                token_agreement=agreement,
-                first_difference=int(differ[0, -1]) if len(differ) else None,
-                reference_tokens=list(want.shape),
-                candidate_tokens=list(got.shape),
-                reference_calls_per_canvas=expected_calls,
-                candidate_calls_per_canvas=actual.calls_per_canvas,
-                reference_tokens_per_forward=[round(float(t), 4) for t in expected.tokens_per_forward],
-                candidate_tokens_per_forward=[round(t, 4) for t in actual.tokens_per_forward],
-                passed=same_shape and agreement >= tolerance.token_agreement,
-            )
-        )
     return result
+
+
+def _end_to_end(seed, want, got, expected, expected_calls, actual, tolerance) -> dict:  # noqa: ANN001
+    """Token agreement of one seed, judged strictly: the replay explains step-level differences, this
+    shows whether the candidate's own trajectory stays the reference's."""
+    same_shape = want.shape == got.shape
+    agree = (want == got) if same_shape else torch.zeros(1, dtype=torch.bool)
+    common = min(want.shape[1], got.shape[1])
+    differ = (want[:, :common] != got[:, :common]).nonzero()
+    first = int(differ[:, 1].min()) if len(differ) else (None if same_shape else common)
+    agreement = float(agree.double().mean())
+    return dict(
+        seed=seed,
+        token_agreement=agreement,
+        first_difference=first,
+        reference_tokens=list(want.shape),
+        candidate_tokens=list(got.shape),
+        reference_calls_per_canvas=expected_calls,
+        candidate_calls_per_canvas=actual.calls_per_canvas,
+        reference_tokens_per_forward=[round(float(t), 4) for t in expected.tokens_per_forward],
+        candidate_tokens_per_forward=[round(t, 4) for t in actual.tokens_per_forward],
+        passed=same_shape and agreement >= tolerance.token_agreement,
+    )

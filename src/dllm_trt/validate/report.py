@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
+
 from dllm_trt.validate.compare import TOLERANCES, group_name
 from dllm_trt.validate.export_parity import ParityResult
-from dllm_trt.validate.generation_parity import GENERATION_TOLERANCES, GenerationParity
+from dllm_trt.validate.generation_parity import GENERATION_TOLERANCES, NEAR_TIE_ULPS, GenerationParity
 
 
 def report_dict(artifacts: Path, backend: str, step: ParityResult, generation: GenerationParity) -> dict:
@@ -37,6 +39,7 @@ def report_dict(artifacts: Path, backend: str, step: ParityResult, generation: G
             max_new_tokens=generation.max_new_tokens,
             calls_replayed=len(generation.steps),
             calls_with_router_tie=generation.router_ties,
+            near_tie_margin=NEAR_TIE_ULPS * torch.finfo(getattr(torch, generation.dtype)).eps,
             worst_per_quantity={k: c.to_dict() for k, c in worst.items()},
             decisions=[a.to_dict() for a in generation.decisions],
             end_to_end=generation.end_to_end,
@@ -46,6 +49,7 @@ def report_dict(artifacts: Path, backend: str, step: ParityResult, generation: G
                     canvas=r.canvas,
                     step=r.step,
                     router_tie=r.router_tie,
+                    router_margin=r.router_margin,
                     comparisons=[c.to_dict() for c in r.comparisons],
                 )
                 for r in generation.steps
@@ -67,9 +71,10 @@ def markdown(report: dict) -> str:
     ]
     if generation["calls_with_router_tie"]:
         lines += [
-            f"{generation['calls_with_router_tie']} replayed call(s) had an exact tie at the reference router's top-k "
-            "boundary; there torch.topk's pick is unspecified and ONNX TopK takes the lower index, so those calls "
-            "are reported in report.json, not judged.",
+            f"{generation['calls_with_router_tie']} replayed call(s) had a tie at the reference router's top-k "
+            f"boundary (relative margin <= {generation['near_tie_margin']:.1e}, {NEAR_TIE_ULPS} ulps): which expert "
+            "wins there is decided by rounding (or, on an exact tie, by torch.topk's unspecified order against "
+            "ONNX TopK's lower index), so those calls are reported in report.json, not judged.",
             "",
         ]
     if report["failures"]:
@@ -94,8 +99,9 @@ def markdown(report: dict) -> str:
     lines += ["", "| seed | token agreement | denoise calls per canvas (reference / ours) | tokens per forward | ok |",
               "|---|---|---|---|---|"]  # fmt: skip
     for run in generation["end_to_end"]:
+        agreement = f"{100 * run['token_agreement']:.2f}%"
         lines.append(
-            f"| {run['seed']} | {100 * run['token_agreement']:.2f}% | {run['reference_calls_per_canvas']} / "
+            f"| {run['seed']} | {agreement} | {run['reference_calls_per_canvas']} / "
             f"{run['candidate_calls_per_canvas']} | {run['candidate_tokens_per_forward']} | "
             f"{'yes' if run['passed'] else '**NO**'} |"
         )

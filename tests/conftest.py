@@ -31,3 +31,33 @@ def tiny_export(tiny_ckpt, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("tiny-export") / "onnx"
     export_checkpoint(tiny_ckpt, out, parity=False, quiet=True)
     return out
+
+
+@pytest.fixture(scope="session")
+def hf_router_and_experts():
+    """Builds transformers' DiffusionGemmaTextRouter + DiffusionGemmaTextExperts at the given sizes
+    with random weights of useful spread (the MoE tests' reference)."""
+    pytest.importorskip("transformers.models.diffusion_gemma", reason="needs transformers >= 5.13")
+    import torch
+    from transformers.models.diffusion_gemma.configuration_diffusion_gemma import DiffusionGemmaTextConfig
+    from transformers.models.diffusion_gemma.modeling_diffusion_gemma import (
+        DiffusionGemmaTextExperts,
+        DiffusionGemmaTextRouter,
+    )
+
+    def build(hidden: int, experts: int, top_k: int, width: int, seed: int = 0):  # noqa: ANN202
+        config = DiffusionGemmaTextConfig(
+            hidden_size=hidden, num_experts=experts, top_k_experts=top_k, moe_intermediate_size=width,
+            num_hidden_layers=1, layer_types=["full_attention"], experts_implementation="eager",
+        )  # fmt: skip
+        torch.manual_seed(seed)
+        router, block = DiffusionGemmaTextRouter(config), DiffusionGemmaTextExperts(config)
+        with torch.no_grad():
+            router.proj.weight.normal_(0.0, 1.0)
+            router.scale.uniform_(0.5, 1.5)
+            router.per_expert_scale.uniform_(0.5, 1.5)
+            block.gate_up_proj.normal_(0.0, hidden**-0.5)
+            block.down_proj.normal_(0.0, width**-0.5)
+        return router.eval(), block.eval()
+
+    return build

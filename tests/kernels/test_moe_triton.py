@@ -56,38 +56,10 @@ def test_bf16_smoke(impl):
     torch.testing.assert_close(out, ref, atol=2e-2, rtol=2e-2)
 
 
-def _hf_modules(seed=0):
-    pytest.importorskip("transformers.models.diffusion_gemma", reason="needs transformers >= 5.13")
-    from transformers.models.diffusion_gemma.configuration_diffusion_gemma import DiffusionGemmaTextConfig
-    from transformers.models.diffusion_gemma.modeling_diffusion_gemma import (
-        DiffusionGemmaTextExperts,
-        DiffusionGemmaTextRouter,
-    )
-
-    config = DiffusionGemmaTextConfig(
-        hidden_size=HIDDEN,
-        num_experts=EXPERTS,
-        top_k_experts=TOP_K,
-        moe_intermediate_size=WIDTH,
-        num_hidden_layers=1,
-        layer_types=["full_attention"],
-        experts_implementation="eager",
-    )
-    torch.manual_seed(seed)
-    router, experts = DiffusionGemmaTextRouter(config), DiffusionGemmaTextExperts(config)
-    with torch.no_grad():
-        router.proj.weight.normal_(0.0, 1.0)
-        router.scale.uniform_(0.5, 1.5)
-        router.per_expert_scale.uniform_(0.5, 1.5)
-        experts.gate_up_proj.normal_(0.0, HIDDEN**-0.5)
-        experts.down_proj.normal_(0.0, WIDTH**-0.5)
-    return router.eval(), experts.eval()
-
-
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("n_tokens", [1, 7, 64])
-def test_matches_transformers_router_and_experts(impl, n_tokens):
-    router, experts = _hf_modules()
+def test_matches_transformers_router_and_experts(impl, n_tokens, hf_router_and_experts):
+    router, experts = hf_router_and_experts(HIDDEN, EXPERTS, TOP_K, WIDTH)
     gen = torch.Generator().manual_seed(n_tokens)
     routing_input = torch.randn(n_tokens, HIDDEN, generator=gen)  # the residual stream
     expert_input = torch.randn(n_tokens, HIDDEN, generator=gen)  # after pre_feedforward_layernorm_2

@@ -12,13 +12,10 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from dllm_trt.errors import DllmError
-from dllm_trt.models.checkpoint import load_model
 from dllm_trt.optimize.attention import fuse_attention
 from dllm_trt.optimize.context import PassContext
 from dllm_trt.optimize.rms_norm import fuse_rms_norm
 from dllm_trt.optimize.rotary import fuse_rotary_embedding
-from dllm_trt.runtime.step import OnnxRuntimeStep
-from dllm_trt.validate.export_parity import step_parity
 
 CTX = PassContext("ort-cpu", "fp32", "denoiser", {})
 B, T, P, D = 2, 5, 7, 8
@@ -207,7 +204,7 @@ def test_unknown_target_is_refused():
 
 @pytest.mark.parametrize("target, after_norms_and_rotary", [("ort-cpu", False), ("trt", True)])
 def test_every_attention_of_the_exported_graphs_fuses_and_parity_holds(
-    tiny_ckpt, tiny_export, tmp_path, target, after_norms_and_rotary
+    tiny_export, tmp_path, target, after_norms_and_rotary, assert_step_parity
 ):
     out = tmp_path / "onnx"
     shutil.copytree(tiny_export, out)
@@ -231,9 +228,4 @@ def test_every_attention_of_the_exported_graphs_fuses_and_parity_holds(
             assert node.inputs[3].shape[2] == node.inputs[0].shape[2]
         ir.save(model, out / f"{name}.onnx", external_data=f"{name}.onnx.data")
 
-    result = step_parity(load_model(tiny_ckpt), OnnxRuntimeStep.from_artifacts(out), seed=11)
-    for comparison in result.comparisons:
-        print(comparison.line())
-    assert result.passed and result.exceeds_window
-    logits = [c for c in result.comparisons if "logits" in c.name]
-    assert logits and all(c.argmax_agreement == 1.0 and c.max_rel <= 1e-4 for c in logits)
+    assert assert_step_parity(out).exceeds_window

@@ -197,37 +197,13 @@ def test_routed_moe_capacity_extremes():
         assert err <= FP32_TOL
 
 
-def _hf_router_and_experts(seed: int = 0):  # noqa: ANN202
-    pytest.importorskip("transformers.models.diffusion_gemma", reason="needs transformers >= 5.13")
-    import torch
-    from transformers.models.diffusion_gemma.configuration_diffusion_gemma import DiffusionGemmaTextConfig
-    from transformers.models.diffusion_gemma.modeling_diffusion_gemma import (
-        DiffusionGemmaTextExperts,
-        DiffusionGemmaTextRouter,
-    )
-
-    config = DiffusionGemmaTextConfig(
-        hidden_size=H, num_experts=E, top_k_experts=K, moe_intermediate_size=I, num_hidden_layers=1,
-        layer_types=["full_attention"], experts_implementation="eager",
-    )  # fmt: skip
-    torch.manual_seed(seed)
-    router, experts = DiffusionGemmaTextRouter(config), DiffusionGemmaTextExperts(config)
-    with torch.no_grad():
-        router.proj.weight.normal_(0.0, 1.0)
-        router.scale.uniform_(0.5, 1.5)
-        router.per_expert_scale.uniform_(0.5, 1.5)
-        experts.gate_up_proj.normal_(0.0, H**-0.5)
-        experts.down_proj.normal_(0.0, I**-0.5)
-    return router.eval(), experts.eval()
-
-
 @pytest.mark.parametrize("target", TARGETS)
-def test_fused_block_matches_transformers_router_and_experts(target):
+def test_fused_block_matches_transformers_router_and_experts(target, hf_router_and_experts):
     """The fused node fed the router's logits (its proj output, captured) against transformers'
     DiffusionGemmaTextRouter + DiffusionGemmaTextExperts on fresh random inputs."""
     import torch
 
-    router, experts = _hf_router_and_experts()
+    router, experts = hf_router_and_experts(H, E, K, I)
     weights = dict(
         proj=router.proj.weight.detach().numpy(), scale=router.per_expert_scale.detach().numpy(),
         gate_up=experts.gate_up_proj.detach().numpy(), down=experts.down_proj.detach().numpy(),

@@ -196,6 +196,7 @@ class GenerationParity:
     seeds: list[int]
     prompt_lengths: list[int]
     max_new_tokens: int
+    near_tie_margin: float  # the RouterTieProbe's threshold: calls at or below it are not judged
     steps: list[StepRecord] = field(default_factory=list)
     decisions: list[Agreement] = field(default_factory=list)
     end_to_end: list[dict] = field(default_factory=list)
@@ -286,10 +287,9 @@ def generation_parity(
     dtype = str(model.dtype).removeprefix("torch.")
     tolerance = GENERATION_TOLERANCES[dtype]
     lengths = attention_mask.sum(dim=-1).tolist()
-    result = GenerationParity(dtype, seeds, lengths, settings.max_new_tokens)
     probe = RouterTieProbe(model)
+    result = GenerationParity(dtype, seeds, lengths, settings.max_new_tokens, probe.threshold)
     tee = TeeStep(reference_step, candidate_step, tolerance, settings.sampler.entropy_bound, probe)
-    prompt = input_ids.shape[1]
     try:
         generate(tee, settings, input_ids, attention_mask, seed=seeds[0])
         result.steps = tee.records
@@ -297,16 +297,16 @@ def generation_parity(
         for seed in seeds:
             expected, expected_calls = reference_generate(model, input_ids, attention_mask, settings, seed)
             actual = generate(candidate_step, settings, input_ids, attention_mask, seed=seed)
-            want, got = expected.sequences[:, prompt:], actual.sequences[:, prompt:]
-            result.end_to_end.append(_end_to_end(seed, want, got, expected, expected_calls, actual, tolerance))
+            result.end_to_end.append(_end_to_end(seed, input_ids.shape[1], expected, expected_calls, actual, tolerance))
     finally:
         probe.close()
     return result
 
 
-def _end_to_end(seed, want, got, expected, expected_calls, actual, tolerance) -> dict:  # noqa: ANN001
+def _end_to_end(seed, prompt, expected, expected_calls, actual, tolerance) -> dict:  # noqa: ANN001
     """Token agreement of one seed, judged strictly: the replay explains step-level differences, this
     shows whether the candidate's own trajectory stays the reference's."""
+    want, got = expected.sequences[:, prompt:], actual.sequences[:, prompt:]
     same_shape = want.shape == got.shape
     agree = (want == got) if same_shape else torch.zeros(1, dtype=torch.bool)
     common = min(want.shape[1], got.shape[1])

@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
-
 from dllm_trt.validate.compare import TOLERANCES, group_name
 from dllm_trt.validate.export_parity import ParityResult
 from dllm_trt.validate.generation_parity import GENERATION_TOLERANCES, NEAR_TIE_ULPS, GenerationParity
@@ -39,7 +37,7 @@ def report_dict(artifacts: Path, backend: str, step: ParityResult, generation: G
             max_new_tokens=generation.max_new_tokens,
             calls_replayed=len(generation.steps),
             calls_with_router_tie=generation.router_ties,
-            near_tie_margin=NEAR_TIE_ULPS * torch.finfo(getattr(torch, generation.dtype)).eps,
+            near_tie_margin=generation.near_tie_margin,
             worst_per_quantity={k: c.to_dict() for k, c in worst.items()},
             decisions=[a.to_dict() for a in generation.decisions],
             end_to_end=generation.end_to_end,

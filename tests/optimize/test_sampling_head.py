@@ -4,6 +4,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import onnxruntime as ort
+import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
@@ -12,15 +13,19 @@ from dllm_trt.optimize.sampling_head import add_sampling_head
 from dllm_trt.runtime.sampler import sampling_head, sampling_noise
 
 B, C, V, H = 2, 5, 37, 8
-CTX = PassContext("ort-cpu", "fp32", "denoiser", {"num_experts": 4, "top_k_experts": 2, "vocab_size": V})
+CTX_REST = ("fp32", "denoiser", {"num_experts": 4, "top_k_experts": 2, "vocab_size": V})
+CTX = PassContext("ort-cpu", *CTX_REST)
 
 
-def denoiser_like(output_name: str = "logits") -> onnx.ModelProto:
-    """canvas_ids -> Gather(E) * scale -> MatMul(W) -> Tanh*30 (softcap) -> logits [B, C, V]."""
+def denoiser_like(output_name: str = "logits", all_tied: bool = False) -> onnx.ModelProto:
+    """canvas_ids -> Gather(E) * scale -> MatMul(W) -> Tanh*30 (softcap) -> logits [B, C, V].
+
+    `all_tied`: every column of W the same, so every logit of a row ties."""
     rng = np.random.default_rng(0)
     embed = numpy_helper.from_array(rng.standard_normal((V, H)).astype(np.float32), "embed")
     scale = numpy_helper.from_array(np.array(np.sqrt(H), dtype=np.float32), "embed_scale")
-    head = numpy_helper.from_array(rng.standard_normal((H, V)).astype(np.float32), "head")
+    weights = rng.standard_normal((H, 1 if all_tied else V)).astype(np.float32)
+    head = numpy_helper.from_array(np.ascontiguousarray(np.broadcast_to(weights, (H, V))), "head")
     cap = numpy_helper.from_array(np.array(30.0, dtype=np.float32), "cap")
     nodes = [
         helper.make_node("Gather", ["embed", "canvas_ids"], ["e"]),
@@ -44,16 +49,19 @@ def session(model: onnx.ModelProto) -> ort.InferenceSession:
     return ort.InferenceSession(model.SerializeToString(), options)
 
 
-def test_head_equals_the_torch_sampler_head():
+@pytest.mark.parametrize("target", ["ort-cpu", "trt"])
+def test_head_equals_the_torch_sampler_head(target: str):
     original = denoiser_like()
     model = ir.from_proto(original)
-    assert add_sampling_head(model, CTX) == 1
+    assert add_sampling_head(model, PassContext(target, *CTX_REST)) == 1
     rewritten = ir.to_proto(model)
     outputs = [o.name for o in rewritten.graph.output]
     assert outputs == ["sampled_ids", "argmax_ids", "entropy", "next_self_conditioning"]
     assert {"temperature", "sampling_noise"} <= {i.name for i in rewritten.graph.input}
     ops = [n.op_type for n in rewritten.graph.node]
-    assert ops.count("ArgMax") == 2 and "LogSoftmax" in ops
+    argmax_op = "TopK" if target == "ort-cpu" else "ArgMax"
+    other = "ArgMax" if target == "ort-cpu" else "TopK"
+    assert ops.count(argmax_op) == 2 and other not in ops and "LogSoftmax" in ops
 
     canvas = np.random.default_rng(1).integers(0, V, (B, C)).astype(np.int64)
     (logits,) = session(original).run(None, {"canvas_ids": canvas})
@@ -73,6 +81,20 @@ def test_head_equals_the_torch_sampler_head():
     sc_error = np.abs(sc - expected_sc.numpy()).max() / np.abs(expected_sc.numpy()).max()
     print(f"entropy max abs error {entropy_error:.2e}, self-conditioning max rel error {sc_error:.2e}")
     assert entropy_error < 1e-5 and sc_error < 1e-6
+
+
+@pytest.mark.parametrize("target", ["ort-cpu", "trt"])
+def test_ties_take_the_first_index_as_torch_does(target: str):
+    """Every logit of a row equal and the noise all ones: torch's argmax takes index 0, so must the graph."""
+    model = ir.from_proto(denoiser_like(all_tied=True))
+    add_sampling_head(model, PassContext(target, *CTX_REST))
+    canvas = np.random.default_rng(2).integers(0, V, (B, C)).astype(np.int64)
+    feeds = {"canvas_ids": canvas, "temperature": np.array(0.7, np.float32),
+             "sampling_noise": np.ones((B, C, V), np.float32)}  # fmt: skip
+    sampled, argmax, _, _ = session(ir.to_proto(model)).run(None, feeds)
+    reference = sampling_head(torch.zeros(B, C, V), torch.ones(B * C, V))
+    assert not reference.argmax.any() and not reference.sampled.any()
+    assert not argmax.any() and not sampled.any()
 
 
 def test_graph_without_logits_is_left_alone():

@@ -13,7 +13,10 @@ runtime.sampler.sampling_head and the reference do:
     argmax_ids  = ArgMax(processed)
     entropy     = -ReduceSum(Max(LogSoftmax(processed), fmin) * probs)   (Categorical(logits).entropy)
     next_self_conditioning = (probs of processed in the embedding dtype) @ E * sqrt(H)
-and replaces the `logits` output by sampled_ids, argmax_ids [B, C] int64, entropy [B, C] fp32 and
+For `ort-cpu` each ArgMax is emitted as Squeeze(TopK(x, 1) indices): the same index (ONNX TopK
+puts the lower index first on a tie, as ArgMax returns the first maximum) and faster on
+onnxruntime's CPU kernels (two [64, 8192] ArgMax 0.55 ms, TopK 0.37 ms; measured on this machine).
+It replaces the `logits` output by sampled_ids, argmax_ids [B, C] int64, entropy [B, C] fp32 and
 next_self_conditioning [B, C, H]. Outputs 93x smaller than the logits (at the released sizes)
 leave the device. Letters: B batch, C canvas, V vocab, H hidden.
 """
@@ -64,10 +67,18 @@ def add_sampling_head(model: ir.Model, ctx: PassContext) -> int:
     axes = _const(graph, "sampling_head.last_axis", np.array([-1], dtype=np.int64))
 
     tape = ir.tape.Tape(graph)
+
+    def last_axis_argmax(x: ir.Value) -> ir.Value:
+        if ctx.target != "ort-cpu":
+            return tape.op("ArgMax", [x], attributes={"axis": -1, "keepdims": 0})
+        one = _const(graph, f"sampling_head.k1_{len(tape.nodes)}", np.array([1], dtype=np.int64))
+        _, indices = tape.op_multi_out("TopK", [x, one], attributes={"axis": -1}, num_outputs=2)
+        return tape.op("Squeeze", [indices, axes])
+
     processed = tape.op("Div", [logits, temperature])  # [B, C, V]
     probs = tape.op("Softmax", [processed], attributes={"axis": -1})
-    sampled = tape.op("ArgMax", [tape.op("Div", [probs, noise])], attributes={"axis": -1, "keepdims": 0})
-    argmax = tape.op("ArgMax", [processed], attributes={"axis": -1, "keepdims": 0})
+    sampled = last_axis_argmax(tape.op("Div", [probs, noise]))
+    argmax = last_axis_argmax(processed)
     log_probs = tape.op("Max", [tape.op("LogSoftmax", [processed], attributes={"axis": -1}), fmin])
     entropy = tape.op("Neg", [tape.op("ReduceSum", [tape.op("Mul", [log_probs, probs]), axes],
                                       attributes={"keepdims": 0})])  # fmt: skip
@@ -87,7 +98,7 @@ def add_sampling_head(model: ir.Model, ctx: PassContext) -> int:
     for node in tape.nodes:
         graph.append(node)
         for out in node.outputs:  # later passes (precision) read every value's dtype
-            if node.op_type == "ArgMax":
+            if node.op_type in ("ArgMax", "Squeeze") or (node.op_type == "TopK" and out is node.outputs[1]):
                 out.type = ir.TensorType(ir.DataType.INT64)
             elif node.op_type == "Cast":
                 out.type = ir.TensorType(ir.DataType(node.attributes["to"].value))

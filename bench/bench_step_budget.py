@@ -4,14 +4,15 @@
 
 The `small` preset, prepared as bench_generation.py does (reused from its work directory), batch 1:
 
-  - transformers `generate()`: its whole generation divided by its denoise calls (the all-in time
-    of one step: forward, sampling, noise), and a third of that: what a step may take at 3x;
-  - the loop over the optimized graphs (ort-optimized): the same figure;
+  - transformers `generate()` and the loop over the optimized graphs (ort-optimized), each timed
+    as bench_generation.py times it: the whole generation divided by its denoise calls (the all-in
+    time of one step: forward, sampling, noise); a third of transformers' is what a step may take
+    at 3x;
   - one step's sampling noise (B*C*V Exp(1) values from torch's generator): torch's own draw, the
     numpy draw the loop uses, and the Mersenne Twister's 32-bit outputs alone (two per value, one
     after another: the part of the draw no thread can share);
-  - the optimized denoiser alone (no noise being drawn beside it) on inputs recorded from that
-    generation: its median time, and where it goes, from an onnxruntime profile of the same calls
+  - the optimized denoiser alone (no noise being drawn beside it) on inputs recorded from one
+    more generation: its median time, and where it goes, from an onnxruntime profile of the same calls
     grouped by what the nodes compute (each group's share of the profiled kernel time, applied to
     the unprofiled median).
 """
@@ -31,35 +32,13 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import torch
-from bench_generation import PROMPTS, prepare  # bench/ is the script's directory, first on sys.path
+from bench_generation import PROMPTS, child_generate, prepare  # bench/ is the script's directory, first on sys.path
 
 
-def reference_step_ms(workdir: Path, max_new_tokens: int, seed: int) -> tuple[float, int]:
-    from dllm_trt.models.checkpoint import load_model
-    from dllm_trt.runtime.loop import left_pad
-
-    model = load_model(workdir / "checkpoint")
-    ids, mask = left_pad(PROMPTS, 0)
-    calls = 0
-    original = model.forward
-
-    def counted(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
-        nonlocal calls
-        calls += kwargs.get("decoder_input_ids") is not None
-        return original(*args, **kwargs)
-
-    model.forward = counted
-
-    def run() -> float:
-        nonlocal calls
-        calls = 0
-        torch.manual_seed(seed)
-        start = time.perf_counter()
-        model.generate(ids, attention_mask=mask.long(), max_new_tokens=max_new_tokens)
-        return time.perf_counter() - start
-
-    run()  # warm-up
-    return 1e3 * run() / calls, calls
+def all_in_step_ms(mode: str, workdir: Path, max_new_tokens: int, seed: int) -> tuple[float, int]:
+    """bench_generation's timed generation (after its warm-up), per denoise step: (ms, steps)."""
+    run = child_generate(mode, workdir, max_new_tokens, seed, batch=1)
+    return 1e3 * run["seconds"] / run["steps"], run["steps"]
 
 
 class RecordingSession:
@@ -76,7 +55,8 @@ class RecordingSession:
         return self.session.run(names, feeds, *args)
 
 
-def loop_step_ms(workdir: Path, max_new_tokens: int, seed: int) -> tuple[float, int, list[dict]]:
+def recorded_denoiser_feeds(workdir: Path, max_new_tokens: int, seed: int) -> list[dict]:
+    """The optimized denoiser's feeds of every call of one generation (untimed)."""
     from dllm_trt.runtime.loop import GenerationSettings, generate, left_pad
     from dllm_trt.runtime.step import OnnxRuntimeStep
 
@@ -85,13 +65,9 @@ def loop_step_ms(workdir: Path, max_new_tokens: int, seed: int) -> tuple[float, 
     settings = GenerationSettings.from_generation_config(
         json.loads((directory / "generation_config.json").read_text()), max_new_tokens=max_new_tokens
     )
-    ids, mask = left_pad(PROMPTS, 0)
-    generate(step, settings, ids, mask, seed=seed)  # warm-up
-    result = generate(step, settings, ids, mask, seed=seed)
-    calls = len(result.step_seconds)
     step.denoiser = RecordingSession(step.denoiser)
-    generate(step, settings, ids, mask, seed=seed)  # untimed: records the feeds
-    return 1e3 * result.seconds / calls, calls, step.denoiser.feeds
+    generate(step, settings, *left_pad(PROMPTS, 0), seed=seed)
+    return step.denoiser.feeds
 
 
 def median_ms(fn, repeats: int) -> float:  # noqa: ANN001
@@ -184,9 +160,10 @@ def main() -> None:
     vocab, canvas = config["text_config"]["vocab_size"], config["canvas_length"]
 
     print("# transformers generate()", file=sys.stderr)
-    reference, reference_calls = reference_step_ms(args.workdir, args.max_new_tokens, args.seed)
+    reference, reference_calls = all_in_step_ms("transformers", args.workdir, args.max_new_tokens, args.seed)
     print("# the loop over the optimized graphs", file=sys.stderr)
-    loop, loop_calls, feeds = loop_step_ms(args.workdir, args.max_new_tokens, args.seed)
+    loop, loop_calls = all_in_step_ms("ort-optimized", args.workdir, args.max_new_tokens, args.seed)
+    feeds = recorded_denoiser_feeds(args.workdir, args.max_new_tokens, args.seed)
     print("# the noise, the denoiser alone", file=sys.stderr)
     noise = noise_ms(canvas * vocab)
     wall, groups = denoiser_breakdown(args.workdir / "optimized", feeds, vocab)

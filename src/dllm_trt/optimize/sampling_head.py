@@ -66,12 +66,12 @@ def add_sampling_head(model: ir.Model, ctx: PassContext) -> int:
     fmin = _const(graph, "sampling_head.float32_min", np.array(np.finfo(np.float32).min, dtype=np.float32))
     axes = _const(graph, "sampling_head.last_axis", np.array([-1], dtype=np.int64))
 
+    one = _const(graph, "sampling_head.k1", np.array([1], dtype=np.int64)) if ctx.target == "ort-cpu" else None
     tape = ir.tape.Tape(graph)
 
     def last_axis_argmax(x: ir.Value) -> ir.Value:
-        if ctx.target != "ort-cpu":
+        if one is None:
             return tape.op("ArgMax", [x], attributes={"axis": -1, "keepdims": 0})
-        one = _const(graph, f"sampling_head.k1_{len(tape.nodes)}", np.array([1], dtype=np.int64))
         _, indices = tape.op_multi_out("TopK", [x, one], attributes={"axis": -1}, num_outputs=2)
         return tape.op("Squeeze", [indices, axes])
 
@@ -98,7 +98,7 @@ def add_sampling_head(model: ir.Model, ctx: PassContext) -> int:
     for node in tape.nodes:
         graph.append(node)
         for out in node.outputs:  # later passes (precision) read every value's dtype
-            if node.op_type in ("ArgMax", "Squeeze") or (node.op_type == "TopK" and out is node.outputs[1]):
+            if node.op_type == "ArgMax" or (node.op_type == "TopK" and out is node.outputs[1]):
                 out.type = ir.TensorType(ir.DataType.INT64)
             elif node.op_type == "Cast":
                 out.type = ir.TensorType(ir.DataType(node.attributes["to"].value))

@@ -53,11 +53,10 @@ class _Workspace(threading.local):
     """Scratch arrays kept between draws: fresh multi-MB arrays cost page faults on every step."""
 
     def __init__(self) -> None:
-        self.count = -1
+        self.high, self.values, self.low = np.empty(0, np.uint32), np.empty(0), np.empty(0)
 
     def arrays(self, count: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        if count != self.count:
-            self.count = count
+        if self.values.size != count:
             self.high, self.values, self.low = np.empty(count, np.uint32), np.empty(count), np.empty(count)
         return self.high, self.values, self.low
 

@@ -2,7 +2,7 @@
 
     PYTHONPATH=src python bench/bench_moe_chain.py             # N = 256 and 2048, bf16, 26B-A4B sizes
 
-``build.moe_chain_plugin.lowered_moe`` runs route, bucket, expert-up and expert-down with exactly the
+``engines.moe_chain_plugin.lowered_moe`` runs route, bucket, expert-up and expert-down with exactly the
 specs (tiles, warps) and grids the TensorRT AOT plugins use, then a torch sum over K and a cast (the
 ReduceSum + Cast of the lowered graph), through Triton's JIT; per BM tactic (16, 32, 64). It is the
 plugin chain minus TensorRT: what TensorRT can pick from when it times the tactics. Prints median ms
@@ -44,7 +44,7 @@ def graph_ms(fn, iters: int = 20) -> float:
 
 
 def main() -> None:
-    from dllm_trt.build.moe_chain_plugin import M_TILES, lowered_moe
+    from dllm_trt.engines.moe_chain_plugin import M_TILES, lowered_moe
     from dllm_trt.kernels.moe_triton import fused_moe, fused_moe_single_launch, moe_reference
 
     gen = torch.Generator(device="cuda").manual_seed(0)

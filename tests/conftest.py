@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 # Triton kernels run on the CPU under the interpreter; this must be set before anything imports
-# triton, and tests/build imports the kernels too, so it is set here rather than in tests/kernels.
+# triton, and tests/engines imports the kernels too, so it is set here rather than in tests/kernels.
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest

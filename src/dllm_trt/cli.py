@@ -97,7 +97,7 @@ def _optimize(args: argparse.Namespace) -> int:
 
 
 def _build(args: argparse.Namespace) -> int:
-    from dllm_trt.build.stage import BuildOptions, build_engines, format_plan, plan_build
+    from dllm_trt.engines.stage import BuildOptions, build_engines, format_plan, plan_build
 
     given = dict(
         precision=args.precision, profiles=tuple(args.profile or ()), timing_cache=args.timing_cache,
@@ -115,7 +115,7 @@ def _build(args: argparse.Namespace) -> int:
 
 
 def _lint_trt(args: argparse.Namespace) -> int:
-    from dllm_trt.build.lint import lint_artifacts
+    from dllm_trt.engines.lint import lint_artifacts
 
     given = dict(gpu=args.gpu, profile_overrides=args.profile)
     report = lint_artifacts(args.optimized, args.trt_version, **{k: v for k, v in given.items() if v is not None})

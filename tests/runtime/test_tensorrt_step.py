@@ -136,8 +136,8 @@ def test_engines_built_from_the_contract_graphs_run_with_and_without_cuda_graphs
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "build"))
     import trt_graphs
 
-    from dllm_trt.build.gpu import detect_gpu, preset_for
-    from dllm_trt.build.stage import BuildOptions, build_engines
+    from dllm_trt.engines.gpu import detect_gpu, preset_for
+    from dllm_trt.engines.stage import BuildOptions, build_engines
     from dllm_trt.runtime.tensorrt_step import TensorRTStep
 
     gpu = preset_for(detect_gpu())

@@ -48,7 +48,7 @@ Scratch traffic is small next to the weights: act is A*I*4 B (5.8 MB at N=256), 
 A*H*4 B (23 MB at N=256, 185 MB at N=2048) against 1.52 GB of bf16 expert weights.
 
 ``fused_moe_single_launch`` runs the kernel the TensorRT plugin embeds
-(``dllm_trt.build.moe_plugin``: an AOT Quick Deployable Plugin gets exactly one kernel
+(``dllm_trt.engines.moe_plugin``: an AOT Quick Deployable Plugin gets exactly one kernel
 launch, no workspace, int32 scalars only). Grid (cdiv(N, BT), cdiv(H, BH)): each program owns
 an output tile [BT, BH], routes its BT tokens itself, then loops over all experts, skipping
 those none of its tokens picked, computing the up GEMM over the full H and the down GEMM for

@@ -14,7 +14,7 @@ What each stand-in proves, and what it does not:
 
 * ``DllmMoEStandin`` computes ``kernels.moe_triton.moe_reference`` (the plugin's specified
   semantics): a graph that passes through it has the right wiring, layouts, dtypes and attributes
-  for the plugin. Not the plugin's kernel (``tests/kernels`` and ``tests/build`` cover that).
+  for the plugin. Not the plugin's kernel (``tests/kernels`` and ``tests/engines`` cover that).
 * ``OrtMoEStandin`` computes OUR READING of the ``com.microsoft.MoE`` spec (onnxruntime 1.32,
   ``optimize.moe`` docstring): fp32 softmax of ``router_probs`` as logits, top-k with ties to the
   lowest index, optional renormalisation, fc1 [E, fusion*I, H] with ``swiglu_fusion`` 1 (interleaved) or 2

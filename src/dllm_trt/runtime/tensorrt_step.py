@@ -183,8 +183,8 @@ class TensorRTStep:
     """encode and denoise_and_sample over the two engines of an engine directory."""
 
     def __init__(self, artifacts: Path, manifest: dict, use_cuda_graphs: bool = True) -> None:
-        from dllm_trt.build.build_info import check_compatible, read_build_info
-        from dllm_trt.build.gpu import detect_gpu
+        from dllm_trt.engines.build_info import check_compatible, read_build_info
+        from dllm_trt.engines.gpu import detect_gpu
         from dllm_trt.export.onnx_export import cache_names
         from dllm_trt.models.diffusion_gemma import LayerSpec
         from dllm_trt.runtime.step import StepInfo

@@ -2,8 +2,8 @@
 
 import pytest
 
-from dllm_trt.build import profiles as prof
-from dllm_trt.build.presets import get_preset
+from dllm_trt.engines import profiles as prof
+from dllm_trt.engines.gpu_presets import get_preset
 from dllm_trt.errors import DllmError
 
 MODEL = dict(canvas_length=256, sliding_window=1024, vocab_size=262144, hidden_size=2816)

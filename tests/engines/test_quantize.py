@@ -6,7 +6,7 @@ import pytest
 import trt_graphs as graphs
 from onnx import TensorProto, helper
 
-from dllm_trt.build.quantize import fp8_parity, modelopt_available, quantize_fp8, synthetic_feeds, unsupported_reason
+from dllm_trt.engines.quantize import fp8_parity, modelopt_available, quantize_fp8, synthetic_feeds, unsupported_reason
 from dllm_trt.errors import DllmError
 
 

@@ -4,8 +4,8 @@ An ordered list of passes on the ONNX proto (weights stay external and untouched
 how many nodes it changed:
 
 1. lower_moe: every DllmMoE node becomes the chain of single-kernel plugins + ReduceSum + Cast of
-   build.moe_chain_plugin (why: that module's docstring). `--moe single` keeps the one-launch
-   DllmMoE plugin (build.moe_plugin) instead.
+   engines.moe_chain_plugin (why: that module's docstring). `--moe single` keeps the one-launch
+   DllmMoE plugin (engines.moe_plugin) instead.
 2. decompose_wide_attention: Attention nodes whose head size lies outside the fused-kernel range the
    TensorRT docs give (16..256, multiple of 8) get TRT_decomposable=1, so TensorRT may run them as
    BMM + softmax + BMM instead of failing to build. A node that already says TRT_decomposable=0 is
@@ -17,11 +17,11 @@ from __future__ import annotations
 import onnx
 from onnx import TensorProto, helper
 
-from dllm_trt.build import moe_chain_plugin as chain
-from dllm_trt.build.lint import GraphInfo
-from dllm_trt.build.moe_plugin import PLUGIN_NAME, PLUGIN_NAMESPACE
-from dllm_trt.build.plugins import PLUGIN_VERSION
-from dllm_trt.build.support import Support
+from dllm_trt.engines import moe_chain_plugin as chain
+from dllm_trt.engines.lint import GraphInfo
+from dllm_trt.engines.moe_plugin import PLUGIN_NAME, PLUGIN_NAMESPACE
+from dllm_trt.engines.plugins import PLUGIN_VERSION
+from dllm_trt.engines.support import Support
 
 MOE_MODES = ("chain", "single")
 _AXES = "dllm_trt/moe_reduce_axes"

@@ -3,7 +3,7 @@
 `plan_build` resolves and checks everything TensorRT is not needed for (manifest, preset,
 precision, profiles, lint-trt, the graph rewrites, a memory estimate); `--dry-run` prints it.
 `build_engines` then checks TensorRT and the GPU, registers the plugins, rewrites each graph
-(build.rewrite; fp8 first through build.quantize), parses it, builds it with the timing cache and
+(engines.rewrite; fp8 first through engines.quantize), parses it, builds it with the timing cache and
 writes everything into a temporary directory renamed into place at the end.
 """
 
@@ -18,12 +18,12 @@ from pathlib import Path
 
 import onnx
 
-from dllm_trt.build import profiles as prof
-from dllm_trt.build.build_info import write_build_info
-from dllm_trt.build.lint import GRAPHS, check_optimized_manifest, lint_artifacts
-from dllm_trt.build.presets import GpuPreset, get_preset, resolve_precision
-from dllm_trt.build.rewrite import MOE_MODES, prepare_for_parser
-from dllm_trt.build.support import DEFAULT_VERSION, load_support
+from dllm_trt.engines import profiles as prof
+from dllm_trt.engines.build_info import write_build_info
+from dllm_trt.engines.lint import GRAPHS, check_optimized_manifest, lint_artifacts
+from dllm_trt.engines.gpu_presets import GpuPreset, get_preset, resolve_precision
+from dllm_trt.engines.rewrite import MOE_MODES, prepare_for_parser
+from dllm_trt.engines.support import DEFAULT_VERSION, load_support
 from dllm_trt.errors import DllmError
 from dllm_trt.manifest import MANIFEST, atomic_output, file_sha256, read_manifest, write_manifest
 from dllm_trt.progress import Progress, human_bytes
@@ -61,7 +61,7 @@ def _check_precision(manifest: dict, precision: str, directory: Path) -> None:
             f"a bf16 engine needs 'dllm-trt optimize --target trt --precision bf16'"
         )
     if precision in ("fp8", "nvfp4"):
-        from dllm_trt.build.quantize import unsupported_reason
+        from dllm_trt.engines.quantize import unsupported_reason
 
         for graph in GRAPHS:
             model = onnx.load(str(directory / manifest["graphs"][graph]["file"]), load_external_data=False)
@@ -69,7 +69,7 @@ def _check_precision(manifest: dict, precision: str, directory: Path) -> None:
             if reason:
                 raise DllmError(f"--precision {precision} cannot be built from {directory} ({graph}): {reason}")
         if precision == "fp8" and graph_precision != "fp32":
-            raise DllmError("--precision fp8 quantizes an 'optimize --precision fp32' output (see build.quantize)")
+            raise DllmError("--precision fp8 quantizes an 'optimize --precision fp32' output (see engines.quantize)")
 
 
 def _memory_estimate(manifest: dict, ranges: dict[str, prof.DimRange], precision: str) -> dict:
@@ -103,7 +103,7 @@ def plan_build(directory: Path, options: BuildOptions, trt_version: str | None =
         raise DllmError(f"--opt-level {options.opt_level}: TensorRT's builder optimization levels are 0..5")
     overrides = prof.parse_overrides(list(options.profiles))
     ranges = prof.resolve_ranges(preset, manifest["model"], overrides)
-    from dllm_trt.build.engine import support_key
+    from dllm_trt.engines.engine import support_key
 
     version = support_key(trt_version) if trt_version else DEFAULT_VERSION
     lint = lint_artifacts(directory, version, options.gpu, list(options.profiles))
@@ -176,9 +176,9 @@ def _aux_files(directory: Path, manifest: dict) -> list[Path]:
 
 def build_engines(directory: Path, out: Path, options: BuildOptions, quiet: bool = False) -> dict:
     """Build both engines into `out`; returns the build_info written there."""
-    from dllm_trt.build import engine as trt_build
-    from dllm_trt.build.gpu import check_gpu, detect_gpu
-    from dllm_trt.build.plugins import register_all
+    from dllm_trt.engines import engine as trt_build
+    from dllm_trt.engines.gpu import check_gpu, detect_gpu
+    from dllm_trt.engines.plugins import register_all
 
     progress = Progress(3 + 2 * len(GRAPHS), quiet=quiet)
     with progress.stage("TensorRT and GPU") as notes:
@@ -260,7 +260,7 @@ def build_engines(directory: Path, out: Path, options: BuildOptions, quiet: bool
 
 
 def _quantized(source: Path, work: Path, manifest: dict, graph: str, plan: dict) -> Path:
-    from dllm_trt.build.quantize import quantize_fp8, synthetic_feeds
+    from dllm_trt.engines.quantize import quantize_fp8, synthetic_feeds
 
     work.mkdir(parents=True, exist_ok=True)
     model = manifest["model"]

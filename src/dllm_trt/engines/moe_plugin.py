@@ -55,7 +55,7 @@ What has never run: everything that touches ``tensorrt`` here (registration, aut
 aot_impl callback, symbolic launch params, parsing a DllmMoE node, building or running an
 engine). TensorRT cannot be installed on the machines this was written on. What has run:
 ``compile_single_launch`` (Triton -> sm_90 PTX with the exact signature and constexprs used
-below; Triton 3.9 on a CPU machine and 3.6 on the GPU machine; tests/build/test_moe_plugin.py),
+below; Triton 3.9 on a CPU machine and 3.6 on the GPU machine; tests/engines/test_moe_plugin.py),
 and the kernel itself through Triton's JIT (``fused_moe_single_launch``): the interpreter on CPU,
 and compiled on an H100 and an H200 (torch 2.11, Triton 3.6) against ``moe_reference``.
 """
@@ -188,7 +188,7 @@ def compile_single_launch(
 
 
 def _check_launch_abi(metadata: object) -> None:
-    from dllm_trt.build.triton_aot import launch_abi_problems
+    from dllm_trt.engines.triton_aot import launch_abi_problems
 
     bad = launch_abi_problems(metadata)
     if bad:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from dllm_trt.build.gpu import GpuInfo
+from dllm_trt.engines.gpu import GpuInfo
 from dllm_trt.errors import DllmError
 
 BUILD_INFO = "build_info.json"

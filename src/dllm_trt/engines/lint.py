@@ -1,10 +1,10 @@
 """`dllm-trt lint-trt`: will TensorRT's ONNX parser take these graphs? Checked without TensorRT, in seconds.
 
 Per graph: the opset; every node's op against the support table of the chosen TensorRT version
-(build.support), the dtype of its data tensors against the types the table lists, and the
+(engines.support), the dtype of its data tensors against the types the table lists, and the
 restrictions the parser enforces on the ops these graphs use (Attention, TopK, Reduce*, Squeeze,
 Unsqueeze, ScatterND, LayerNormalization, RotaryEmbedding, Constant); custom nodes against
-dllm-trt's plugin registry (build.plugins); the interface against the model (canvas, vocab, hidden
+dllm-trt's plugin registry (engines.plugins); the interface against the model (canvas, vocab, hidden
 and every cache's heads/head dim static); the manifest's I/O description against the file; and the
 optimization profiles against the dynamic axes. Attention head sizes outside the fused-kernel range
 are reported with what TensorRT will do about them.
@@ -22,10 +22,10 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from dllm_trt.build import profiles as prof
-from dllm_trt.build.plugins import FLOATS, PLUGIN_NAMESPACE, PLUGIN_VERSION, PLUGINS
-from dllm_trt.build.presets import get_preset
-from dllm_trt.build.support import ONNX_TO_TRT, Support, load_support
+from dllm_trt.engines import profiles as prof
+from dllm_trt.engines.plugins import FLOATS, PLUGIN_NAMESPACE, PLUGIN_VERSION, PLUGINS
+from dllm_trt.engines.gpu_presets import get_preset
+from dllm_trt.engines.support import ONNX_TO_TRT, Support, load_support
 from dllm_trt.errors import DllmError
 from dllm_trt.manifest import describe_value
 

@@ -6,7 +6,7 @@ import shutil
 import subprocess
 from dataclasses import dataclass
 
-from dllm_trt.build.presets import PRESETS, GpuPreset, matches
+from dllm_trt.engines.gpu_presets import PRESETS, GpuPreset, matches
 from dllm_trt.errors import DllmError
 
 

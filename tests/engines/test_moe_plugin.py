@@ -39,7 +39,7 @@ def test_import_pulls_in_neither_tensorrt_nor_triton():
         _run_python(
             """
             import json, sys
-            import dllm_trt.build.moe_plugin as plugin
+            import dllm_trt.engines.moe_plugin as plugin
             assert plugin.PLUGIN_ID == "dllm_trt::DllmMoE"
             print(json.dumps({name: name in sys.modules for name in ("tensorrt", "triton")}))
             """
@@ -50,14 +50,14 @@ def test_import_pulls_in_neither_tensorrt_nor_triton():
 
 @pytest.mark.skipif(HAS_TENSORRT, reason="TensorRT is installed, so the missing-TensorRT error cannot occur")
 def test_register_without_tensorrt_raises_clear_error():
-    from dllm_trt.build.moe_plugin import register_moe_plugin
+    from dllm_trt.engines.moe_plugin import register_moe_plugin
 
     with pytest.raises(RuntimeError, match=r"^TensorRT is not installed: "):
         register_moe_plugin()
 
 
 def test_trt_dtype_names_map_to_triton_types():
-    from dllm_trt.build.moe_plugin import triton_dtype
+    from dllm_trt.engines.moe_plugin import triton_dtype
 
     assert [triton_dtype(n) for n in ("FLOAT", "HALF", "BF16")] == ["fp32", "fp16", "bf16"]
     with pytest.raises(ValueError, match="INT8"):
@@ -76,7 +76,7 @@ def test_aot_kernel_compiles_to_sm90_ptx_with_the_trt_argument_layout():
             """
             import json
             from triton.backends.compiler import GPUTarget
-            from dllm_trt.build.moe_plugin import compile_single_launch
+            from dllm_trt.engines.moe_plugin import compile_single_launch
             out = {}
             for dtype in ("bf16", "fp32"):
                 k = compile_single_launch(dtype, 128, 2816, 704, 8, target=GPUTarget("cuda", 90, 32))
@@ -107,7 +107,7 @@ def _trt():
 
 def test_registers_with_tensorrt():
     trt = _trt()
-    from dllm_trt.build.moe_plugin import register_moe_plugin
+    from dllm_trt.engines.moe_plugin import register_moe_plugin
 
     register_moe_plugin()
     register_moe_plugin()  # idempotent
@@ -151,7 +151,7 @@ def test_engine_with_the_plugin_matches_the_reference():
     torch = _cuda_torch()
     import tensorrt.plugin as trtp
 
-    from dllm_trt.build.moe_plugin import register_moe_plugin
+    from dllm_trt.engines.moe_plugin import register_moe_plugin
     from dllm_trt.kernels.moe_triton import moe_reference
 
     register_moe_plugin()
@@ -174,7 +174,7 @@ def test_onnx_dllm_moe_node_parses_to_the_plugin():
     onnx = pytest.importorskip("onnx")
     from onnx import TensorProto, helper
 
-    from dllm_trt.build.moe_plugin import register_moe_plugin
+    from dllm_trt.engines.moe_plugin import register_moe_plugin
 
     register_moe_plugin()
     n, h, e, i = 8, 96, 16, 48

@@ -197,7 +197,7 @@ def denoiser(opset: int = 23) -> onnx.ModelProto:
 def _model(b: _Builder, name: str, inputs: list, outputs: list, opset: int) -> onnx.ModelProto:
     graph = helper.make_graph(b.nodes, name, inputs, outputs, b.inits)
     opsets = [helper.make_opsetid("", opset), helper.make_opsetid("dllm_trt", 1)]
-    model = helper.make_model(graph, opset_imports=opsets, producer_name="tests/build/graphs.py")
+    model = helper.make_model(graph, opset_imports=opsets, producer_name="tests/engines/graphs.py")
     model.ir_version = 10
     return model
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from dllm_trt.build.presets import GpuPreset
+from dllm_trt.engines.gpu_presets import GpuPreset
 from dllm_trt.errors import DllmError
 
 DIMS = ("batch", "new_tokens", "cache_full", "cache_sliding")

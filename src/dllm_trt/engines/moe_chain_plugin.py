@@ -1,6 +1,6 @@
 """The MoE as a chain of single-kernel TensorRT AOT plugins: what `build` lowers each DllmMoE node into.
 
-Why a chain: an AOT Quick Deployable Plugin is exactly one kernel launch (build.moe_plugin), and
+Why a chain: an AOT Quick Deployable Plugin is exactly one kernel launch (engines.moe_plugin), and
 the one-launch MoE kernel recomputes the up GEMM for every output slice: 20.4 ms per layer at
 N=256 on an H200 against 0.43 ms for the 5-launch ``fused_moe`` (bench/bench_moe_kernel.py), i.e.
 about 0.6 s per denoise step over 30 layers where the weight-read floor is 15 ms. Four of those five
@@ -19,7 +19,7 @@ node becomes (letters as in kernels.moe_triton; all plugin nodes in domain and p
 split out. Every assignment a belongs to exactly one expert, so the up/down kernels write every
 row of act and part and nothing is read uninitialised; the plugins need no workspace and no
 memset. Each plugin has at most one attribute, so the positional order in which TensorRT's AOT
-path hands attributes over (build.moe_plugin) cannot mix them up. The expert GEMMs advertise their
+path hands attributes over (engines.moe_plugin) cannot mix them up. The expert GEMMs advertise their
 row tile BM (16, 32, 64) as custom tactics: TensorRT times them at the profile's opt shape (BM 16
 suits a 256-token canvas, about 16 rows per expert; larger batches want 64). Pointer arguments
 carry no 16-byte divisibility hint (TensorRT's alignment of plugin buffers is not documented), which
@@ -45,8 +45,8 @@ any engine containing these plugins (TensorRT cannot be installed where this was
 
 from collections.abc import Callable
 
-from dllm_trt.build.moe_plugin import PLUGIN_NAMESPACE, _import_tensorrt, triton_dtype
-from dllm_trt.build.triton_aot import KernelSpec, compile_spec
+from dllm_trt.engines.moe_plugin import PLUGIN_NAMESPACE, _import_tensorrt, triton_dtype
+from dllm_trt.engines.triton_aot import KernelSpec, compile_spec
 
 ROUTE, BUCKET, EXPERT_UP, EXPERT_DOWN = "DllmMoERoute", "DllmMoEBucket", "DllmMoEExpertUp", "DllmMoEExpertDown"
 CHAIN_OPS = (ROUTE, BUCKET, EXPERT_UP, EXPERT_DOWN)

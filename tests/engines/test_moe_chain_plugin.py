@@ -10,7 +10,7 @@ import textwrap
 
 import pytest
 
-from dllm_trt.build import moe_chain_plugin as chain
+from dllm_trt.engines import moe_chain_plugin as chain
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 NO_TRT = "TensorRT is not installed here (its wheels download from NVIDIA's index, unreachable)"
@@ -38,8 +38,8 @@ def test_chain_kernels_compile_to_sm90_ptx_with_the_trt_layout_within_48kb():
     code = """
         import json
         from triton.backends.compiler import GPUTarget
-        from dllm_trt.build import moe_chain_plugin as c
-        from dllm_trt.build.triton_aot import compile_spec
+        from dllm_trt.engines import moe_chain_plugin as c
+        from dllm_trt.engines.triton_aot import compile_spec
         target = GPUTarget("cuda", 90, 32)
         specs = [c.route_spec(128, 8), c.bucket_spec(8), c.up_spec("bf16", 128, 2816, 704, 8, 64),
                  c.down_spec("bf16", 128, 2816, 704, 64)]
@@ -79,9 +79,9 @@ def test_an_engine_of_the_lowered_chain_matches_the_reference(tmp_path):
     import onnx
     from onnx import TensorProto, helper
 
-    from dllm_trt.build.engine import build_serialized, parse_network
-    from dllm_trt.build.plugins import register_all
-    from dllm_trt.build.rewrite import lower_moe
+    from dllm_trt.engines.engine import build_serialized, parse_network
+    from dllm_trt.engines.plugins import register_all
+    from dllm_trt.engines.rewrite import lower_moe
     from dllm_trt.kernels.moe_triton import moe_reference
 
     register_all()

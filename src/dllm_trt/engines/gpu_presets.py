@@ -7,7 +7,7 @@ while the sliding layers are capped at `sliding_window - 1` positions.
 
 Default precision is bf16 everywhere: 90% of the parameters are expert weights consumed by the
 dllm_trt MoE plugins, whose Triton kernels take fp32/fp16/bf16 weights only, so fp8/nvfp4 Q/DQ
-reach only the attention and dense-MLP GEMMs (see build.quantize).
+reach only the attention and dense-MLP GEMMs (see engines.quantize).
 """
 
 from __future__ import annotations

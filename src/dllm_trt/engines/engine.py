@@ -1,7 +1,7 @@
 """TensorRT itself: parse one prepared ONNX graph into a strongly typed network and build a serialized engine.
 
 Thin on purpose: network creation and parsing with the `tensorrt` API (the ONNX bytes come from
-build.rewrite, the external weights are found next to the original file through `path`), the
+engines.rewrite, the external weights are found next to the original file through `path`), the
 builder config and the build through polygraphy (profiles, timing cache load/save, optimization
 level). No precision flags: TensorRT 11 removed them (and polygraphy 0.53.6's fp16=/bf16= would
 set them); the graph's dtypes and Q/DQ nodes are the precision. Everything here needs `tensorrt`.

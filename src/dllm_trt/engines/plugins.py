@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from dllm_trt.build import moe_chain_plugin as chain
-from dllm_trt.build.moe_plugin import ACTIVATION, PLUGIN_NAME, PLUGIN_NAMESPACE
+from dllm_trt.engines import moe_chain_plugin as chain
+from dllm_trt.engines.moe_plugin import ACTIVATION, PLUGIN_NAME, PLUGIN_NAMESPACE
 
 PLUGIN_VERSION = "1"
 FLOATS = ("float32", "float16", "bfloat16")  # "T" below
@@ -72,7 +72,7 @@ PLUGINS: dict[str, PluginSpec] = {
 
 def register_all(ptx_version: int | None = None) -> None:
     """Register every dllm_trt plugin with TensorRT (idempotent); raises RuntimeError without TensorRT."""
-    from dllm_trt.build.moe_plugin import register_moe_plugin
+    from dllm_trt.engines.moe_plugin import register_moe_plugin
 
     register_moe_plugin(ptx_version)
     chain.register_chain_plugins(ptx_version)

@@ -2,7 +2,7 @@
 
 TensorRT launches an AOT kernel with (input pointers..., int32 extras..., output pointers...), one
 grid/block/dynamic-shared-memory triple, null for any further parameter, and no opt-in to more
-than the default 48 KB of dynamic shared memory (see build.moe_plugin's docstring for sources).
+than the default 48 KB of dynamic shared memory (see engines.moe_plugin's docstring for sources).
 So a kernel compiled here must take its arguments in that order, need no Triton scratch memory,
 one CTA per cluster and no cooperative/PDL launch, and fit in 48 KB (fewer pipeline stages first).
 """
@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
-from dllm_trt.build.moe_plugin import DEFAULT_SMEM_LIMIT, CompiledKernel
+from dllm_trt.engines.moe_plugin import DEFAULT_SMEM_LIMIT, CompiledKernel
 
 
 @dataclass(frozen=True)

@@ -5,10 +5,10 @@ import torch
 import trt_graphs as graphs
 from onnx import TensorProto, helper
 
-from dllm_trt.build import moe_chain_plugin as chain
-from dllm_trt.build.lint import lint_graph
-from dllm_trt.build.rewrite import decompose_wide_attention, lower_moe, prepare_for_parser
-from dllm_trt.build.support import load_support
+from dllm_trt.engines import moe_chain_plugin as chain
+from dllm_trt.engines.lint import lint_graph
+from dllm_trt.engines.rewrite import decompose_wide_attention, lower_moe, prepare_for_parser
+from dllm_trt.engines.support import load_support
 from dllm_trt.kernels.moe_triton import moe_reference, triton_available
 
 

@@ -5,9 +5,9 @@ import importlib.util
 import pytest
 import trt_graphs as graphs
 
-from dllm_trt.build.gpu import GpuInfo, check_gpu
-from dllm_trt.build.presets import get_preset
-from dllm_trt.build.stage import BuildOptions, build_engines, default_timing_cache, format_plan, plan_build
+from dllm_trt.engines.gpu import GpuInfo, check_gpu
+from dllm_trt.engines.gpu_presets import get_preset
+from dllm_trt.engines.stage import BuildOptions, build_engines, default_timing_cache, format_plan, plan_build
 from dllm_trt.cli import main
 from dllm_trt.errors import DllmError
 

@@ -2,8 +2,8 @@
 
 import pytest
 
-from dllm_trt.build.build_info import check_compatible, read_build_info, write_build_info
-from dllm_trt.build.gpu import GpuInfo
+from dllm_trt.engines.build_info import check_compatible, read_build_info, write_build_info
+from dllm_trt.engines.gpu import GpuInfo
 from dllm_trt.errors import DllmError
 
 INFO = dict(tensorrt_version="11.3.0", gpu=dict(name="NVIDIA H100 80GB HBM3", compute_capability=[9, 0]))

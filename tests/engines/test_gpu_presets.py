@@ -2,7 +2,7 @@
 
 import pytest
 
-from dllm_trt.build.presets import PRECISIONS, PRESETS, get_preset, matches, resolve_precision
+from dllm_trt.engines.gpu_presets import PRECISIONS, PRESETS, get_preset, matches, resolve_precision
 from dllm_trt.errors import DllmError
 
 

@@ -134,9 +134,8 @@ def child_step_table(workdir: Path, canvases: list[int], caches: list[int], repe
 
 def prepare(workdir: Path, canvas: int | None = None) -> Path:
     """Checkpoint, export and ort-cpu optimization of the small preset (reused when present)."""
-    from dllm_trt.export import export_checkpoint
+    from dllm_trt import export, optimize
     from dllm_trt.models.presets import make_checkpoint
-    from dllm_trt.optimize import optimize_artifacts
 
     base = workdir if canvas is None else workdir / f"canvas{canvas}"
     if not (base / "checkpoint" / "config.json").is_file():
@@ -145,9 +144,9 @@ def prepare(workdir: Path, canvas: int | None = None) -> Path:
             model.config.canvas_length = canvas
             model.save_pretrained(base / "checkpoint")
     if not (base / "onnx" / "manifest.json").is_file():
-        export_checkpoint(base / "checkpoint", base / "onnx", parity=False, force=True)
+        export.run(export.ExportOptions(base / "checkpoint", base / "onnx", parity=False, force=True))
     if not (base / "optimized" / "manifest.json").is_file():
-        optimize_artifacts(base / "onnx", base / "optimized", "ort-cpu", "fp32", parity="final", force=True)
+        optimize.run(optimize.OptimizeOptions(base / "onnx", base / "optimized", "ort-cpu", parity="final", force=True))
     return base
 
 

@@ -26,10 +26,10 @@ def tiny_ckpt(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_export(tiny_ckpt, tmp_path_factory) -> Path:
-    from dllm_trt.export import export_checkpoint
+    from dllm_trt import export
 
     out = tmp_path_factory.mktemp("tiny-export") / "onnx"
-    export_checkpoint(tiny_ckpt, out, parity=False, quiet=True)
+    export.run(export.ExportOptions(tiny_ckpt, out, parity=False, quiet=True))
     return out
 
 

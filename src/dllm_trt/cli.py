@@ -1,13 +1,79 @@
-"""dllm-trt command line: one verb per stage, each reading and writing a directory with a manifest."""
+"""dllm-trt command line: one verb per stage, each reading and writing a directory with a manifest.
+
+This module only turns arguments into each stage's options and prints the results. Defaults live in
+the options dataclasses: an argument not given is left out, so the dataclass default applies.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from pathlib import Path
 
 from dllm_trt.errors import DllmError
+
+
+def _options(cls: type, args: argparse.Namespace, **values: object) -> object:
+    """`cls` from the arguments given (argparse leaves the others out) plus converted `values`."""
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
+    return cls(**(given | values))
+
+
+def _default(cls: type, name: str) -> str:
+    """A field's default, for --help (the dataclass holds it once)."""
+    field = next(f for f in dataclasses.fields(cls) if f.name == name)
+    return "none" if field.default is None else str(field.default)
+
+
+def _parse_ids(text: str) -> tuple[int, ...]:
+    try:
+        ids = tuple(int(part) for part in text.replace(" ", "").split(",") if part)
+    except ValueError:
+        raise DllmError(f"--prompt-ids takes comma-separated integers like 5,17,42, not '{text}'") from None
+    if not ids:
+        raise DllmError("--prompt-ids is empty; pass comma-separated token ids like 5,17,42")
+    return ids
+
+
+def _parse_seeds(text: str) -> tuple[int, ...]:
+    try:
+        seeds = tuple(int(s) for s in text.split(",") if s.strip())
+    except ValueError:
+        raise DllmError(f"--seeds takes comma-separated integers like 0,1, not '{text}'") from None
+    if not seeds:
+        raise DllmError("--seeds is empty; pass comma-separated integers like 0,1")
+    return seeds
+
+
+def _print_canvas(canvas) -> None:  # noqa: ANN001 (runtime.CanvasText)
+    for row, tokens in enumerate(canvas.rows):
+        head = f"[canvas {canvas.event.index} · row {row} · {canvas.event.steps[row]} steps]"
+        shown = repr(canvas.text[row]) if canvas.text is not None else " ".join(map(str, tokens))
+        print(f"{head} {shown}", flush=True)
+
+
+def _print_generation(result) -> None:  # noqa: ANN001 (runtime.GenerateResult)
+    if result.text is not None:
+        for row, (prompt, text) in enumerate(zip(result.prompt_text, result.text)):
+            print(f"\n--- row {row} ---\n{prompt}{text}")
+    stats = result.stats
+    print(
+        f"\n{stats['new_tokens']} tokens in {stats['seconds']:.2f} s = {stats['tokens_per_second']} tok/s "
+        f"({result.backend}, {result.execution}); denoise steps per canvas {stats['denoise_steps_per_canvas']} "
+        f"(mean {stats['mean_denoise_steps_per_canvas']}); tokens per forward {stats['tokens_per_forward']}; "
+        f"step latency median {stats['step_ms_median']} ms, p90 {stats['step_ms_p90']} ms",
+        file=sys.stderr,
+    )
+
+
+def _print_validation(result) -> int:  # noqa: ANN001 (validate.ValidateResult)
+    print(result.markdown)
+    if not result.passed:
+        print(f"dllm-trt: validation failed: {'; '.join(result.failures)}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _make_tiny(args: argparse.Namespace) -> int:
@@ -16,6 +82,8 @@ def _make_tiny(args: argparse.Namespace) -> int:
 
     if args.preset not in PRESETS:
         raise DllmError(f"unknown preset '{args.preset}'; choose one of: {', '.join(PRESETS)}")
+    if args.layers is not None and args.layers < 1:
+        raise DllmError("--layers must be a positive integer")
     with atomic_output(args.out, force=args.force) as tmp:
         model = make_checkpoint(tmp, args.preset, args.seed, num_layers=args.layers)
     params = sum(p.numel() for n, p in model.named_parameters() if "vision" not in n)
@@ -24,17 +92,13 @@ def _make_tiny(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from dllm_trt.export import export_checkpoint
+    from dllm_trt import export
 
-    manifest = export_checkpoint(
-        args.checkpoint, args.output, parity=not args.no_parity, seed=args.seed, force=args.force, dtype=args.dtype
-    )
-    print(f"wrote {args.output}/encoder.onnx, denoiser.onnx and manifest.json")
-    if "parity_failed" in manifest:
-        print(
-            f"dllm-trt: parity check failed ({manifest['parity_failed']}); graphs kept in {args.output} for inspection",
-            file=sys.stderr,
-        )
+    result = export.run(_options(export.ExportOptions, args))
+    print(f"wrote {result.output}/encoder.onnx, denoiser.onnx and manifest.json")
+    if result.parity_failed:
+        print(f"dllm-trt: parity check failed ({result.parity_failed}); graphs kept in {result.output} for "
+              "inspection", file=sys.stderr)  # fmt: skip
         return 1
     return 0
 
@@ -47,180 +111,188 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0 if result.ok else 1
 
 
-def _parse_ids(text: str) -> list[int]:
-    try:
-        ids = [int(part) for part in text.replace(" ", "").split(",") if part]
-    except ValueError:
-        raise DllmError(f"--prompt-ids takes comma-separated integers like 5,17,42, not '{text}'") from None
-    if not ids:
-        raise DllmError("--prompt-ids is empty; pass comma-separated token ids like 5,17,42")
-    return ids
-
-
 def _generate(args: argparse.Namespace) -> int:
-    from dllm_trt.runtime.generate_command import run_generate
+    from dllm_trt import runtime
 
-    return run_generate(args)
-
-
-def _validate(args: argparse.Namespace) -> int:
-    from dllm_trt.validate.run import validate_artifacts
-
-    prompts = [_parse_ids(p) for p in args.prompt_ids] if args.prompt_ids else None
-    seeds = tuple(int(s) for s in args.seeds.split(","))
-    report = validate_artifacts(
-        args.artifacts, args.reference, args.backend, seeds, prompts, args.max_new_tokens, args.report
-    )
-    print(report["markdown"])
-    if not report["passed"]:
-        print(f"dllm-trt: validation failed: {'; '.join(report['failures'])}", file=sys.stderr)
-        return 1
+    options = _options(
+        runtime.GenerateOptions, args, prompts=tuple(getattr(args, "prompt", ())),
+        prompt_ids=tuple(_parse_ids(text) for text in getattr(args, "prompt_ids", ())),
+    )  # fmt: skip
+    json_out = getattr(args, "json", False)
+    result = runtime.run(options, on_canvas=None if json_out else _print_canvas)
+    if json_out:
+        print(result.to_json())
+    else:
+        _print_generation(result)
     return 0
 
 
-def _optimize(args: argparse.Namespace) -> int:
-    from dllm_trt.optimize import optimize_artifacts
+def _validate(args: argparse.Namespace) -> int:
+    from dllm_trt import validate
 
-    manifest = optimize_artifacts(
-        args.artifacts, args.output, args.target, args.precision, args.parity, args.seed, args.force,
-        reference_checkpoint=args.reference,
-    )  # fmt: skip
-    print(f"wrote {args.output}: encoder.onnx, denoiser.onnx, manifest.json, fusion_report.md")
-    failed = [
-        p["name"] for p in manifest["passes"]
-        if p["parity"] and p["parity"].get("judged") and p["parity"].get("passed") is False
-    ]  # fmt: skip
-    if failed:
-        print(f"dllm-trt: parity failed after {', '.join(failed)}; see {args.output}/fusion_report.md", file=sys.stderr)
+    values: dict = dict(prompt_ids=tuple(_parse_ids(text) for text in getattr(args, "prompt_ids", ())))
+    if hasattr(args, "seeds"):
+        values["seeds"] = _parse_seeds(args.seeds)
+    return _print_validation(validate.run(_options(validate.ValidateOptions, args, **values)))
+
+
+def _optimize(args: argparse.Namespace) -> int:
+    from dllm_trt import optimize
+
+    result = optimize.run(_options(optimize.OptimizeOptions, args))
+    print(f"wrote {result.output}: encoder.onnx, denoiser.onnx, manifest.json, fusion_report.md")
+    if result.failed_passes:
+        print(f"dllm-trt: parity failed after {', '.join(result.failed_passes)}; see {result.output}/fusion_report.md",
+              file=sys.stderr)  # fmt: skip
         return 1
     return 0
 
 
 def _build(args: argparse.Namespace) -> int:
-    from dllm_trt.engines.stage import BuildOptions, build_engines, format_plan, plan_build
+    from dllm_trt.engines import stage
 
-    given = dict(
-        precision=args.precision, profiles=tuple(args.profile or ()), timing_cache=args.timing_cache,
-        opt_level=args.opt_level, moe=args.moe, ptx_version=args.ptx_version, force=args.force,
-    )  # fmt: skip
-    # an option not given is left to BuildOptions, the one place defaults live
-    options = BuildOptions(gpu=args.gpu, **{k: v for k, v in given.items() if v is not None})
-    if args.dry_run:
-        print(format_plan(plan_build(args.optimized, options)))
+    result = stage.run(_options(stage.BuildOptions, args, profiles=tuple(getattr(args, "profile", ()))))
+    if result.info is None:
+        print(stage.format_plan(result.plan))
         return 0
-    info = build_engines(args.optimized, args.output, options)
-    engines = ", ".join(e["file"] for e in info["engines"].values())
-    print(f"wrote {args.output}/{engines}, build_info.json and manifest.json (TensorRT {info['tensorrt_version']})")
+    engines = ", ".join(e["file"] for e in result.info["engines"].values())
+    print(f"wrote {args.output}/{engines}, build_info.json and manifest.json "
+          f"(TensorRT {result.info['tensorrt_version']})")  # fmt: skip
     return 0
 
 
 def _lint_trt(args: argparse.Namespace) -> int:
-    from dllm_trt.engines.lint import lint_artifacts
+    from dllm_trt.engines import lint
 
-    given = dict(gpu=args.gpu, profile_overrides=args.profile)
-    report = lint_artifacts(args.optimized, args.trt_version, **{k: v for k, v in given.items() if v is not None})
+    report = lint.run(_options(lint.LintOptions, args, profiles=tuple(getattr(args, "profile", ()))))
     print(report.table())
     return 0 if report.passed else 1
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from dllm_trt.demo import run_demo
+    from dllm_trt import demo
 
-    return run_demo(args)
+    result = demo.run(_options(demo.DemoOptions, args), on_canvas=_print_canvas)
+    _print_generation(result.generation)
+    code = _print_validation(result.validation)
+    if code == 0:
+        print(f"demo artifacts in {result.out}: onnx/ (exported graphs, manifest.json), optimized/ (fused graphs, "
+              "fusion_report.md), report/ (report.md, report.json)")  # fmt: skip
+    return code
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dllm-trt", description=__doc__)
+    from dllm_trt import demo, export, optimize, runtime, validate
+    from dllm_trt.contract import PRECISIONS, TARGETS
+    from dllm_trt.engines.gpu_presets import PRESETS as GPU_PRESETS
+    from dllm_trt.engines.lint import LintOptions
+    from dllm_trt.engines.stage import BuildOptions
+    from dllm_trt.engines.support import VERSIONS
+    from dllm_trt.models.presets import PRESETS as MODEL_PRESETS
+    from dllm_trt.runtime.backends import BACKENDS
+
+    parser = argparse.ArgumentParser(prog="dllm-trt", description=__doc__.splitlines()[0])
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
 
-    demo = verbs.add_parser("demo", help="the main job on the embedded checkpoint: export, generate, validate")
-    demo.add_argument(
-        "--out", type=Path, default=Path("dllm-trt-demo"), help="output directory (default ./dllm-trt-demo)"
+    def verb(name: str, help: str, run) -> argparse.ArgumentParser:  # noqa: A002, ANN001
+        sub = verbs.add_parser(name, help=help, description=help, argument_default=argparse.SUPPRESS)
+        sub.set_defaults(run=run)
+        return sub
+
+    force = dict(action="store_true", help="replace a non-empty output directory")
+
+    Demo = demo.DemoOptions  # noqa: N806
+    sub = verb("demo", "the main job on the embedded checkpoint: export, optimize, generate, validate", _demo)
+    sub.add_argument("--out", type=Path, help=f"output directory (default {_default(Demo, 'out')})")
+    sub.add_argument("--prompt", help=f"prompt text (default {_default(Demo, 'prompt')!r})")
+    sub.add_argument("--max-new-tokens", type=int, help="default: the generation config's")
+    sub.add_argument("--seed", type=int, help=f"default {_default(Demo, 'seed')}")
+    sub.add_argument("--force", **force)
+
+    sub = verb("make-tiny", "write a small random DiffusionGemma checkpoint (real architecture)", _make_tiny)
+    sub.add_argument("out", type=Path, help="output checkpoint directory")
+    sub.add_argument("--preset", default="tiny", help=f"{' | '.join(MODEL_PRESETS)} (default: tiny)")
+    sub.add_argument("--seed", type=int, default=0)
+    sub.add_argument("--layers", type=int, default=None, help="override the preset's layer count")
+    sub.add_argument("--force", default=False, **force)
+
+    Export = export.ExportOptions  # noqa: N806
+    sub = verb("export", "export the encoder and denoise steps to ONNX, with measured parity", _export)
+    sub.add_argument("checkpoint", type=Path, help="Hugging Face checkpoint directory (safetensors)")
+    sub.add_argument("-o", "--output", type=Path, required=True, help="output directory")
+    sub.add_argument("--no-parity", dest="parity", action="store_false", help="skip the parity measurement")
+    sub.add_argument("--seed", type=int, help=f"seed of the parity check's inputs (default {_default(Export, 'seed')})")
+    sub.add_argument("--dtype", help="float32 | float16 | bfloat16 (default: the checkpoint's); float32 for CPU parity")
+    sub.add_argument("--force", **force)
+
+    sub = verb("inspect", "verify an artifact directory's checksums and summarize its graphs", _inspect)
+    sub.add_argument("artifacts", type=Path, help="a directory written by export or optimize")
+
+    Optimize = optimize.OptimizeOptions  # noqa: N806
+    sub = verb("optimize", "fuse the exported graphs for a target; every pass proven", _optimize)
+    sub.add_argument("artifacts", type=Path, help="directory written by export")
+    sub.add_argument(
+        "--target",
+        required=True,
+        help=f"{' | '.join(TARGETS)} (ort-cuda: never run on a GPU; runs here through CPU stand-ins)",
     )
-    demo.add_argument("--prompt", default="def fibonacci(n):", help="prompt text (when the checkpoint has a tokenizer)")
-    demo.add_argument("--max-new-tokens", type=int, default=None, help="default: the generation config's")
-    demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--force", action="store_true", help="replace a non-empty output directory")
-    demo.set_defaults(run=_demo)
-
-    tiny = verbs.add_parser("make-tiny", help="write a small random DiffusionGemma checkpoint (real architecture)")
-    tiny.add_argument("out", type=Path, help="output checkpoint directory")
-    tiny.add_argument("--preset", default="tiny", help="tiny | small | full-width (default: tiny)")
-    tiny.add_argument("--seed", type=int, default=0)
-    tiny.add_argument("--layers", type=int, default=None, help="override the preset's layer count")
-    tiny.add_argument("--force", action="store_true", help="replace a non-empty output directory")
-    tiny.set_defaults(run=_make_tiny)
-
-    export = verbs.add_parser("export", help="export the encoder and denoise steps to ONNX, with measured parity")
-    export.add_argument("checkpoint", type=Path, help="Hugging Face checkpoint directory (safetensors)")
-    export.add_argument("-o", "--output", type=Path, required=True, help="output directory")
-    export.add_argument("--no-parity", action="store_true", help="skip the parity measurement")
-    export.add_argument("--seed", type=int, default=0, help="seed of the parity check's random inputs")
-    export.add_argument("--force", action="store_true", help="replace a non-empty output directory")
-    export.add_argument(
-        "--dtype", default=None, help="float32 | float16 | bfloat16 (default: the checkpoint's); float32 for CPU parity"
+    sub.add_argument("--precision", help=f"{' | '.join(PRECISIONS)} (default {_default(Optimize, 'precision')})")
+    sub.add_argument("-o", "--output", type=Path, required=True, help="output directory")
+    sub.add_argument("--parity", help=f"each | final | none: when to measure parity (default "
+                     f"{_default(Optimize, 'parity')})")  # fmt: skip
+    sub.add_argument("--reference", type=Path, help="the checkpoint, if it moved since export")
+    sub.add_argument(
+        "--seed", type=int, help=f"seed of the parity check's inputs (default {_default(Optimize, 'seed')})"
     )
-    export.set_defaults(run=_export)
+    sub.add_argument("--force", **force)
 
-    inspect = verbs.add_parser("inspect", help="verify an artifact directory's checksums and summarize its graphs")
-    inspect.add_argument("artifacts", type=Path, help="directory written by export (or optimize)")
-    inspect.set_defaults(run=_inspect)
+    Generate = runtime.GenerateOptions  # noqa: N806
+    sub = verb("generate", "run the block-diffusion loop over exported, optimized or built artifacts", _generate)
+    sub.add_argument("artifacts", type=Path, help="directory written by export, optimize or build")
+    sub.add_argument("--prompt-ids", action="append", metavar="IDS", help="comma-separated ids; repeat for a batch")
+    sub.add_argument("--prompt", action="append", metavar="TEXT", help="text (needs a tokenizer); repeat for a batch")
+    sub.add_argument("--max-new-tokens", type=int, help="default: the generation config's")
+    sub.add_argument("--max-denoising-steps", type=int, help="default: the generation config's")
+    sub.add_argument("--seed", type=int, help=f"default {_default(Generate, 'seed')}")
+    sub.add_argument("--backend", help=f"{' | '.join(BACKENDS)} (default {_default(Generate, 'backend')})")
+    sub.add_argument("--device", help=f"cpu | cuda (default {_default(Generate, 'device')})")
+    sub.add_argument("--checkpoint", type=Path, help="for --backend torch (default: the exported one)")
+    sub.add_argument("--json", action="store_true", help="print one JSON object: sequences and stats")
 
-    opt = verbs.add_parser("optimize", help="fuse the exported graphs for a target; every pass proven")
-    opt.add_argument("artifacts", type=Path, help="directory written by export")
-    opt.add_argument("--target", required=True, help="trt | ort-cuda | ort-cpu")
-    opt.add_argument("--precision", default="fp32", help="fp32 | fp16 | bf16 (default fp32)")
-    opt.add_argument("-o", "--output", type=Path, required=True, help="output directory")
-    opt.add_argument("--parity", default="each", help="each | final | none: when to measure parity (default each)")
-    opt.add_argument("--reference", type=Path, default=None, help="the checkpoint, if it moved since export")
-    opt.add_argument("--seed", type=int, default=0, help="seed of the parity check's random inputs")
-    opt.add_argument("--force", action="store_true", help="replace a non-empty output directory")
-    opt.set_defaults(run=_optimize)
+    Validate = validate.ValidateOptions  # noqa: N806
+    sub = verb("validate", "parity of artifacts against transformers; writes a report", _validate)
+    sub.add_argument("artifacts", type=Path, help="directory written by export or optimize")
+    sub.add_argument("--reference", type=Path, required=True, help="the checkpoint the artifacts came from")
+    sub.add_argument("--report", dest="report_dir", type=Path, help="directory for report.json and report.md")
+    sub.add_argument("--backend", help=f"backend under test (default {_default(Validate, 'backend')})")
+    sub.add_argument("--seeds", help="comma-separated seeds (default 0,1)")
+    sub.add_argument("--prompt-ids", action="append", metavar="IDS", help="comma-separated ids; repeat for a batch")
+    sub.add_argument("--max-new-tokens", type=int, help="default: enough to pass the sliding window")
 
-    gen = verbs.add_parser("generate", help="run the block-diffusion loop over exported graphs")
-    gen.add_argument("artifacts", type=Path, help="directory written by export")
-    gen.add_argument("--prompt-ids", action="append", metavar="IDS", help="comma-separated ids; repeat for a batch")
-    gen.add_argument("--prompt", action="append", metavar="TEXT", help="text (needs a tokenizer); repeat for a batch")
-    gen.add_argument("--max-new-tokens", type=int, default=None, help="default: the generation config's")
-    gen.add_argument("--max-denoising-steps", type=int, default=None, help="default: the generation config's")
-    gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--backend", default="onnxruntime", help="torch | onnxruntime | tensorrt (default onnxruntime)")
-    gen.add_argument("--device", default="cpu", help="cpu | cuda")
-    gen.add_argument("--checkpoint", type=Path, default=None, help="for --backend torch (default: the exported one)")
-    gen.add_argument("--json", action="store_true", help="print one JSON object: sequences and stats")
-    gen.set_defaults(run=_generate)
+    sub = verb("build", "build TensorRT engines from 'optimize --target trt' output", _build)
+    sub.add_argument("optimized", type=Path, help="directory written by 'dllm-trt optimize --target trt'")
+    sub.add_argument("-o", "--output", type=Path, required=True, help="output directory for the engines")
+    sub.add_argument("--gpu", required=True, help=" | ".join(GPU_PRESETS))
+    sub.add_argument(
+        "--profile",
+        action="append",
+        metavar="DIM=MIN:OPT:MAX",
+        help="override one profile dimension (batch, new_tokens, cache_full, cache_sliding); repeat",
+    )
+    sub.add_argument("--timing-cache", type=Path, help="default: ~/.cache/dllm-trt/timing-caches/")
+    sub.add_argument(
+        "--opt-level", type=int, help=f"builder optimization level 0..5 (default {_default(BuildOptions, 'opt_level')})"
+    )
+    sub.add_argument("--ptx-version", type=int, help="cap the plugins' PTX ISA (e.g. 88)")
+    sub.add_argument("--dry-run", action="store_true", help="check and print the plan; needs no TensorRT or GPU")
+    sub.add_argument("--force", **force)
 
-    val = verbs.add_parser("validate", help="parity of artifacts against transformers; writes a report")
-    val.add_argument("artifacts", type=Path, help="directory written by export")
-    val.add_argument("--reference", type=Path, required=True, help="the checkpoint the artifacts came from")
-    val.add_argument("--report", type=Path, default=None, help="directory for report.json and report.md")
-    val.add_argument("--backend", default="onnxruntime", help="backend under test (default onnxruntime)")
-    val.add_argument("--seeds", default="0,1", help="comma-separated seeds (default 0,1)")
-    val.add_argument("--prompt-ids", action="append", metavar="IDS", help="comma-separated ids; repeat for a batch")
-    val.add_argument("--max-new-tokens", type=int, default=None, help="default: enough to pass the sliding window")
-    val.set_defaults(run=_validate)
-
-    build = verbs.add_parser("build", help="build TensorRT engines from 'optimize --target trt' output")
-    build.add_argument("optimized", type=Path, help="directory written by 'dllm-trt optimize --target trt'")
-    build.add_argument("-o", "--output", type=Path, required=True, help="output directory for the engines")
-    build.add_argument("--gpu", required=True, help="h100 | h200 | dgx-spark | b200 | gb300 (must be this machine's)")
-    build.add_argument("--precision", default=None, help="bf16 | fp8 | nvfp4 (default: the GPU preset's)")
-    build.add_argument("--profile", action="append", metavar="DIM=MIN:OPT:MAX",
-                       help="override one profile dimension (batch, new_tokens, cache_full, cache_sliding); repeat")
-    build.add_argument("--timing-cache", type=Path, default=None, help="default: ~/.cache/dllm-trt/timing-caches/")
-    build.add_argument("--opt-level", type=int, default=None, help="builder optimization level 0..5 (default 3)")
-    build.add_argument("--moe", default=None, help="chain (4 single-kernel plugins, default) | single")
-    build.add_argument("--ptx-version", type=int, default=None, help="cap the plugins' PTX ISA (e.g. 88)")
-    build.add_argument("--dry-run", action="store_true", help="check and print the plan; needs no TensorRT or GPU")
-    build.add_argument("--force", action="store_true", help="replace a non-empty output directory")
-    build.set_defaults(run=_build)
-
-    lint = verbs.add_parser("lint-trt", help="check optimized graphs against TensorRT's ONNX parser, without TensorRT")
-    lint.add_argument("optimized", type=Path, help="directory written by 'dllm-trt optimize --target trt'")
-    lint.add_argument("--trt-version", default=None, help="10.14 | 10.15 | 11.x (default 11.x)")
-    lint.add_argument("--gpu", default=None, help="GPU preset whose default profiles are checked (default h100)")
-    lint.add_argument("--profile", action="append", metavar="DIM=MIN:OPT:MAX", help="profile override, as for build")
-    lint.set_defaults(run=_lint_trt)
+    sub = verb("lint-trt", "check optimized graphs against TensorRT's ONNX parser", _lint_trt)
+    sub.add_argument("optimized", type=Path, help="directory written by 'dllm-trt optimize --target trt'")
+    sub.add_argument("--trt-version", help=f"{' | '.join(VERSIONS)} (default {VERSIONS[-1]})")
+    sub.add_argument("--gpu", help=f"GPU preset whose default profiles are checked (default "
+                     f"{_default(LintOptions, 'gpu')})")  # fmt: skip
+    sub.add_argument("--profile", action="append", metavar="DIM=MIN:OPT:MAX", help="profile override, as for build")
     return parser
 
 

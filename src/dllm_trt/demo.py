@@ -3,35 +3,49 @@
 Checkpoint (the shipped trained one, else a fresh `tiny`) -> export (with parity) -> optimize for
 onnxruntime on CPU (fused graphs, parity after the passes) -> generate over the optimized graphs
 (streaming canvases) -> validate them against transformers (report). Every stage writes its own
-directory under OUT, as the individual verbs do.
+directory under `out`, as the individual verbs do, through the same `run(options)` functions.
 """
 
 from __future__ import annotations
 
-import argparse
 import shutil
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
+from dllm_trt import export, optimize, runtime, validate
 from dllm_trt.errors import DllmError
+from dllm_trt.models.presets import make_checkpoint
 
 SHIPPED = Path(__file__).parent / "assets" / "pycode-tiny"
-DEFAULT_PROMPT = "def fibonacci(n):"
+
+
+@dataclass(frozen=True)
+class DemoOptions:
+    out: Path = Path("dllm-trt-demo")
+    prompt: str = "def fibonacci(n):"  # used when the checkpoint has a tokenizer
+    max_new_tokens: int | None = None  # None: the generation config's
+    seed: int = 0
+    force: bool = False  # replace a non-empty output directory
+
+
+@dataclass(frozen=True)
+class DemoResult:
+    out: Path
+    generation: runtime.GenerateResult
+    validation: validate.ValidateResult
 
 
 def shipped_checkpoint() -> Path | None:
     return SHIPPED if (SHIPPED / "model.safetensors").is_file() else None
 
 
-def run_demo(args: argparse.Namespace) -> int:
-    from dllm_trt.export import export_checkpoint
-    from dllm_trt.models.presets import make_checkpoint
-    from dllm_trt.optimize import optimize_artifacts
-    from dllm_trt.runtime.generate_command import run_generate
-    from dllm_trt.validate.run import validate_artifacts
-
-    out: Path = args.out
-    if out.exists() and any(out.iterdir()) and not args.force:
+def run(options: DemoOptions, on_canvas: Callable[[runtime.CanvasText], None] | None = None) -> DemoResult:
+    out = options.out
+    if out.exists() and not out.is_dir():
+        raise DllmError(f"demo output {out} is a file; pick another --out")
+    if out.exists() and any(out.iterdir()) and not options.force:
         raise DllmError(f"demo output {out} exists and is not empty; remove it, pick another --out, or pass --force")
     if out.exists():
         shutil.rmtree(out)
@@ -45,33 +59,26 @@ def run_demo(args: argparse.Namespace) -> int:
         print(f"== checkpoint: {checkpoint} (trained here, see examples/train_pycode.py)", file=sys.stderr)
 
     print(f"== export -> {out / 'onnx'}", file=sys.stderr)
-    manifest = export_checkpoint(checkpoint, out / "onnx")
-    if "parity_failed" in manifest:
-        raise DllmError(f"export parity failed ({manifest['parity_failed']}); see {out / 'onnx' / 'manifest.json'}")
+    exported = export.run(export.ExportOptions(checkpoint, out / "onnx"))
+    if exported.parity_failed:
+        raise DllmError(f"export parity failed ({exported.parity_failed}); see {out / 'onnx' / 'manifest.json'}")
 
     print(f"== optimize for ort-cpu -> {out / 'optimized'}", file=sys.stderr)
-    optimized = optimize_artifacts(out / "onnx", out / "optimized", "ort-cpu", "fp32", parity="final")
-    failed = [p["name"] for p in optimized["passes"] if p["parity"] and p["parity"].get("passed") is False]
-    if failed:
-        raise DllmError(f"parity failed after {', '.join(failed)}; see {out / 'optimized' / 'fusion_report.md'}")
+    optimized = optimize.run(optimize.OptimizeOptions(out / "onnx", out / "optimized", "ort-cpu", parity="final"))
+    if optimized.failed_passes:
+        raise DllmError(f"parity failed after {', '.join(optimized.failed_passes)}; see "
+                        f"{out / 'optimized' / 'fusion_report.md'}")  # fmt: skip
 
     print("== generate (onnxruntime, CPU, optimized graphs)", file=sys.stderr)
     has_tokenizer = (out / "optimized" / "tokenizer.json").is_file()
-    generate_args = argparse.Namespace(
-        artifacts=out / "optimized", prompt=[args.prompt] if has_tokenizer else None,
-        prompt_ids=None if has_tokenizer else ["5,17,42"], max_new_tokens=args.max_new_tokens,
-        max_denoising_steps=None, seed=args.seed, backend="onnxruntime", device="cpu", checkpoint=None, json=False,
-    )  # fmt: skip
-    run_generate(generate_args)
+    prompt = dict(prompts=(options.prompt,)) if has_tokenizer else dict(prompt_ids=((5, 17, 42),))
+    generation = runtime.run(
+        runtime.GenerateOptions(out / "optimized", max_new_tokens=options.max_new_tokens, seed=options.seed, **prompt),
+        on_canvas=on_canvas,
+    )
 
     print(f"== validate the optimized graphs against transformers -> {out / 'report'}", file=sys.stderr)
-    report = validate_artifacts(out / "optimized", checkpoint, seeds=(args.seed,), report_dir=out / "report")
-    print(report["markdown"])
-    if not report["passed"]:
-        print(f"dllm-trt: validation failed: {'; '.join(report['failures'])}", file=sys.stderr)
-        return 1
-    print(
-        f"demo artifacts in {out}: onnx/ (exported graphs, manifest.json), optimized/ (fused graphs, "
-        "fusion_report.md), report/ (report.md, report.json)"
+    validation = validate.run(
+        validate.ValidateOptions(out / "optimized", checkpoint, seeds=(options.seed,), report_dir=out / "report")
     )
-    return 0
+    return DemoResult(out, generation, validation)

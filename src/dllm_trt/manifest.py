@@ -17,11 +17,12 @@ from importlib import metadata
 from pathlib import Path
 
 import onnx
+import onnx_ir as ir
 
+from dllm_trt.contract import MANIFEST, MANIFEST_FORMAT
 from dllm_trt.errors import DllmError
 
-MANIFEST = "manifest.json"
-FORMAT = "dllm-trt/1"
+FORMAT = MANIFEST_FORMAT
 _TOOLS = ("dllm-trt", "torch", "transformers", "onnx", "onnxruntime", "onnxscript", "onnx-ir", "polygraphy")
 
 
@@ -78,6 +79,35 @@ def describe_graph(path: Path, external_data: list[dict]) -> dict:
         outputs=[describe_value(v) for v in graph.output],
         nodes=len(graph.node),
     )
+
+
+def check_external_data(path: Path) -> list[Path]:
+    """External data must sit beside the graph under a relative path, and the checker must accept it."""
+    model = onnx.load(str(path), load_external_data=False)
+    files = set()
+    for init in model.graph.initializer:
+        if init.data_location == onnx.TensorProto.EXTERNAL:
+            location = next(e.value for e in init.external_data if e.key == "location")
+            if Path(location).is_absolute() or ".." in Path(location).parts:
+                raise DllmError(f"{path.name} points at external data outside its directory: {location}")
+            files.add(path.parent / location)
+    for file in files:
+        if not file.is_file():
+            raise DllmError(f"{path.name} refers to missing external data {file.name}")
+    onnx.checker.check_model(str(path), full_check=False)
+    return sorted(files)
+
+
+def save_graphs(graphs: dict[str, ir.Model], directory: Path, files: dict[str, str]) -> dict[str, dict]:
+    """Write each graph as `files[name]` with its external data beside it; returns their manifest entries."""
+    described = {}
+    for name, model in graphs.items():
+        path = directory / files[name]
+        for old in directory.glob(f"{path.name}*"):
+            old.unlink()
+        ir.save(model, str(path), external_data=f"{path.name}.data")
+        described[name] = describe_graph(path, external_data_entries(check_external_data(path)))
+    return described
 
 
 def write_manifest(directory: Path, manifest: dict) -> None:

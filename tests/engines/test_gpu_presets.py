@@ -1,30 +1,26 @@
-"""GPU presets: one table, sane entries, precision resolution with one-line errors."""
+"""GPU presets: one table, sane entries, precision checks with one-line errors."""
 
 import pytest
 
-from dllm_trt.engines.gpu_presets import PRECISIONS, PRESETS, get_preset, matches, resolve_precision
+from dllm_trt.contract import PRECISIONS
+from dllm_trt.engines.gpu_presets import PRESETS, check_precision, get_preset, matches
 from dllm_trt.errors import DllmError
 
 
 def test_every_preset_is_complete_and_consistent():
     assert set(PRESETS) == {"h100", "h200", "dgx-spark", "b200", "gb300"}
     for preset in PRESETS.values():
-        assert preset.default_precision in preset.precisions
         assert set(preset.precisions) <= set(PRECISIONS)
         lo, opt, hi = preset.batch
         assert 1 <= lo <= opt <= hi
         assert preset.context[0] <= preset.context[1]
     assert PRESETS["h100"].compute_capability == (9, 0) and PRESETS["dgx-spark"].sm == "sm_121"
-    assert "nvfp4" not in PRESETS["h100"].precisions  # Hopper has no FP4 tensor cores
 
 
-def test_precision_none_means_the_preset_default_and_bad_values_fail_clearly():
-    assert resolve_precision(get_preset("h200"), None) == "bf16"
-    assert resolve_precision(get_preset("b200"), "nvfp4") == "nvfp4"
-    with pytest.raises(DllmError, match="no nvfp4 tensor cores"):
-        resolve_precision(get_preset("h100"), "nvfp4")
-    with pytest.raises(DllmError, match="unknown precision 'int3'"):
-        resolve_precision(get_preset("h100"), "int3")
+def test_a_precision_the_gpu_cannot_run_fails_clearly():
+    check_precision(get_preset("h200"), "bf16")
+    with pytest.raises(DllmError, match="cannot run int3 graphs; optimize for one of: fp32, fp16, bf16"):
+        check_precision(get_preset("h100"), "int3")
     with pytest.raises(DllmError, match="unknown GPU preset 'a100'.*h100"):
         get_preset("a100")
 

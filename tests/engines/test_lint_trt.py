@@ -5,9 +5,9 @@ import pytest
 import trt_graphs as graphs
 from onnx import TensorProto, helper
 
+from dllm_trt.cli import main
 from dllm_trt.engines.lint import lint_artifacts, lint_graph
 from dllm_trt.engines.support import VERSIONS, load_support
-from dllm_trt.cli import main
 from dllm_trt.errors import DllmError
 
 

@@ -36,13 +36,11 @@ def test_lower_moe_replaces_every_dllm_moe_with_the_plugin_chain():
     assert not [f for f in findings if f.severity == "error"]  # the lowered graph is itself TensorRT-ready
 
 
-def test_prepare_for_parser_counts_and_single_mode_keeps_the_node():
+def test_prepare_for_parser_counts():
     support = load_support("11.x")
     model = graphs.encoder()
     assert prepare_for_parser(model, support) == {"lower_moe": 2, "decompose_wide_attention": 1}
-    single = graphs.encoder()
-    assert prepare_for_parser(single, support, moe="single")["lower_moe"] == 0
-    assert "DllmMoE" in _ops(single)
+    assert "DllmMoE" not in _ops(model)
 
 
 def test_only_the_wide_attention_becomes_decomposable_and_an_explicit_zero_is_respected():

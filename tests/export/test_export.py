@@ -6,7 +6,8 @@ import torch
 from transformers import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion
 
 from dllm_trt.errors import DllmError
-from dllm_trt.export import export_checkpoint
+from dllm_trt.export import ExportOptions
+from dllm_trt.export import run as export_run
 from dllm_trt.models.checkpoint import load_model
 from dllm_trt.models.diffusion_gemma import layer_specs
 from dllm_trt.models.presets import TINY_VISION, randomize_
@@ -106,7 +107,7 @@ def test_export_of_a_hand_built_config(tmp_path):
     model = DiffusionGemmaForBlockDiffusion(config).eval()
     randomize_(model, seed=5)
     model.save_pretrained(tmp_path / "ck")
-    manifest = export_checkpoint(tmp_path / "ck", tmp_path / "onnx", seed=2, quiet=True)
+    manifest = export_run(ExportOptions(tmp_path / "ck", tmp_path / "onnx", seed=2, quiet=True)).manifest
     assert manifest["parity"]["passed"], manifest["parity"]
     assert manifest["parity"]["exceeds_window"]
 
@@ -116,5 +117,5 @@ def test_existing_output_with_content_is_refused(tiny_ckpt, tmp_path):
     out.mkdir()
     (out / "keep.txt").write_text("user data")
     with pytest.raises(DllmError, match="not empty"):
-        export_checkpoint(tiny_ckpt, out, parity=False, quiet=True)
+        export_run(ExportOptions(tiny_ckpt, out, parity=False, quiet=True))
     assert (out / "keep.txt").read_text() == "user data"

@@ -10,7 +10,8 @@ import pytest
 import torch
 from graph_compare import graph_differences
 
-from dllm_trt.export import export_checkpoint
+from dllm_trt.export import ExportOptions
+from dllm_trt.export import run as export_run
 from dllm_trt.export import writer as writer_module
 from dllm_trt.export.journal import JOURNAL, partial_dir
 from dllm_trt.export.onnx_export import export_denoiser, export_encoder, export_self_conditioning
@@ -85,7 +86,7 @@ def test_interrupted_export_resumes_and_matches_the_in_memory_export(bf16_sharde
 
     monkeypatch.setattr(writer_module, "_write_shard", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        export_checkpoint(bf16_sharded_ckpt, out, **options)
+        export_run(ExportOptions(bf16_sharded_ckpt, out, **options))
     work = partial_dir(out)
     assert not out.exists()
     journal = json.loads((work / JOURNAL).read_text())
@@ -100,7 +101,7 @@ def test_interrupted_export_resumes_and_matches_the_in_memory_export(bf16_sharde
         return write_shard(shard, directory, advance)
 
     monkeypatch.setattr(writer_module, "_write_shard", recording)
-    manifest = export_checkpoint(bf16_sharded_ckpt, out, **options)
+    manifest = export_run(ExportOptions(bf16_sharded_ckpt, out, **options)).manifest
     assert not set(rewritten) & set(finished) and rewritten
     assert {name: (out / name).stat().st_mtime_ns for name in finished} == finished
     assert not work.exists() and not (out / JOURNAL).exists()

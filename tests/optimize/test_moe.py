@@ -18,8 +18,8 @@ import pytest
 from onnxscript._internal.tape_builder import TapeBuilder
 
 from dllm_trt.optimize.context import PassContext
-from dllm_trt.optimize.cpu_standins import standin_session_options, with_cpu_standins
 from dllm_trt.optimize.moe import fuse_moe, moe_fusion_misses
+from dllm_trt.runtime.cpu_standins import standin_session_options, with_cpu_standins
 
 TARGETS = ("trt", "ort-cuda", "ort-cpu")
 NEW_OP = {"trt": ("dllm_trt", "DllmMoE"), "ort-cuda": ("com.microsoft", "MoE"), "ort-cpu": ("dllm_trt", "RoutedMoE")}

@@ -5,9 +5,9 @@ import json
 import pytest
 import torch
 
+from dllm_trt import optimize
 from dllm_trt.cli import main
 from dllm_trt.models.checkpoint import load_model
-from dllm_trt.optimize import optimize_artifacts
 from dllm_trt.runtime.loop import GenerationSettings, generate, left_pad
 from dllm_trt.runtime.step import OnnxRuntimeStep
 from dllm_trt.validate.generation_parity import reference_generate
@@ -20,7 +20,7 @@ def optimized(tiny_export, tmp_path_factory):
     out = {}
     for target in ("trt", "ort-cuda", "ort-cpu"):
         path = tmp_path_factory.mktemp(target) / "opt"
-        optimize_artifacts(tiny_export, path, target, "fp32", parity="each", quiet=True)
+        optimize.run(optimize.OptimizeOptions(tiny_export, path, target, "fp32", parity="each", quiet=True))
         out[target] = path
     return out
 
@@ -62,7 +62,8 @@ def test_lint_trt_passes_on_the_optimized_trt_graphs(capsys, optimized):
 
 
 def test_reduced_precision_is_measured_and_reported(tiny_export, tmp_path):
-    manifest = optimize_artifacts(tiny_export, tmp_path / "fp16", "ort-cpu", "fp16", parity="final", quiet=True)
+    options = optimize.OptimizeOptions(tiny_export, tmp_path / "fp16", "ort-cpu", "fp16", parity="final", quiet=True)
+    manifest = optimize.run(options).manifest
     last = manifest["passes"][-1]
     assert last["name"] == "convert_precision" and last["parity"]["measured"] and not last["parity"]["judged"]
     assert manifest["model"]["dtype"] == "float16"

@@ -146,7 +146,7 @@ def test_engines_built_from_the_contract_graphs_run_with_and_without_cuda_graphs
     opt = trt_graphs.write_optimized(tmp_path / "opt")
     engines = tmp_path / "engines"
     profiles = ("batch=1:1:2", "new_tokens=1:8:16", "cache_full=0:16:64")
-    build_engines(opt, engines, BuildOptions(gpu=gpu, profiles=profiles, timing_cache=tmp_path / "t.cache"), quiet=True)
+    build_engines(BuildOptions(opt, engines, gpu=gpu, profiles=profiles, timing_cache=tmp_path / "t.cache", quiet=True))
     assert json.loads((engines / "build_info.json").read_text())["engines"]["denoiser"]["rewrites"]["lower_moe"] == 2
     from dllm_trt.manifest import read_manifest
 

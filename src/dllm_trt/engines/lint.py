@@ -22,9 +22,10 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
+from dllm_trt.contract import STAGE_OPTIMIZE
 from dllm_trt.engines import profiles as prof
-from dllm_trt.engines.plugins import FLOATS, PLUGIN_NAMESPACE, PLUGIN_VERSION, PLUGINS
 from dllm_trt.engines.gpu_presets import get_preset
+from dllm_trt.engines.plugins import FLOATS, PLUGIN_NAMESPACE, PLUGIN_VERSION, PLUGINS
 from dllm_trt.engines.support import ONNX_TO_TRT, Support, load_support
 from dllm_trt.errors import DllmError
 from dllm_trt.manifest import describe_value
@@ -515,7 +516,7 @@ def _check_manifest_io(model: onnx.ModelProto, manifest_io: dict) -> list[tuple[
 
 
 def check_optimized_manifest(manifest: dict, directory: Path) -> None:
-    if manifest.get("stage") != "optimize" or manifest.get("target") != "trt":
+    if manifest.get("stage") != STAGE_OPTIMIZE or manifest.get("target") != "trt":
         raise DllmError(
             f"{directory} holds a '{manifest.get('stage')}' output for target '{manifest.get('target')}'; "
             "TensorRT needs 'dllm-trt optimize EXPORT --target trt' output"
@@ -523,6 +524,19 @@ def check_optimized_manifest(manifest: dict, directory: Path) -> None:
     missing = [g for g in GRAPHS if g not in manifest.get("graphs", {})]
     if missing:
         raise DllmError(f"{directory}/manifest.json describes no {' or '.join(missing)} graph; re-run optimize")
+
+
+@dataclass(frozen=True)
+class LintOptions:
+    optimized: Path  # a directory written by 'dllm-trt optimize --target trt'
+    trt_version: str | None = None  # a support-table version (engines.support.VERSIONS); None: the newest
+    gpu: str = "h100"  # the GPU preset whose default profiles are checked
+    profiles: tuple[str, ...] = ()  # NAME=MIN:OPT:MAX overrides, as for build
+
+
+def run(options: LintOptions) -> LintReport:
+    """Lint the optimized graphs for a TensorRT version and a GPU preset's profiles."""
+    return lint_artifacts(options.optimized, options.trt_version, options.gpu, list(options.profiles))
 
 
 def lint_artifacts(

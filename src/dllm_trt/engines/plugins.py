@@ -72,9 +72,6 @@ PLUGINS: dict[str, PluginSpec] = {
 
 def register_all(ptx_version: int | None = None) -> None:
     """Register every dllm_trt plugin with TensorRT (idempotent); raises RuntimeError without TensorRT."""
-    from dllm_trt.engines.moe_plugin import register_moe_plugin
-
-    register_moe_plugin(ptx_version)
     chain.register_chain_plugins(ptx_version)
 
 

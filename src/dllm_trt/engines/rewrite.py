@@ -4,8 +4,7 @@ An ordered list of passes on the ONNX proto (weights stay external and untouched
 how many nodes it changed:
 
 1. lower_moe: every DllmMoE node becomes the chain of single-kernel plugins + ReduceSum + Cast of
-   engines.moe_chain_plugin (why: that module's docstring). `--moe single` keeps the one-launch
-   DllmMoE plugin (engines.moe_plugin) instead.
+   engines.moe_chain_plugin (why: that module's docstring).
 2. decompose_wide_attention: Attention nodes whose head size lies outside the fused-kernel range the
    TensorRT docs give (16..256, multiple of 8) get TRT_decomposable=1, so TensorRT may run them as
    BMM + softmax + BMM instead of failing to build. A node that already says TRT_decomposable=0 is
@@ -23,7 +22,6 @@ from dllm_trt.engines.moe_plugin import PLUGIN_NAME, PLUGIN_NAMESPACE
 from dllm_trt.engines.plugins import PLUGIN_VERSION
 from dllm_trt.engines.support import Support
 
-MOE_MODES = ("chain", "single")
 _AXES = "dllm_trt/moe_reduce_axes"
 
 
@@ -92,11 +90,9 @@ def decompose_wide_attention(model: onnx.ModelProto, support: Support) -> int:
     return count
 
 
-def prepare_for_parser(model: onnx.ModelProto, support: Support, moe: str = "chain") -> dict[str, int]:
+def prepare_for_parser(model: onnx.ModelProto, support: Support) -> dict[str, int]:
     """Apply the passes in order (in place); returns {pass: nodes changed}."""
-    if moe not in MOE_MODES:
-        raise ValueError(f"moe must be one of {MOE_MODES}, got {moe!r}")
-    counts = {"lower_moe": lower_moe(model) if moe == "chain" else 0}
+    counts = {"lower_moe": lower_moe(model)}
     counts["decompose_wide_attention"] = decompose_wide_attention(model, support)
     if counts["lower_moe"] and not any(o.domain == PLUGIN_NAMESPACE for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(PLUGIN_NAMESPACE, 1))

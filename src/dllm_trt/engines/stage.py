@@ -1,10 +1,12 @@
-"""`dllm-trt build`: optimized graphs in; encoder.engine, denoiser.engine, build_info.json, manifest.json out.
+"""`dllm-trt build`: `run(BuildOptions) -> BuildResult`; optimized graphs in; encoder.engine,
+denoiser.engine, build_info.json, manifest.json out.
 
 `plan_build` resolves and checks everything TensorRT is not needed for (manifest, preset,
-precision, profiles, lint-trt, the graph rewrites, a memory estimate); `--dry-run` prints it.
+precision, profiles, lint-trt, the graph rewrites, a memory estimate); `dry_run` stops there.
 `build_engines` then checks TensorRT and the GPU, registers the plugins, rewrites each graph
-(engines.rewrite; fp8 first through engines.quantize), parses it, builds it with the timing cache and
-writes everything into a temporary directory renamed into place at the end.
+(engines.rewrite), parses it, builds it with the timing cache and writes everything into a
+temporary directory renamed into place at the end. The engines' precision is the graphs' own
+(strongly typed networks): `optimize --precision` decides it.
 """
 
 from __future__ import annotations
@@ -18,58 +20,46 @@ from pathlib import Path
 
 import onnx
 
+from dllm_trt.contract import BUILD_FORMAT, ENGINE_FILES, MANIFEST, STAGE_BUILD
 from dllm_trt.engines import profiles as prof
 from dllm_trt.engines.build_info import write_build_info
+from dllm_trt.engines.gpu_presets import GpuPreset, check_precision, get_preset
 from dllm_trt.engines.lint import GRAPHS, check_optimized_manifest, lint_artifacts
-from dllm_trt.engines.gpu_presets import GpuPreset, get_preset, resolve_precision
-from dllm_trt.engines.rewrite import MOE_MODES, prepare_for_parser
+from dllm_trt.engines.rewrite import prepare_for_parser
 from dllm_trt.engines.support import DEFAULT_VERSION, load_support
 from dllm_trt.errors import DllmError
-from dllm_trt.manifest import MANIFEST, atomic_output, file_sha256, read_manifest, write_manifest
+from dllm_trt.manifest import atomic_output, file_sha256, read_manifest, write_manifest
 from dllm_trt.progress import Progress, human_bytes
 
-ENGINE_FILES = {"encoder": "encoder.engine", "denoiser": "denoiser.engine"}
-BUILD_FORMAT = "dllm-trt-build/1"
-_KV_BYTES = {"bf16": 2, "fp8": 2, "nvfp4": 2}  # the KV cache stays bf16 at every weight precision
+_CACHE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}  # the KV cache is in the graphs' precision
 
 
 @dataclass(frozen=True)
 class BuildOptions:
-    """Every build setting; None means the preset's default, resolved in plan_build."""
+    """Every build setting; None means a default resolved in plan_build (from the GPU preset)."""
 
-    gpu: str
-    precision: str | None = None
-    profiles: tuple[str, ...] = ()
-    timing_cache: Path | None = None
+    optimized: Path  # a directory written by 'dllm-trt optimize --target trt'
+    output: Path
+    gpu: str  # a GPU preset (engines.gpu_presets)
+    profiles: tuple[str, ...] = ()  # NAME=MIN:OPT:MAX overrides of the preset's profile ranges
+    timing_cache: Path | None = None  # None: ~/.cache/dllm-trt/timing-caches/<preset>-trt<version>.cache
     opt_level: int = 3  # TensorRT's own default builder optimization level
-    moe: str = "chain"
-    ptx_version: int | None = None
-    force: bool = False
+    ptx_version: int | None = None  # cap the plugins' PTX ISA (e.g. 88)
+    force: bool = False  # replace a non-empty output directory
+    dry_run: bool = False  # check and return the plan; needs no TensorRT or GPU
+    quiet: bool = False
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    plan: dict
+    info: dict | None  # build_info.json as written; None for a dry run
 
 
 def default_timing_cache(preset: GpuPreset, trt_version: str | None) -> Path:
     """Per GPU preset and TensorRT version: tactic timings do not carry across either."""
     root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "dllm-trt" / "timing-caches"
     return root / f"{preset.name}-trt{trt_version or 'unknown'}.cache"
-
-
-def _check_precision(manifest: dict, precision: str, directory: Path) -> None:
-    graph_precision = manifest.get("precision")
-    if precision == "bf16" and graph_precision != "bf16":
-        raise DllmError(
-            f"{directory} holds {graph_precision} graphs; TensorRT builds them exactly as typed (strong typing), so "
-            f"a bf16 engine needs 'dllm-trt optimize --target trt --precision bf16'"
-        )
-    if precision in ("fp8", "nvfp4"):
-        from dllm_trt.engines.quantize import unsupported_reason
-
-        for graph in GRAPHS:
-            model = onnx.load(str(directory / manifest["graphs"][graph]["file"]), load_external_data=False)
-            reason = unsupported_reason(model, precision)
-            if reason:
-                raise DllmError(f"--precision {precision} cannot be built from {directory} ({graph}): {reason}")
-        if precision == "fp8" and graph_precision != "fp32":
-            raise DllmError("--precision fp8 quantizes an 'optimize --precision fp32' output (see engines.quantize)")
 
 
 def _memory_estimate(manifest: dict, ranges: dict[str, prof.DimRange], precision: str) -> dict:
@@ -81,7 +71,7 @@ def _memory_estimate(manifest: dict, ranges: dict[str, prof.DimRange], precision
     }
     batch = ranges["batch"].max
     kv = sum(
-        2 * batch * spec["num_kv_heads"] * spec["head_dim"] * _KV_BYTES[precision]
+        2 * batch * spec["num_kv_heads"] * spec["head_dim"] * _CACHE_BYTES[precision]
         * (ranges["cache_sliding"].max if spec["sliding"] else ranges["cache_full"].max)
         for spec in model["layers"]
     )  # fmt: skip
@@ -90,15 +80,14 @@ def _memory_estimate(manifest: dict, ranges: dict[str, prof.DimRange], precision
     return dict(weights=weights, kv_cache=kv, sampling_noise=noise, total=total)
 
 
-def plan_build(directory: Path, options: BuildOptions, trt_version: str | None = None) -> dict:
+def plan_build(options: BuildOptions, trt_version: str | None = None) -> dict:
     """Everything the build will do, checked without TensorRT; raises DllmError on the first blocker."""
+    directory = options.optimized
     manifest = read_manifest(directory)
     check_optimized_manifest(manifest, directory)
     preset = get_preset(options.gpu)
-    precision = resolve_precision(preset, options.precision)
-    _check_precision(manifest, precision, directory)
-    if options.moe not in MOE_MODES:
-        raise DllmError(f"--moe must be one of {', '.join(MOE_MODES)}, got '{options.moe}'")
+    precision = manifest["precision"]
+    check_precision(preset, precision)
     if not 0 <= options.opt_level <= 5:
         raise DllmError(f"--opt-level {options.opt_level}: TensorRT's builder optimization levels are 0..5")
     overrides = prof.parse_overrides(list(options.profiles))
@@ -117,7 +106,7 @@ def plan_build(directory: Path, options: BuildOptions, trt_version: str | None =
     for graph in GRAPHS:
         io = manifest["graphs"][graph]
         model = onnx.load(str(directory / io["file"]), load_external_data=False)
-        rewrites = prepare_for_parser(model, support, options.moe)
+        rewrites = prepare_for_parser(model, support)
         shapes = prof.input_shapes(io, prof.graph_ranges(ranges, graph))
         graphs[graph] = dict(file=io["file"], engine=ENGINE_FILES[graph], rewrites=rewrites, shapes=shapes)
     memory = _memory_estimate(manifest, ranges, precision)
@@ -137,7 +126,6 @@ def plan_build(directory: Path, options: BuildOptions, trt_version: str | None =
         precision=precision,
         profiles={name: dim.as_list() for name, dim in ranges.items()},
         support_version=version,
-        moe=options.moe,
         opt_level=options.opt_level,
         timing_cache=str(options.timing_cache or default_timing_cache(preset, trt_version)),
         graphs=graphs,
@@ -149,7 +137,7 @@ def plan_build(directory: Path, options: BuildOptions, trt_version: str | None =
 def format_plan(plan: dict) -> str:
     lines = [
         f"build plan for {plan['gpu_description']} (sm_{''.join(map(str, plan['compute_capability']))}), "
-        f"precision {plan['precision']}, MoE as {plan['moe']}, optimization level {plan['opt_level']}",
+        f"precision {plan['precision']}, optimization level {plan['opt_level']}",
         "profiles (min:opt:max): " + ", ".join(f"{k}={':'.join(map(str, v))}" for k, v in plan["profiles"].items()),
         f"timing cache: {plan['timing_cache']}",
     ]
@@ -174,8 +162,17 @@ def _aux_files(directory: Path, manifest: dict) -> list[Path]:
             and not p.name.endswith((".onnx", ".data"))]  # fmt: skip
 
 
-def build_engines(directory: Path, out: Path, options: BuildOptions, quiet: bool = False) -> dict:
-    """Build both engines into `out`; returns the build_info written there."""
+def run(options: BuildOptions) -> BuildResult:
+    """The plan, and unless `dry_run` both engines built into `options.output`."""
+    if options.dry_run:
+        return BuildResult(plan_build(options), None)
+    plan, info = build_engines(options)
+    return BuildResult(plan, info)
+
+
+def build_engines(options: BuildOptions) -> tuple[dict, dict]:
+    """Build both engines into `options.output`; returns the plan and the build_info written there."""
+    directory, out, quiet = options.optimized, options.output, options.quiet
     from dllm_trt.engines import engine as trt_build
     from dllm_trt.engines.gpu import check_gpu, detect_gpu
     from dllm_trt.engines.plugins import register_all
@@ -187,7 +184,7 @@ def build_engines(directory: Path, out: Path, options: BuildOptions, quiet: bool
         gpu = check_gpu(preset, detect_gpu())
         notes.append(f"TensorRT {trt.__version__}, {gpu.name} ({gpu.sm})")
     with progress.stage("plan: manifest, profiles, lint-trt, rewrites") as notes:
-        plan = plan_build(directory, options, trt.__version__)
+        plan = plan_build(options, trt.__version__)
         notes.append(f"{plan['precision']}, {len(plan['warnings'])} warning(s)")
     for warning in plan["warnings"]:
         progress.note(f"warning: {warning}")
@@ -203,10 +200,8 @@ def build_engines(directory: Path, out: Path, options: BuildOptions, quiet: bool
             info = plan["graphs"][graph]
             with progress.stage(f"{graph}: rewrite and parse") as notes:
                 source = directory / info["file"]
-                if plan["precision"] == "fp8":
-                    source = _quantized(source, tmp / "fp8", manifest, graph, plan)
                 model = onnx.load(str(source), load_external_data=False)
-                counts = prepare_for_parser(model, support, options.moe)
+                counts = prepare_for_parser(model, support)
                 network = trt_build.parse_network(model.SerializeToString(), source)
                 notes.append(", ".join(f"{k} {v}" for k, v in counts.items()) + f", {network[1].num_layers} layers")
             with progress.stage(f"{graph}: build engine") as notes:
@@ -226,7 +221,6 @@ def build_engines(directory: Path, out: Path, options: BuildOptions, quiet: bool
                     rewrites=counts,
                 )
                 notes.append(human_bytes(path.stat().st_size))
-        shutil.rmtree(tmp / "fp8", ignore_errors=True)
         with progress.stage("build_info.json and manifest") as notes:
             info = dict(
                 format=BUILD_FORMAT,
@@ -237,7 +231,6 @@ def build_engines(directory: Path, out: Path, options: BuildOptions, quiet: bool
                 graph_profiles={g: plan["graphs"][g]["shapes"] for g in GRAPHS},
                 optimized_manifest_sha256=file_sha256(directory / MANIFEST),
                 checkpoint_hash=manifest.get("checkpoint", {}).get("hash"),
-                moe=options.moe,
                 opt_level=options.opt_level,
                 ptx_version=options.ptx_version,
                 timing_cache=str(timing_cache),
@@ -248,7 +241,7 @@ def build_engines(directory: Path, out: Path, options: BuildOptions, quiet: bool
             )
             write_build_info(tmp, info)
             write_manifest(tmp, dict(
-                stage="build", target="trt", precision=plan["precision"], model=manifest["model"],
+                stage=STAGE_BUILD, target="trt", precision=plan["precision"], model=manifest["model"],
                 graphs=manifest["graphs"], checkpoint=manifest.get("checkpoint", {}), opset=manifest.get("opset"),
                 build=dict(gpu=preset.name, tensorrt_version=trt.__version__, engines=ENGINE_FILES),
                 tools=manifest.get("tools", {}),
@@ -256,17 +249,4 @@ def build_engines(directory: Path, out: Path, options: BuildOptions, quiet: bool
             for aux in _aux_files(directory, manifest):
                 shutil.copy2(aux, tmp / aux.name)
             notes.append(f"{sum(e['bytes'] for e in engines.values()) / 2**30:.2f} GiB of engines")
-    return info
-
-
-def _quantized(source: Path, work: Path, manifest: dict, graph: str, plan: dict) -> Path:
-    from dllm_trt.engines.quantize import quantize_fp8, synthetic_feeds
-
-    work.mkdir(parents=True, exist_ok=True)
-    model = manifest["model"]
-    sizes = dict(batch=1, new_tokens=model["canvas_length"], cache_full=model["canvas_length"],
-                 cache_sliding=min(model["canvas_length"], model["sliding_window"] - 1))  # fmt: skip
-    feeds = synthetic_feeds(manifest["graphs"][graph], sizes, model["vocab_size"])
-    dst = work / source.name
-    quantize_fp8(source, dst, feeds)
-    return dst
+    return plan, info

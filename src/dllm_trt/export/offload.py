@@ -7,8 +7,8 @@ are read from the checkpoint by a forward pre-hook and dropped by a forward hook
 layer is resident, whatever the number of layers. Weights are cast exactly as `from_pretrained`
 casts them, so the numbers are those of a loaded model.
 
-The exported graphs run in onnxruntime one session at a time, each opened for its call and
-closed after it, so a graph's weights and the reference's layer are never resident together.
+The exported graphs run in onnxruntime one session at a time (runtime.step's OnnxRuntimeStep with
+`resident=False`), so a graph's weights and the reference's layer are never resident together.
 """
 
 from __future__ import annotations
@@ -18,12 +18,9 @@ from pathlib import Path
 import torch
 
 from dllm_trt.errors import DllmError
-from dllm_trt.export.onnx_export import DENOISER_FILE, ENCODER_FILE, SELF_CONDITIONING_FILE, cache_names
 from dllm_trt.export.skeleton import CheckpointSources, build_skeleton, is_fake
 from dllm_trt.export.weights import WeightRecipe
 from dllm_trt.models.checkpoint import TensorEntry
-from dllm_trt.models.diffusion_gemma import LayerSpec
-from dllm_trt.runtime.step import LogitsStep, StepInfo
 
 
 class _Reader:
@@ -90,44 +87,3 @@ def _drop_layer():  # noqa: ANN202
             module._buffers.update(buffers)
 
     return hook
-
-
-class OneSessionStep(LogitsStep):
-    """The exported graphs in onnxruntime, each opened for one call and closed after it.
-
-    At most one graph's weights are resident, and never while the reference holds a layer:
-    reopening costs a read of the graph's weights per call, a few calls per parity check.
-    """
-
-    def __init__(self, artifacts: Path, specs: list[LayerSpec], info: StepInfo, threads: int = 0) -> None:
-        self.artifacts = artifacts
-        self.specs = specs
-        self.info = info
-        self.threads = threads
-        self.past_names = cache_names(specs, "past_")
-        self.new_names = cache_names(specs, "")
-
-    def _run(self, file: str, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        from dllm_trt.runtime.ort_session import open_session, run
-
-        session = open_session(self.artifacts / file, threads=self.threads)
-        try:
-            return run(session, feeds)
-        finally:
-            del session  # frees the graph's weights before the reference or the next graph needs the memory
-
-    def encode(self, input_ids, position_ids, input_mask, cache_mask, past):  # noqa: ANN001, ANN201
-        feeds = dict(input_ids=input_ids, position_ids=position_ids, input_mask=input_mask, cache_mask=cache_mask)
-        feeds.update(zip(self.past_names, past))
-        out = self._run(ENCODER_FILE, feeds)
-        return [out[name] for name in self.new_names]
-
-    def denoise(self, canvas_ids, self_conditioning, position_ids, cache_mask, past):  # noqa: ANN001, ANN201
-        feeds = dict(
-            canvas_ids=canvas_ids, self_conditioning=self_conditioning, position_ids=position_ids, cache_mask=cache_mask
-        )
-        feeds.update(zip(self.past_names, past))
-        return self._run(DENOISER_FILE, feeds)["logits"]
-
-    def soft_embedding(self, processed_logits):  # noqa: ANN001, ANN201
-        return self._run(SELF_CONDITIONING_FILE, dict(processed_logits=processed_logits))["self_conditioning"]

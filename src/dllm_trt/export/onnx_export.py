@@ -20,13 +20,18 @@ import onnx
 import torch
 from torch.export import Dim
 
+from dllm_trt.contract import (
+    DENOISER_INPUTS,
+    ENCODER_INPUTS,
+    LOGITS,
+    SOFT_EMBEDDING_INPUT,
+    SOFT_EMBEDDING_OUTPUT,
+    cache_names,
+)
 from dllm_trt.errors import DllmError
 from dllm_trt.models.diffusion_gemma import DenoiseStep, EncoderStep, LayerSpec, SoftEmbedding, layer_specs
 
 OPSET = 23
-ENCODER_FILE = "encoder.onnx"
-DENOISER_FILE = "denoiser.onnx"
-SELF_CONDITIONING_FILE = "self_conditioning.onnx"
 
 # Example sizes for tracing: distinct values so that no two dynamic axes get unified by accident.
 _EXAMPLE = dict(batch=2, new_tokens=5, cache_full=11, cache_sliding=7)
@@ -40,21 +45,17 @@ class GraphIO:
     outputs: list[str]
 
 
-def cache_names(specs: list[LayerSpec], prefix: str) -> list[str]:
-    return [f"{prefix}{kind}.{spec.index}" for spec in specs for kind in ("key", "value")]
-
-
 def encoder_io(specs: list[LayerSpec]) -> GraphIO:
     return GraphIO(
-        inputs=["input_ids", "position_ids", "input_mask", "cache_mask", *cache_names(specs, "past_")],
+        inputs=[*ENCODER_INPUTS, *cache_names(specs, "past_")],
         outputs=cache_names(specs, ""),
     )
 
 
 def denoiser_io(specs: list[LayerSpec]) -> GraphIO:
     return GraphIO(
-        inputs=["canvas_ids", "self_conditioning", "position_ids", "cache_mask", *cache_names(specs, "past_")],
-        outputs=["logits"],
+        inputs=[*DENOISER_INPUTS, *cache_names(specs, "past_")],
+        outputs=[LOGITS],
     )
 
 
@@ -145,7 +146,7 @@ def self_conditioning_spec(model) -> TraceSpec:  # noqa: ANN001
     """processed logits -> the next step's self-conditioning input, for backends that hand out logits."""
     text = model.config.text_config
     args = (torch.randn(_EXAMPLE["batch"], model.config.canvas_length, text.vocab_size).to(model.dtype),)
-    io_names = GraphIO(inputs=["processed_logits"], outputs=["self_conditioning"])
+    io_names = GraphIO(inputs=[SOFT_EMBEDDING_INPUT], outputs=[SOFT_EMBEDDING_OUTPUT])
     return TraceSpec(SoftEmbedding(model), args, ({0: Dim("batch")},), io_names)
 
 
@@ -185,20 +186,3 @@ def check_experts(path: Path, num_experts: int, gate_up_shape: tuple, down_shape
             f"{gate_up_shape}/{down_shape}, expected {layers} each (all {num_experts} experts per MoE layer); "
             "the export dropped experts, please report this"
         )
-
-
-def check_external_data(path: Path) -> list[Path]:
-    """External data must sit beside the graph under a relative path, and the checker must accept it."""
-    model = onnx.load(str(path), load_external_data=False)
-    files = set()
-    for init in model.graph.initializer:
-        if init.data_location == onnx.TensorProto.EXTERNAL:
-            location = next(e.value for e in init.external_data if e.key == "location")
-            if Path(location).is_absolute() or ".." in Path(location).parts:
-                raise DllmError(f"{path.name} points at external data outside its directory: {location}")
-            files.add(path.parent / location)
-    for file in files:
-        if not file.is_file():
-            raise DllmError(f"{path.name} refers to missing external data {file.name}")
-    onnx.checker.check_model(str(path), full_check=False)
-    return sorted(files)

@@ -49,8 +49,9 @@ import onnx_ir as ir
 from onnx_ir.passes import common as common_passes
 from onnxscript.rewriter import pattern
 
+from dllm_trt.contract import TARGETS
 from dllm_trt.errors import DllmError
-from dllm_trt.optimize.context import TARGETS, PassContext
+from dllm_trt.optimize.context import PassContext
 
 _FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
 

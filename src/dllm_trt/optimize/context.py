@@ -4,14 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-TARGETS = ("trt", "ort-cuda", "ort-cpu")
-PRECISIONS = ("fp32", "fp16", "bf16")
-
 
 @dataclass(frozen=True)
 class PassContext:
-    target: str  # one of TARGETS
-    precision: str  # one of PRECISIONS
+    target: str  # one of contract.TARGETS
+    precision: str  # one of contract.PRECISIONS
     graph: str  # "encoder" | "denoiser" | "self_conditioning"
     model: dict  # manifest["model"]: num_experts, top_k_experts, hidden_size, layers, vocab_size, ...
 

@@ -118,15 +118,15 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import NameFixPass, RemoveUnusedNodesPass
-from onnxscript._internal.tape_builder import TapeBuilder
 from onnxscript.rewriter import MatchingTracer, MatchStatus, pattern
 
-from dllm_trt.engines.moe_plugin import ACTIVATION, PLUGIN_NAME, PLUGIN_NAMESPACE
+from dllm_trt.contract import MOE_ACTIVATION as ACTIVATION
+from dllm_trt.contract import MOE_OP as PLUGIN_NAME
+from dllm_trt.contract import ORT_MOE_DOMAIN as ORT_DOMAIN
+from dllm_trt.contract import PLUGIN_NAMESPACE, PLUGIN_VERSION, ROUTED_MOE
 from dllm_trt.optimize.context import PassContext
 
 TRT_DOMAIN = PLUGIN_NAMESPACE  # "dllm_trt": DllmMoE and RoutedMoE live here
-ORT_DOMAIN = "com.microsoft"
-ROUTED_MOE = "RoutedMoE"
 FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
 
 
@@ -309,8 +309,8 @@ class MoEFusion(pattern.RewriteRuleClassBase):
             )
             down_proj = weight("down_proj", (num_experts, hidden, width), lambda: dn_src.numpy().transpose(0, 2, 1))
             return op.op(
-                PLUGIN_NAME, x, logits, scale, gate_up_proj, down_proj, _domain=TRT_DOMAIN,
-                top_k=self.top_k, activation=ACTIVATION, plugin_namespace=PLUGIN_NAMESPACE, plugin_version="1",
+                PLUGIN_NAME, x, logits, scale, gate_up_proj, down_proj, _domain=TRT_DOMAIN, top_k=self.top_k,
+                activation=ACTIVATION, plugin_namespace=PLUGIN_NAMESPACE, plugin_version=PLUGIN_VERSION,
             )  # fmt: skip
 
         scale_src = ir.convenience.get_const_tensor(scale_table)
@@ -336,6 +336,26 @@ def moe_rules(target: str, top_k: int, num_experts: int) -> pattern.RewriteRuleS
 # --------------------------------------------------------------------------------------------
 
 
+class _Ops:
+    """`op.Softmax(x, axis=-1)`, `op.TopK(x, k, _outputs=2)`: node building over onnx_ir's public Tape
+    (the same calls onnxscript's private TapeBuilder takes)."""
+
+    def __init__(self) -> None:
+        self.tape = ir.tape.Tape()
+
+    @property
+    def nodes(self) -> list[ir.Node]:
+        return list(self.tape.nodes)
+
+    def __getattr__(self, op_type: str):  # noqa: ANN204
+        def build(*inputs: ir.Value, _outputs: int = 1, **attributes: object) -> ir.Value | list[ir.Value]:
+            if _outputs == 1:
+                return self.tape.op(op_type, list(inputs), attributes=attributes)
+            return list(self.tape.op_multi_out(op_type, list(inputs), attributes=attributes, num_outputs=_outputs))
+
+        return build
+
+
 def routed_moe_overload(num_experts: int, top_k: int) -> str:
     return f"e{num_experts}_k{top_k}"
 
@@ -352,7 +372,7 @@ def routed_moe_function(num_experts: int, top_k: int, opset: int) -> ir.Function
     weighted and summed over K in k order (deterministic, no scatter-add). Same fp32 products
     as the reference, summed in another order: equal to rounding.
     """
-    op = TapeBuilder()
+    op = _Ops()
 
     def const(values, dtype=np.int64) -> ir.Value:  # noqa: ANN001
         return op.Constant(value=ir.tensor(np.asarray(values, dtype=dtype)))

@@ -6,10 +6,11 @@ import json
 from pathlib import Path
 
 
-def write_fusion_report(directory: Path, manifest: dict, entries: list[dict]) -> None:
+def write_fusion_report(stem: Path, manifest: dict, entries: list[dict]) -> None:
+    """`stem`.json and `stem`.md."""
     report = dict(target=manifest["target"], precision=manifest["precision"], passes=entries)
-    (directory / "fusion_report.json").write_text(json.dumps(report, indent=2) + "\n")
-    (directory / "fusion_report.md").write_text(markdown(manifest, entries))
+    stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+    stem.with_suffix(".md").write_text(markdown(manifest, entries))
 
 
 def markdown(manifest: dict, entries: list[dict]) -> str:
@@ -49,6 +50,5 @@ def _parity_cell(parity: dict | None) -> str:
         verdict = ("**FAILED** " if parity["judged"] else "drift beyond the informative bound: ") + ", ".join(
             parity["failed"]
         )
-    emulated = " (bf16 emulated in fp32 on CPU)" if parity.get("emulated_bf16") else ""
-    standins = " (fused MoE through its CPU stand-in)" if parity.get("standins") else ""
-    return f"{verdict} (worst {worst['name']}: max rel {worst['max_rel']:.2e}){emulated}{standins}"
+    execution = f" (onnxruntime CPU: {parity['execution']})" if parity.get("execution", "native") != "native" else ""
+    return f"{verdict} (worst {worst['name']}: max rel {worst['max_rel']:.2e}){execution}"

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from dllm_trt.contract import STAGE_BUILD
 from dllm_trt.errors import DllmError
 from dllm_trt.manifest import read_manifest
 
@@ -18,22 +19,21 @@ def open_step(artifacts: Path, backend: str, device: str = "cpu", checkpoint: Pa
     if backend == "onnxruntime":
         from dllm_trt.runtime.step import OnnxRuntimeStep
 
-        if manifest.get("target") in ("trt", "ort-cuda") and device == "cpu":
-            from dllm_trt.optimize.cpu_execution import unsupported_on_cpu
-
-            reason = unsupported_on_cpu(artifacts)
-            if reason:
-                raise DllmError(
-                    f"{artifacts} was optimized for {manifest['target']} and onnxruntime on CPU cannot run it "
-                    f"({reason}); use --backend tensorrt / --device cuda, or optimize with --target ort-cpu"
-                )
+        if manifest.get("stage") == STAGE_BUILD:
+            raise DllmError(f"{artifacts} holds TensorRT engines; run them with --backend tensorrt, or run the "
+                            "optimized graphs they were built from with onnxruntime")  # fmt: skip
+        if manifest.get("target") == "trt" and device != "cpu":
+            raise DllmError(
+                f"{artifacts} was optimized for TensorRT: onnxruntime on {device} has no kernel for its MoE "
+                "plugin; build engines ('dllm-trt build'), or run it on CPU (--device cpu)"
+            )
         return OnnxRuntimeStep.from_artifacts(artifacts, device)
     if backend == "torch":
         return open_torch_step(checkpoint or Path(manifest["checkpoint"]["path"]), device)
     if backend == "tensorrt":
         from dllm_trt.runtime.tensorrt_step import TensorRTStep
 
-        if manifest.get("stage") != "build":
+        if manifest.get("stage") != STAGE_BUILD:
             raise DllmError(f"{artifacts} holds '{manifest.get('stage')}' output; the tensorrt backend runs the "
                             "engines of 'dllm-trt build'")  # fmt: skip
         return TensorRTStep.from_artifacts(artifacts, device)  # always on CUDA, whatever --device says

@@ -35,25 +35,36 @@ def open_session(
     if not graph_optimization:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     if _uses_standins(path):
-        from dllm_trt.optimize.cpu_standins import standin_session_options
+        from dllm_trt.runtime.cpu_standins import standin_session_options
 
         standin_session_options(options)
     return ort.InferenceSession(str(path), options, providers=providers(device))
 
 
 def _uses_standins(path: Path) -> bool:
-    """Graphs made runnable on CPU by optimize.cpu_execution carry Python stand-in ops."""
+    """Graphs made runnable on CPU by runtime.cpu_variant carry Python stand-in ops."""
     import onnx
 
-    from dllm_trt.optimize.cpu_standins import STANDIN_DOMAIN
+    from dllm_trt.runtime.cpu_standins import STANDIN_DOMAIN
 
     model = onnx.load(str(path), load_external_data=False)
     return any(opset.domain == STANDIN_DOMAIN for opset in model.opset_import)
 
 
+_ORT_TYPES = {
+    "tensor(float)": torch.float32, "tensor(float16)": torch.float16, "tensor(double)": torch.float64,
+    "tensor(int64)": torch.int64, "tensor(int32)": torch.int32, "tensor(bool)": torch.bool,
+}  # fmt: skip
+
+
 def run(session: ort.InferenceSession, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Run with torch tensors in and out (CPU); only the inputs the graph declares are fed."""
-    wanted = {i.name for i in session.get_inputs()}
-    arrays = {name: tensor.detach().cpu().numpy() for name, tensor in feeds.items() if name in wanted}
+    """Run with torch tensors in and out (CPU); only the inputs the graph declares are fed, each in the
+    dtype the graph declares (a caller's fp32 reference cache into an fp16 graph, say)."""
+    wanted = {i.name: _ORT_TYPES.get(i.type) for i in session.get_inputs()}
+    arrays = {
+        name: tensor.detach().cpu().to(wanted[name] or tensor.dtype).numpy()
+        for name, tensor in feeds.items()
+        if name in wanted
+    }
     names = [o.name for o in session.get_outputs()]
     return {name: torch.from_numpy(value) for name, value in zip(names, session.run(names, arrays))}

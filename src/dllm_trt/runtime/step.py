@@ -6,13 +6,27 @@ Letters: B batch, T new tokens, C canvas, H hidden, V vocab, P cached positions.
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 import torch
 
-from dllm_trt.export.onnx_export import DENOISER_FILE, ENCODER_FILE, SELF_CONDITIONING_FILE, cache_names
+from dllm_trt.contract import (
+    DENOISER_FILE,
+    DENOISER_INPUTS,
+    ENCODER_FILE,
+    ENCODER_INPUTS,
+    LOGITS,
+    SAMPLING_INPUTS,
+    SAMPLING_OUTPUTS,
+    SELF_CONDITIONING_FILE,
+    SOFT_EMBEDDING_INPUT,
+    SOFT_EMBEDDING_OUTPUT,
+    cache_names,
+)
+from dllm_trt.errors import DllmError
 from dllm_trt.models.diffusion_gemma import DenoiseStep, EncoderStep, LayerSpec, SoftEmbedding, layer_specs
 from dllm_trt.runtime.sampler import sampling_head
 
@@ -127,82 +141,109 @@ class TorchStep(LogitsStep):
         return self.soft(processed_logits)
 
 
+def encoder_feeds(past_names: list[str], input_ids, position_ids, input_mask, cache_mask, past) -> dict:  # noqa: ANN001
+    """The encoder graph's inputs by name (contract.ENCODER_INPUTS, then the cache)."""
+    return dict(zip(ENCODER_INPUTS, (input_ids, position_ids, input_mask, cache_mask))) | dict(zip(past_names, past))
+
+
+def denoiser_feeds(past_names: list[str], canvas_ids, self_conditioning, position_ids, cache_mask, past) -> dict:  # noqa: ANN001
+    """The denoiser graph's inputs by name (contract.DENOISER_INPUTS, then the cache)."""
+    values = (canvas_ids, self_conditioning, position_ids, cache_mask)
+    return dict(zip(DENOISER_INPUTS, values)) | dict(zip(past_names, past))
+
+
 class _OnnxRuntimeBase:
-    """Sessions and the encoder step shared by both onnxruntime step kinds."""
+    """Sessions and the encoder step shared by both onnxruntime step kinds.
+
+    `resident=False` opens each graph for one call and closes it after (export's parity check in
+    bounded memory: a graph's weights are never resident while the reference holds a layer).
+    """
+
+    files: tuple[str, ...] = ()
+    spin = False  # see ort_session.open_session: only a step that leaves torch idle between runs spins
 
     def __init__(
-        self, artifacts: Path, specs: list[LayerSpec], info: StepInfo, device: str = "cpu", threads: int = 0
-    ) -> None:
+        self, artifacts: Path, specs: list[LayerSpec], info: StepInfo, device: str = "cpu", threads: int = 0,
+        resident: bool = True,
+    ) -> None:  # fmt: skip
         from dllm_trt.runtime.ort_session import open_session
 
-        self.specs = specs
-        self.info = info
-        # only the sampling-head step leaves torch idle between runs, see ort_session.open_session
-        spin = isinstance(self, OnnxRuntimeHeadStep)
-        self.encoder = open_session(artifacts / ENCODER_FILE, device, threads=threads, spin=spin)
-        self.denoiser = open_session(artifacts / DENOISER_FILE, device, threads=threads, spin=spin)
+        self.artifacts, self.specs, self.info, self.device, self.threads = artifacts, specs, info, device, threads
+        self.execution = "native"
+        self.sessions = {}
+        if resident:
+            self.sessions = {
+                f: open_session(artifacts / f, device, threads=threads, spin=self.spin) for f in self.files
+            }
         self.past_names = cache_names(specs, "past_")
         self.new_names = cache_names(specs, "")
 
+    def _run(self, file: str, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        from dllm_trt.runtime.ort_session import open_session, run
+
+        session = self.sessions.get(file) or open_session(self.artifacts / file, self.device, threads=self.threads)
+        return run(session, feeds)
+
     def encode(self, input_ids, position_ids, input_mask, cache_mask, past):  # noqa: ANN001, ANN201
-        from dllm_trt.runtime.ort_session import run
-
-        feeds = dict(input_ids=input_ids, position_ids=position_ids, input_mask=input_mask, cache_mask=cache_mask)
-        feeds.update(zip(self.past_names, past))
-        out = run(self.encoder, feeds)
-        return [out[name] for name in self.new_names]
-
-    def _denoise_feeds(self, canvas_ids, self_conditioning, position_ids, cache_mask, past) -> dict:  # noqa: ANN001
-        feeds = dict(
-            canvas_ids=canvas_ids, self_conditioning=self_conditioning, position_ids=position_ids, cache_mask=cache_mask
+        out = self._run(
+            ENCODER_FILE, encoder_feeds(self.past_names, input_ids, position_ids, input_mask, cache_mask, past)
         )
-        feeds.update(zip(self.past_names, past))
-        return feeds
+        return [out[name] for name in self.new_names]
 
 
 class OnnxRuntimeStep(_OnnxRuntimeBase, LogitsStep):
     """Exported graphs in onnxruntime: the denoiser hands out logits, the sampling head runs in torch."""
 
-    def __init__(
-        self, artifacts: Path, specs: list[LayerSpec], info: StepInfo, device: str = "cpu", threads: int = 0
-    ) -> None:
-        from dllm_trt.runtime.ort_session import open_session
-
-        super().__init__(artifacts, specs, info, device, threads)
-        self.soft = open_session(artifacts / SELF_CONDITIONING_FILE, device, threads=threads)
+    files = (ENCODER_FILE, DENOISER_FILE, SELF_CONDITIONING_FILE)
 
     @classmethod
     def from_artifacts(cls, artifacts: Path, device: str = "cpu", threads: int = 0) -> LogitsStep | OnnxRuntimeHeadStep:
-        """The step for an export or optimize directory; optimized denoisers carry the sampling head."""
+        """The step for an export or optimize directory; optimized denoisers carry the sampling head.
+
+        On CPU, graphs onnxruntime cannot run as they are (fused MoE nodes without a CPU kernel,
+        bf16 math) run from a runnable copy in a temporary directory that lives as long as the step
+        (runtime.cpu_variant); `execution` says how.
+        """
         from dllm_trt.manifest import read_manifest
+        from dllm_trt.runtime import cpu_variant
 
         manifest = read_manifest(artifacts)
+        variant = None
+        if device == "cpu" and cpu_variant.needs_cpu_variant(artifacts):
+            reason = cpu_variant.unsupported_on_cpu(artifacts)
+            if reason:
+                raise DllmError(f"onnxruntime on CPU cannot run {artifacts}: {reason}")
+            variant = tempfile.TemporaryDirectory(prefix="dllm-trt-cpu-variant-")
+            cpu_variant.write_cpu_variant(artifacts, Path(variant.name))
+            artifacts = Path(variant.name)
+            manifest = read_manifest(artifacts)
         specs = [LayerSpec(**spec) for spec in manifest["model"]["layers"]]
         info = StepInfo.from_manifest(manifest)
         outputs = {o["name"] for o in manifest["graphs"]["denoiser"]["outputs"]}
-        kind = OnnxRuntimeHeadStep if "sampled_ids" in outputs else cls
-        return kind(artifacts, specs, info, device, threads)
+        kind = OnnxRuntimeHeadStep if SAMPLING_OUTPUTS[0] in outputs else cls
+        step = kind(artifacts, specs, info, device, threads)
+        step.execution = manifest.get("cpu_execution", "native") if device == "cpu" else f"onnxruntime {device}"
+        step.variant = variant  # removed with the step
+        return step
 
     def denoise(self, canvas_ids, self_conditioning, position_ids, cache_mask, past):  # noqa: ANN001, ANN201
-        from dllm_trt.runtime.ort_session import run
-
-        feeds = self._denoise_feeds(canvas_ids, self_conditioning, position_ids, cache_mask, past)
-        return run(self.denoiser, feeds)["logits"]
+        feeds = denoiser_feeds(self.past_names, canvas_ids, self_conditioning, position_ids, cache_mask, past)
+        return self._run(DENOISER_FILE, feeds)[LOGITS]
 
     def soft_embedding(self, processed_logits):  # noqa: ANN001, ANN201
-        from dllm_trt.runtime.ort_session import run
-
-        return run(self.soft, dict(processed_logits=processed_logits))["self_conditioning"]
+        return self._run(SELF_CONDITIONING_FILE, {SOFT_EMBEDDING_INPUT: processed_logits})[SOFT_EMBEDDING_OUTPUT]
 
 
 class OnnxRuntimeHeadStep(_OnnxRuntimeBase):
     """Optimized graphs in onnxruntime: the denoiser samples inside; only [B, C]-sized results come out."""
 
-    def denoise_and_sample(self, canvas_ids, self_conditioning, position_ids, cache_mask, past, temperature, noise):  # noqa: ANN001, ANN201
-        from dllm_trt.runtime.ort_session import run
+    files = (ENCODER_FILE, DENOISER_FILE)
+    spin = True
 
-        feeds = self._denoise_feeds(canvas_ids, self_conditioning, position_ids, cache_mask, past)
-        feeds["temperature"] = torch.as_tensor(temperature, dtype=torch.float32)
-        feeds["sampling_noise"] = noise.view(canvas_ids.shape[0], canvas_ids.shape[1], -1)
-        out = run(self.denoiser, feeds)
-        return DenoiseSample(out["sampled_ids"], out["argmax_ids"], out["entropy"], out["next_self_conditioning"])
+    def denoise_and_sample(self, canvas_ids, self_conditioning, position_ids, cache_mask, past, temperature, noise):  # noqa: ANN001, ANN201
+        feeds = denoiser_feeds(self.past_names, canvas_ids, self_conditioning, position_ids, cache_mask, past)
+        temperature_name, noise_name = SAMPLING_INPUTS
+        feeds[temperature_name] = torch.as_tensor(temperature, dtype=torch.float32)
+        feeds[noise_name] = noise.view(canvas_ids.shape[0], canvas_ids.shape[1], -1)
+        out = self._run(DENOISER_FILE, feeds)
+        return DenoiseSample(*(out[name] for name in SAMPLING_OUTPUTS))

@@ -27,14 +27,12 @@ from pathlib import Path
 
 import torch
 
+from dllm_trt.contract import DENOISER_INPUTS, ENCODER_INPUTS, SAMPLING_INPUTS, SAMPLING_OUTPUTS, cache_names
 from dllm_trt.errors import DllmError
 
 # runtime.step (and through it transformers and onnx) is imported where it is used, so that the engine
 # plumbing below imports with torch alone (the GPU checks run it on machines with nothing else).
 
-ENCODER_INPUTS = ("input_ids", "position_ids", "input_mask", "cache_mask")
-DENOISER_INPUTS = ("canvas_ids", "self_conditioning", "position_ids", "cache_mask", "temperature", "sampling_noise")
-DENOISER_OUTPUTS = ("sampled_ids", "argmax_ids", "entropy", "next_self_conditioning")
 _TORCH_DTYPES = {
     "FLOAT": torch.float32, "HALF": torch.float16, "BF16": torch.bfloat16, "INT32": torch.int32,
     "INT64": torch.int64, "BOOL": torch.bool, "INT8": torch.int8, "UINT8": torch.uint8,
@@ -185,7 +183,6 @@ class TensorRTStep:
     def __init__(self, artifacts: Path, manifest: dict, use_cuda_graphs: bool = True) -> None:
         from dllm_trt.engines.build_info import check_compatible, read_build_info
         from dllm_trt.engines.gpu import detect_gpu
-        from dllm_trt.export.onnx_export import cache_names
         from dllm_trt.models.diffusion_gemma import LayerSpec
         from dllm_trt.runtime.step import StepInfo
 
@@ -203,7 +200,7 @@ class TensorRTStep:
         self.encoder = EngineRunner(trt, runtime, artifacts / engines["encoder"]["file"])
         self.denoiser = EngineRunner(trt, runtime, artifacts / engines["denoiser"]["file"])
         self.encoder.check_names([*ENCODER_INPUTS, *self.past_names], self.new_names)
-        self.denoiser.check_names([*DENOISER_INPUTS, *self.past_names], list(DENOISER_OUTPUTS))
+        self.denoiser.check_names([*DENOISER_INPUTS, *SAMPLING_INPUTS, *self.past_names], list(SAMPLING_OUTPUTS))
         self.denoise_graphs = DenoiseGraphs(self.denoiser, use_cuda_graphs)
         model = manifest["model"]
         cache_dtype = self.denoiser.dtypes[self.past_names[0]]
@@ -223,7 +220,7 @@ class TensorRTStep:
     @torch.no_grad()
     def encode(self, input_ids, position_ids, input_mask, cache_mask, past):  # noqa: ANN001, ANN201
         runner = self.encoder
-        feeds = dict(input_ids=input_ids, position_ids=position_ids, input_mask=input_mask, cache_mask=cache_mask)
+        feeds = dict(zip(ENCODER_INPUTS, (input_ids, position_ids, input_mask, cache_mask)))
         feeds |= dict(zip(self.past_names, past))
         feeds = {name: runner.as_input(name, tensor) for name, tensor in feeds.items()}
         runner.set_inputs(feeds)
@@ -236,12 +233,17 @@ class TensorRTStep:
         from dllm_trt.runtime.step import DenoiseSample
 
         runner = self.denoiser
-        step_feeds = dict(
-            canvas_ids=canvas_ids, self_conditioning=self_conditioning, position_ids=position_ids,
-            cache_mask=cache_mask, temperature=torch.as_tensor(temperature).reshape(()), sampling_noise=noise,
-        )  # fmt: skip
+        values = (
+            canvas_ids,
+            self_conditioning,
+            position_ids,
+            cache_mask,
+            torch.as_tensor(temperature).reshape(()),
+            noise,
+        )
+        step_feeds = dict(zip((*DENOISER_INPUTS, *SAMPLING_INPUTS), values))
         step_feeds = {name: runner.as_input(name, tensor) for name, tensor in step_feeds.items()}
         cache = {name: runner.as_input(name, tensor) for name, tensor in zip(self.past_names, past)}
         outputs = self.denoise_graphs.run(step_feeds, cache)
         # graph outputs are overwritten by the next replay: the loop keeps the previous step's
-        return DenoiseSample(*(outputs[name].clone() for name in DENOISER_OUTPUTS))
+        return DenoiseSample(*(outputs[name].clone() for name in SAMPLING_OUTPUTS))

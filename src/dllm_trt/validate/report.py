@@ -10,11 +10,14 @@ from dllm_trt.validate.export_parity import ParityResult
 from dllm_trt.validate.generation_parity import GENERATION_TOLERANCES, NEAR_TIE_ULPS, GenerationParity
 
 
-def report_dict(artifacts: Path, backend: str, step: ParityResult, generation: GenerationParity) -> dict:
+def report_dict(
+    artifacts: Path, backend: str, execution: str, step: ParityResult, generation: GenerationParity
+) -> dict:
     worst = generation.worst()
     return dict(
         artifacts=str(artifacts),
         backend=backend,
+        execution=execution,
         passed=step.passed and generation.passed,
         failures=[c.name for c in step.comparisons if not c.passed] + generation.failures(),
         tolerances=dict(
@@ -62,7 +65,8 @@ def markdown(report: dict) -> str:
     lines = [
         f"# dllm-trt validate: {verdict}",
         "",
-        f"`{report['artifacts']}` on **{report['backend']}** vs transformers, dtype {generation['dtype']}, "
+        f"`{report['artifacts']}` on **{report['backend']}** ({report['execution']}) vs transformers, "
+        f"dtype {generation['dtype']}, "
         f"seeds {generation['seeds']}, prompts of {generation['prompt_lengths']} tokens, "
         f"{generation['max_new_tokens']} new tokens, {generation['calls_replayed']} calls replayed.",
         "",

@@ -1,8 +1,10 @@
-"""`dllm-trt validate`: artifacts against the reference checkpoint, on random inputs and real generations."""
+"""`dllm-trt validate`: `run(ValidateOptions) -> ValidateResult`; artifacts against the reference checkpoint,
+on random inputs and real generations."""
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -30,17 +32,35 @@ def default_prompts(vocab: int, seed: int) -> list[list[int]]:
     return [torch.randint(3, vocab, (n,), generator=gen).tolist() for n in (7, 3)]
 
 
-def validate_artifacts(
-    artifacts: Path,
-    reference: Path,
-    backend: str = "onnxruntime",
-    seeds: tuple[int, ...] = (0, 1),
-    prompts: list[list[int]] | None = None,
-    max_new_tokens: int | None = None,
-    report_dir: Path | None = None,
-    quiet: bool = False,
-) -> dict:
-    progress = Progress(total=5, quiet=quiet)
+@dataclass(frozen=True)
+class ValidateOptions:
+    artifacts: Path
+    reference: Path  # the checkpoint the artifacts came from
+    backend: str = "onnxruntime"  # the backend under test
+    seeds: tuple[int, ...] = (0, 1)
+    prompt_ids: tuple[tuple[int, ...], ...] = ()  # () : two random prompts of different lengths
+    max_new_tokens: int | None = None  # None: enough canvases to pass the sliding window
+    report_dir: Path | None = None  # where report.json and report.md go; None: not written
+    quiet: bool = False
+
+
+@dataclass(frozen=True)
+class ValidateResult:
+    passed: bool
+    failures: list[str]
+    report: dict  # what report.json holds
+    markdown: str  # what report.md holds
+
+
+def run(options: ValidateOptions) -> ValidateResult:
+    artifacts, reference, backend, seeds = options.artifacts, options.reference, options.backend, options.seeds
+    max_new_tokens, report_dir = options.max_new_tokens, options.report_dir
+    prompts = [list(p) for p in options.prompt_ids] or None
+    if not seeds:
+        raise DllmError("--seeds is empty; pass comma-separated integers like 0,1")
+    if max_new_tokens is not None and max_new_tokens <= 0:
+        raise DllmError("--max-new-tokens must be a positive integer")
+    progress = Progress(total=5, quiet=options.quiet)
     with progress.stage("checking artifacts against the reference checkpoint") as notes:
         manifest = read_manifest(artifacts)
         digest = checkpoint_hash(reference, safetensors_files(reference))
@@ -66,10 +86,9 @@ def validate_artifacts(
     with progress.stage(f"generation parity ({len(seeds)} seed(s), {settings.max_new_tokens} new tokens)") as notes:
         generation = generation_parity(model, TorchStep(model), candidate, settings, ids, mask, list(seeds))
         notes.append(f"{len(generation.steps)} calls replayed, {len(generation.failures())} failure(s)")
-    report = report_dict(artifacts, backend, step, generation)
+    report = report_dict(artifacts, backend, getattr(candidate, "execution", "native"), step, generation)
     with progress.stage("writing report") as notes:
         if report_dir is not None:
             write_report(report_dir, report)
             notes.append(f"{report_dir}/report.md")
-    report["markdown"] = markdown(report)
-    return report
+    return ValidateResult(report["passed"], report["failures"], report, markdown(report))

@@ -1,13 +1,16 @@
-"""Running optimized graphs on this CPU, to measure their parity, where onnxruntime has no kernel.
+"""Running optimized graphs on this CPU where onnxruntime has no kernel for what they hold.
 
 Fused MoE nodes without a CPU kernel (TensorRT's DllmMoE, com.microsoft.MoE with geglu) run
-through Python stand-ins of their specified semantics (optimize/cpu_standins.py: this proves the
-graph around them, not their kernels). onnxruntime has no CPU kernels for bfloat16 math: a bf16
-graph is therefore measured through an emulation: every bf16 tensor becomes fp32 holding
-bf16-rounded values (a Cast to bf16 and back after every node that produced bf16, and on the
-graph inputs), so storage rounds as in bf16 while arithmetic runs in fp32, as TensorRT's bf16
-kernels accumulate. This measures the precision
-policy the graph encodes, not any particular kernel.
+through Python stand-ins of their specified semantics (runtime/cpu_standins.py: this proves the
+graph around them, not their kernels). onnxruntime has no CPU kernels for most bfloat16 math: a
+bf16 graph runs through an emulation: every bf16 tensor becomes fp32 holding bf16-rounded values
+(a Cast to bf16 and back after every node that produced bf16, and on the graph inputs), so storage
+rounds as in bf16 while arithmetic runs in fp32, as TensorRT's bf16 kernels accumulate. This
+measures the precision policy the graph encodes, not any particular kernel. fp16 graphs run
+natively: onnxruntime's CPU provider has fp16 kernels for every op they hold.
+
+The runnable copy (the "CPU variant") is written to a directory the caller owns, never into the
+artifact directory, which stays as its stage wrote it.
 """
 
 from __future__ import annotations
@@ -19,19 +22,40 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from dllm_trt.manifest import read_manifest, write_manifest
+from dllm_trt.contract import CARRIED_FILES, ORT_MOE_DOMAIN, ORT_MOE_OP
+from dllm_trt.contract import MOE_OP as DLLM_MOE
+from dllm_trt.contract import PLUGIN_NAMESPACE as DLLM_DOMAIN
+from dllm_trt.manifest import read_manifest, save_graphs, write_manifest
 
 # Ops with no onnxruntime CPU kernel; they run through stand-ins.
-NO_CPU_KERNEL = {("dllm_trt", "DllmMoE"), ("com.microsoft", "MoE")}
-CPU_VARIANT = "cpu-variant"
+NO_CPU_KERNEL = {(DLLM_DOMAIN, DLLM_MOE), (ORT_MOE_DOMAIN, ORT_MOE_OP)}
+
+
+def _graph_files(directory: Path) -> dict[str, str]:
+    """Every graph the directory's manifest lists, by name."""
+    return {name: entry["file"] for name, entry in read_manifest(directory)["graphs"].items()}
 
 
 def _graphs(directory: Path) -> list[onnx.GraphProto]:
-    return [onnx.load(str(directory / f), load_external_data=False).graph for f in ("encoder.onnx", "denoiser.onnx")]
+    return [onnx.load(str(directory / f), load_external_data=False).graph for f in _graph_files(directory).values()]
 
 
 def needs_standins(directory: Path) -> bool:
     return any((node.domain, node.op_type) in NO_CPU_KERNEL for g in _graphs(directory) for node in g.node)
+
+
+def holds_bfloat16(directory: Path) -> bool:
+    return any(i.data_type == onnx.TensorProto.BFLOAT16 for g in _graphs(directory) for i in g.initializer)
+
+
+def execution_on_cpu(directory: Path) -> str:
+    """How onnxruntime on this CPU runs the graphs of `directory`, in words for a report."""
+    how = []
+    if holds_bfloat16(directory):
+        how.append("bf16 emulated in fp32 (bf16 storage rounding, fp32 arithmetic)")
+    if needs_standins(directory):
+        how.append("fused MoE through its CPU stand-in (the op's specified semantics, not its kernel)")
+    return "; ".join(how) or "native"
 
 
 def unsupported_on_cpu(directory: Path) -> str | None:
@@ -42,10 +66,6 @@ def unsupported_on_cpu(directory: Path) -> str | None:
         except ImportError:
             return "fused MoE nodes need onnxruntime-extensions for their CPU stand-ins (pip install it)"
     return None
-
-
-def holds_bfloat16(directory: Path) -> bool:
-    return any(i.data_type == onnx.TensorProto.BFLOAT16 for g in _graphs(directory) for i in g.initializer)
 
 
 def emulate_bfloat16(model: ir.Model) -> None:
@@ -93,43 +113,30 @@ def emulate_bfloat16(model: ir.Model) -> None:
                 round_trip(out, node)
 
 
-def carry_self_conditioning(source: Path, directory: Path) -> None:
-    """Graphs still in logits form need the export's self_conditioning graph beside them."""
-    from dllm_trt.export.onnx_export import SELF_CONDITIONING_FILE
-
-    for file in source.glob(f"{SELF_CONDITIONING_FILE}*"):
-        shutil.copy2(file, directory / file.name)
+def needs_cpu_variant(directory: Path) -> bool:
+    return needs_standins(directory) or holds_bfloat16(directory)
 
 
-def cpu_variant(directory: Path) -> Path:
-    """`directory` itself when onnxruntime on CPU runs it as is, else a sibling copy that it runs:
-    fused MoE nodes retargeted to their stand-ins, bf16 emulated in fp32."""
-    from dllm_trt.optimize import GRAPH_FILES, save_graphs
-    from dllm_trt.optimize.cpu_standins import with_cpu_standins
+def write_cpu_variant(directory: Path, out: Path) -> None:
+    """A copy of `directory`'s graphs in `out` that onnxruntime on CPU runs: fused MoE nodes retargeted
+    to their stand-ins, bf16 emulated in fp32; its manifest says float32 where bf16 was emulated."""
+    from dllm_trt.runtime.cpu_standins import with_cpu_standins
 
     standins, bf16 = needs_standins(directory), holds_bfloat16(directory)
-    if not (standins or bf16):
-        return directory
-    variant = directory / CPU_VARIANT
-    shutil.rmtree(variant, ignore_errors=True)
-    variant.mkdir()
-    graphs = {name: ir.load(str(directory / file)) for name, file in GRAPH_FILES.items()}
+    out.mkdir(parents=True, exist_ok=True)
+    files = _graph_files(directory)
+    graphs = {name: ir.load(str(directory / file)) for name, file in files.items()}
     for name, model in graphs.items():
         if bf16:
             emulate_bfloat16(model)
         if standins:
             graphs[name] = with_cpu_standins(model)
-    carry_self_conditioning(directory, variant)
+    for carried in CARRIED_FILES:
+        if (directory / carried).is_file():
+            shutil.copy2(directory / carried, out / carried)
     manifest = read_manifest(directory)
-    manifest["graphs"] = save_graphs(graphs, variant)
+    manifest["graphs"] = save_graphs(graphs, out, files)
+    manifest["cpu_execution"] = execution_on_cpu(directory)
     if bf16:
         manifest["model"] = dict(manifest["model"], dtype="float32")
-    write_manifest(variant, manifest)
-    return variant
-
-
-def open_cpu_step(directory: Path):  # noqa: ANN201
-    """An onnxruntime CPU step over these graphs (see cpu_variant)."""
-    from dllm_trt.runtime.step import OnnxRuntimeStep
-
-    return OnnxRuntimeStep.from_artifacts(cpu_variant(directory))
+    write_manifest(out, manifest)

@@ -13,7 +13,7 @@ from onnx import TensorProto
 from onnx import helper as oh
 
 from dllm_trt.kernels.moe_triton import moe_reference
-from dllm_trt.optimize.cpu_standins import STANDIN_DOMAIN, standin_session_options, with_cpu_standins
+from dllm_trt.runtime.cpu_standins import STANDIN_DOMAIN, standin_session_options, with_cpu_standins
 
 N, H, E, K, I = 7, 12, 6, 2, 5  # noqa: E741  tokens, hidden, experts, active experts, expert width
 TOL = 1e-5  # max|a-b| / max|b|: fp32 kernels against the float64 stand-in

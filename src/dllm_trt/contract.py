@@ -1,0 +1,71 @@
+"""The artifact contract: the names every stage writes and every later stage reads.
+
+File names, graph input and output names, cache tensor names, the fused ops' names, domains and
+attributes, stage names, targets and precisions. A leaf: it imports nothing of dllm_trt, so that
+every stage can depend on it and none has to import another stage to learn a name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Protocol
+
+# ---- files ---------------------------------------------------------------------------------------
+
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT = "dllm-trt/1"
+ENCODER_FILE = "encoder.onnx"
+DENOISER_FILE = "denoiser.onnx"
+SELF_CONDITIONING_FILE = "self_conditioning.onnx"
+GRAPH_FILES = {"encoder": ENCODER_FILE, "denoiser": DENOISER_FILE}  # the graphs optimize and build act on
+# Files a runtime needs beside the graphs: how to generate, and how to tokenize when there is a tokenizer.
+CARRIED_FILES = (
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+)
+FUSION_REPORT = "fusion_report"  # .json and .md, written by optimize
+BUILD_INFO = "build_info.json"
+BUILD_FORMAT = "dllm-trt-build/1"
+ENGINE_FILES = {"encoder": "encoder.engine", "denoiser": "denoiser.engine"}
+
+# ---- stages, targets, precisions -----------------------------------------------------------------
+
+# manifest["stage"] of each stage's output
+STAGE_EXPORT, STAGE_OPTIMIZE, STAGE_BUILD = "export", "optimize", "build"
+TARGETS = ("trt", "ort-cuda", "ort-cpu")
+PRECISIONS = ("fp32", "fp16", "bf16")
+PRECISION_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+# ---- graph inputs and outputs --------------------------------------------------------------------
+
+ENCODER_INPUTS = ("input_ids", "position_ids", "input_mask", "cache_mask")  # then past_key.i / past_value.i
+DENOISER_INPUTS = ("canvas_ids", "self_conditioning", "position_ids", "cache_mask")  # then the cache
+LOGITS = "logits"  # the exported denoiser's output [B, C, V] fp32
+SOFT_EMBEDDING_INPUT, SOFT_EMBEDDING_OUTPUT = "processed_logits", "self_conditioning"
+# The sampling head optimize adds to the denoiser: its inputs (fp32 always) and outputs.
+SAMPLING_INPUTS = ("temperature", "sampling_noise")
+SAMPLING_OUTPUTS = ("sampled_ids", "argmax_ids", "entropy", "next_self_conditioning")
+
+
+class _HasIndex(Protocol):
+    index: int
+
+
+def cache_names(specs: Iterable[_HasIndex], prefix: str) -> list[str]:
+    """`key.0, value.0, key.1, ...` (prefix "" for the encoder's outputs, "past_" for cache inputs)."""
+    return [f"{prefix}{kind}.{spec.index}" for spec in specs for kind in ("key", "value")]
+
+
+# ---- fused ops -----------------------------------------------------------------------------------
+
+# The TensorRT MoE plugin node. The parser finds a plugin by op_type + plugin_namespace +
+# plugin_version; every other attribute becomes a plugin field.
+MOE_OP = "DllmMoE"
+PLUGIN_NAMESPACE = "dllm_trt"  # also the ONNX domain of every dllm_trt node
+PLUGIN_VERSION = "1"
+MOE_ACTIVATION = "gelu_tanh"
+ROUTED_MOE = "RoutedMoE"  # the ort-cpu target's model-local function
+ORT_MOE_DOMAIN, ORT_MOE_OP = "com.microsoft", "MoE"  # the ort-cuda target's contrib op

@@ -1,0 +1,261 @@
+"""`dllm-trt export`: checkpoint directory -> encoder.onnx, denoiser.onnx, self_conditioning.onnx and
+manifest.json.
+
+`run(ExportOptions) -> ExportResult`. Streaming, so that peak memory does not grow with the
+checkpoint: the graphs are traced over a model without weights (`skeleton.py`, `lazy_graph.py`),
+then every weight is read from the safetensors shards and written to external-data shards one
+chunk at a time, transposed and cast as the graph expects (`weights.py`, `writer.py`). Finished
+shards are journaled, so an interrupted export resumes (`journal.py`). The parity check loads one
+layer and one onnxruntime session at a time (`offload.py`). `onnx_export.export_encoder` and
+friends remain the in-memory path; both paths produce the same nodes and byte-identical weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from dataclasses import asdict, dataclass
+from importlib import metadata
+from pathlib import Path
+
+import onnx_ir as ir
+import torch
+
+from dllm_trt.contract import CARRIED_FILES, DENOISER_FILE, ENCODER_FILE, SELF_CONDITIONING_FILE, STAGE_EXPORT
+from dllm_trt.export.journal import Journal, resumable_output
+from dllm_trt.export.lazy_graph import lazy_graph
+from dllm_trt.export.onnx_export import OPSET, check_experts, denoiser_spec, encoder_spec, self_conditioning_spec
+from dllm_trt.export.skeleton import build_skeleton, checkpoint_dtype, parse_dtype
+from dllm_trt.export.weights import FOLD_INPUT_LIMIT
+from dllm_trt.export.writer import DEFAULT_SHARD_BYTES, WrittenFile, plan_shards, write_shards
+from dllm_trt.manifest import MANIFEST, check_external_data, describe_graph, tool_versions, write_manifest
+from dllm_trt.models.checkpoint import checkpoint_hash, read_config, safetensors_files, tensor_index
+from dllm_trt.models.diffusion_gemma import layer_specs
+from dllm_trt.progress import Progress, human_bytes
+from dllm_trt.validate.compare import summary_lines
+
+GRAPHS = (
+    ("encoder", ENCODER_FILE, encoder_spec),
+    ("denoiser", DENOISER_FILE, denoiser_spec),
+    ("self_conditioning", SELF_CONDITIONING_FILE, self_conditioning_spec),
+)
+
+# onnxruntime's CPU provider has no bfloat16 kernels for the graphs' MatMul/Attention/norms.
+BF16_PARITY_SKIPPED = (
+    "parity not measured: onnxruntime on CPU cannot run bfloat16 graphs; export a float32 copy "
+    "(--dtype float32) to measure the graphs' parity"
+)
+
+
+def model_summary(model) -> dict:  # noqa: ANN001
+    text = model.config.text_config
+    return dict(
+        model_type=model.config.model_type,
+        dtype=str(model.dtype).removeprefix("torch."),
+        canvas_length=model.config.canvas_length,
+        sliding_window=text.sliding_window,
+        vocab_size=text.vocab_size,
+        hidden_size=text.hidden_size,
+        num_layers=text.num_hidden_layers,
+        num_experts=text.num_experts,
+        top_k_experts=text.top_k_experts,
+        layers=[asdict(spec) for spec in layer_specs(model)],
+        pad_token_id=text.pad_token_id,
+        text_config=text.to_dict(),
+    )
+
+
+def describe_exported_graph(path: Path, written: list[WrittenFile]) -> dict:
+    """The manifest entry of one graph; external-data checksums come from the writer (no second read)."""
+    return describe_graph(path, [dict(file=w.file, bytes=w.bytes, sha256=w.sha256) for w in written])
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    checkpoint: Path
+    output: Path
+    parity: bool = True  # measure onnxruntime against transformers after writing
+    seed: int = 0  # of the parity check's random inputs
+    force: bool = False  # replace a non-empty output directory
+    # float32 | float16 | bfloat16: cast the weights as `from_pretrained(dtype=...)` does; None keeps the
+    # checkpoint's. Parity of a bfloat16 export is not measured (onnxruntime CPU has no bf16 kernels).
+    dtype: str | None = None
+    quiet: bool = False
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES
+    eager_max_elements: int = FOLD_INPUT_LIMIT
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    output: Path
+    manifest: dict
+    parity_failed: str | None  # the worst failing comparison, None when parity passed or was not measured
+
+
+def run(options: ExportOptions) -> ExportResult:
+    """Export, check and (by default) measure parity; the manifest is written to `options.output`."""
+    ckpt, out, dtype, quiet = options.checkpoint, options.output, options.dtype, options.quiet
+    parity, seed, force = options.parity, options.seed, options.force
+    max_shard_bytes, eager_max_elements = options.max_shard_bytes, options.eager_max_elements
+    progress = Progress(total=7 if parity else 6, quiet=quiet)
+    with progress.stage("checking checkpoint") as notes:
+        config = read_config(ckpt)
+        files = safetensors_files(ckpt)
+        index = tensor_index(files)
+        source_dtype = checkpoint_dtype(config, index)
+        export_dtype = parse_dtype(dtype) if dtype is not None else source_dtype
+        paths = [ckpt / "config.json", *files]
+        meter = progress.bytes(sum(p.stat().st_size for p in paths), "hashing")
+        digest = checkpoint_hash(ckpt, files, meter.advance)
+        meter.finish()
+        cast = "" if export_dtype == source_dtype else f", exported as {_name(export_dtype)}"
+        notes.append(
+            f"{len(files)} weight file(s), {human_bytes(sum(f.stat().st_size for f in files))}, "
+            f"{_name(source_dtype)}{cast}, {digest[:19]}…"
+        )
+    measure = parity and export_dtype != torch.bfloat16
+    key = _journal_key(digest, export_dtype, max_shard_bytes, eager_max_elements)
+    with resumable_output(out, force=force) as work:
+        with progress.stage("building the model without weights") as notes:
+            model = build_skeleton(ckpt, export_dtype)
+            text = model.config.text_config
+            notes.append(f"{text.num_hidden_layers} layers, {_name(export_dtype)}, nothing read but config.json")
+        journal = Journal(work, key)
+        graphs = {}
+        for name, file, spec in GRAPHS:
+            with progress.stage(f"exporting {file}") as notes:
+                graphs[name] = _export_graph(
+                    name, file, spec, model, index, work, journal, progress, max_shard_bytes, eager_max_elements
+                )
+                external = graphs[name]["external_data"]
+                size = graphs[name]["bytes"] + sum(e["bytes"] for e in external)
+                resumed = graphs[name].pop("resumed")
+                notes.append(
+                    f"{graphs[name]['nodes']} nodes, {human_bytes(size)} in {len(external)} data file(s)"
+                    + (f", {resumed} kept from an interrupted run" if resumed else "")
+                )
+        for carried in CARRIED_FILES:
+            if (ckpt / carried).is_file():
+                shutil.copy2(ckpt / carried, work / carried)
+        manifest = dict(
+            stage=STAGE_EXPORT,
+            checkpoint=dict(
+                path=str(ckpt.resolve()), hash=digest, files=[f.name for f in files], dtype=_name(source_dtype)
+            ),
+            model=model_summary(model),
+            opset=OPSET,
+            tools=tool_versions(),
+            graphs=graphs,
+        )
+        result = None
+        if measure:
+            with progress.stage("measuring parity: onnxruntime vs transformers") as notes:
+                result, lines = _measure_parity(ckpt, work, model, export_dtype, source_dtype, index, seed)
+                manifest["parity"] = result
+                passed = sum(c["passed"] for c in result["comparisons"])
+                notes.append(f"{passed}/{len(result['comparisons'])} within tolerance")
+            for line in ([result["note"]] if result.get("note") else []) + lines:
+                progress.note(line)
+        elif parity:
+            with progress.stage("measuring parity: onnxruntime vs transformers") as notes:
+                manifest["parity_skipped"] = BF16_PARITY_SKIPPED
+                notes.append("skipped")
+            progress.note(BF16_PARITY_SKIPPED)
+        manifest["timings_s"] = progress.timings
+        with progress.stage(f"writing {MANIFEST}"):
+            write_manifest(work, manifest)
+        _remove_strays(work, manifest)
+    failed = None
+    if result is not None and not result["passed"]:
+        failed = max((c for c in result["comparisons"] if not c["passed"]), key=lambda c: c["max_rel"])["name"]
+    return ExportResult(out, manifest, failed)
+
+
+def _export_graph(
+    name: str,
+    file: str,
+    spec,  # noqa: ANN001 (a TraceSpec factory)
+    model,  # noqa: ANN001
+    index: dict,
+    work: Path,
+    journal: Journal,
+    progress: Progress,
+    max_shard_bytes: int,
+    eager_max_elements: int,
+) -> dict:
+    """Trace one graph without weights, write its weights (resumably), save and check it; its manifest entry.
+
+    One graph at a time, traced then written, so that an interruption loses at most one trace.
+    """
+    graph = lazy_graph(spec(model), model, index, eager_max_elements)
+    shards = plan_shards(graph.graph, Path(file).stem, max_shard_bytes)
+    written = write_shards(graph.graph, name, shards, work, journal, progress)
+    ir.save(graph, str(work / file))  # tensors are external already: only the graph is written
+    external = check_external_data(work / file)
+    if sorted(p.name for p in external) != sorted(w.file for w in written):
+        raise RuntimeError(f"{file} refers to {external}, the writer wrote {written}")
+    if name != "self_conditioning":
+        text = model.config.text_config
+        moe_layers = text.num_hidden_layers - (1 if name == "encoder" else 0)  # encoder: last FFN unused
+        hidden, width, experts = text.hidden_size, text.moe_intermediate_size, text.num_experts
+        check_experts(work / file, experts, (experts, 2 * width, hidden), (experts, hidden, width), moe_layers)
+    return describe_exported_graph(work / file, written) | dict(resumed=sum(w.resumed for w in written))
+
+
+def _measure_parity(
+    ckpt: Path,
+    work: Path,
+    skeleton,  # noqa: ANN001
+    export_dtype: torch.dtype,
+    source_dtype: torch.dtype,
+    index: dict,
+    seed: int,
+) -> tuple[dict, list[str]]:
+    """Parity of the graphs in `work` against transformers in `export_dtype`, one layer and one session at a time."""
+    from dllm_trt.export.offload import offloaded_reference
+    from dllm_trt.runtime.step import OnnxRuntimeStep, StepInfo
+    from dllm_trt.validate.export_parity import step_parity
+
+    reference = offloaded_reference(ckpt, export_dtype, index)
+    step = OnnxRuntimeStep(work, layer_specs(skeleton), StepInfo.from_model(reference), resident=False)
+    result = step_parity(reference, step, seed=seed)
+    out = result.to_dict()
+    if export_dtype != source_dtype:
+        out["checkpoint_dtype"] = _name(source_dtype)
+        out["note"] = (
+            f"parity of a {_name(export_dtype)} copy of a {_name(source_dtype)} checkpoint: it proves the graphs, "
+            f"not {_name(source_dtype)} numerics (onnxruntime CPU does not compute in {_name(source_dtype)})"
+        )
+    return out, summary_lines(result.comparisons)
+
+
+def _journal_key(digest: str, dtype: torch.dtype, max_shard_bytes: int, eager_max_elements: int) -> str:
+    """What finished files depend on besides their own plan: the checkpoint's bytes and the tools that traced it."""
+    versions = {name: _version(name) for name in ("dllm-trt", "torch", "onnxscript", "onnx-ir")}
+    text = f"{digest}|{dtype}|{max_shard_bytes}|{eager_max_elements}|{sorted(versions.items())}"
+    return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
+
+
+def _version(name: str) -> str:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return "?"
+
+
+def _remove_strays(work: Path, manifest: dict) -> None:
+    """Files of an earlier plan (other shard names) or a killed write must not end up in the output."""
+    keep = {MANIFEST, *CARRIED_FILES}
+    for graph in manifest["graphs"].values():
+        keep.add(graph["file"])
+        keep.update(e["file"] for e in graph["external_data"])
+    for path in work.iterdir():
+        if path.name not in keep and path.name != "journal.json":
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")

@@ -1,0 +1,210 @@
+"""`dllm-trt optimize`: `run(OptimizeOptions) -> OptimizeResult`; exported graphs -> fused graphs per target.
+
+Reads an export directory, runs the ordered pipeline (optimize/pipeline.py) over the encoder and
+denoiser graphs, measures parity against transformers after each pass (or only at the end), and
+writes the rewritten graphs, an updated manifest and `fusion_report.json`/`.md`.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx_ir as ir
+
+from dllm_trt.contract import (
+    CARRIED_FILES,
+    FUSION_REPORT,
+    GRAPH_FILES,
+    PRECISION_DTYPES,
+    PRECISIONS,
+    SAMPLING_OUTPUTS,
+    SELF_CONDITIONING_FILE,
+    STAGE_EXPORT,
+    STAGE_OPTIMIZE,
+    TARGETS,
+)
+from dllm_trt.errors import DllmError
+from dllm_trt.manifest import (
+    atomic_output,
+    check_external_data,
+    describe_graph,
+    external_data_entries,
+    file_sha256,
+    read_manifest,
+    save_graphs,
+    tool_versions,
+    write_manifest,
+)
+from dllm_trt.optimize.context import PassContext
+from dllm_trt.optimize.pipeline import PIPELINE, Pass, clean_up, diff_counts, op_counts
+from dllm_trt.optimize.report import write_fusion_report
+from dllm_trt.progress import Progress
+
+PARITY_MODES = ("each", "final", "none")
+
+
+@dataclass(frozen=True)
+class OptimizeOptions:
+    artifacts: Path  # an export directory
+    output: Path
+    target: str  # one of contract.TARGETS
+    precision: str = "fp32"  # one of contract.PRECISIONS
+    parity: str = "each"  # each | final | none: when to measure parity against transformers
+    seed: int = 0  # of the parity check's random inputs
+    force: bool = False  # replace a non-empty output directory
+    reference: Path | None = None  # the checkpoint, if it moved since export
+    quiet: bool = False
+    passes: tuple[Pass, ...] | None = None  # None: the whole PIPELINE
+
+
+@dataclass(frozen=True)
+class OptimizeResult:
+    output: Path
+    manifest: dict
+    failed_passes: list[str]  # passes after which judged parity failed
+
+
+def _stage_manifest(source: dict, target: str, precision: str, graphs: dict, source_hash: str, dtype: str) -> dict:
+    model = dict(source["model"])
+    model["dtype"] = dtype  # the dtype of the graphs' float inputs (cache, self-conditioning)
+    return dict(
+        stage=STAGE_OPTIMIZE,
+        target=target,
+        precision=precision,
+        source=dict(stage=STAGE_EXPORT, manifest_sha256=source_hash),
+        checkpoint=source["checkpoint"],
+        model=model,
+        opset=source["opset"],
+        tools=tool_versions(),
+        graphs=graphs,
+    )
+
+
+def _measure(reference, directory: Path, seed: int, dtype: str) -> dict:  # noqa: ANN001
+    from dllm_trt.runtime.step import OnnxRuntimeStep
+    from dllm_trt.validate.export_parity import step_parity
+
+    step = OnnxRuntimeStep.from_artifacts(directory)
+    result = step_parity(reference, step, seed=seed, tolerance_dtype=dtype)
+    failed = [c.name for c in result.comparisons if not c.passed]
+    # fp32 graphs must match; reduced precision is measured and reported against an informative
+    # bound (a router top-k flip under rounding is a legitimate precision effect, not a bug).
+    judged = dtype == "float32"
+    return dict(measured=True, judged=judged, execution=step.execution, passed=result.passed, failed=failed,
+                result=result.to_dict())  # fmt: skip
+
+
+def run(options: OptimizeOptions) -> OptimizeResult:
+    source, out, target, precision = options.artifacts, options.output, options.target, options.precision
+    parity, seed, force, quiet = options.parity, options.seed, options.force, options.quiet
+    if target not in TARGETS:
+        raise DllmError(f"unknown target '{target}'; choose one of: {', '.join(TARGETS)}")
+    if precision not in PRECISIONS:
+        raise DllmError(f"unknown precision '{precision}'; choose one of: {', '.join(PRECISIONS)}")
+    if parity not in PARITY_MODES:
+        raise DllmError(f"unknown --parity '{parity}'; choose one of: {', '.join(PARITY_MODES)}")
+    manifest = read_manifest(source, stage=STAGE_EXPORT)
+    source_hash = file_sha256(source / "manifest.json")
+    passes = PIPELINE if options.passes is None else options.passes
+    active = [p for p in passes if precision in p.precisions]
+    progress = Progress(total=len(active) + 1 + (parity != "none"), quiet=quiet)
+
+    reference = None
+    if parity != "none":
+        with progress.stage("loading the reference (transformers)") as notes:
+            from dllm_trt.models.checkpoint import checkpoint_hash, load_model, safetensors_files
+
+            checkpoint = options.reference or Path(manifest["checkpoint"]["path"])
+            if not (checkpoint / "config.json").is_file():
+                raise DllmError(
+                    f"the checkpoint {checkpoint} the export came from is gone; pass --reference CKPT or --parity none"
+                )
+            if checkpoint_hash(checkpoint, safetensors_files(checkpoint)) != manifest["checkpoint"]["hash"]:
+                raise DllmError(f"{checkpoint} is not the checkpoint {source} was exported from (hash differs)")
+            reference = load_model(checkpoint)
+            notes.append(str(checkpoint))
+
+    graphs = {name: ir.load(str(source / file)) for name, file in GRAPH_FILES.items()}
+    dtype = manifest["model"]["dtype"]
+    entries = []
+    with atomic_output(out, force=force) as tmp:
+        scratch = tmp / ".scratch"
+        for index, step in enumerate(active):
+            with progress.stage(f"{step.name} ({target}, {precision})") as notes:
+                entry: dict = dict(name=step.name, graphs={})
+                for name in step.graphs:
+                    ctx = PassContext(target, precision, name, manifest["model"])
+                    before = op_counts(graphs[name])
+                    matched = step.run(graphs[name], ctx)
+                    clean_up(graphs[name])
+                    after = op_counts(graphs[name])
+                    entry["graphs"][name] = dict(matched=matched, ops_before=before, ops_after=after,
+                                                 changed=diff_counts(before, after))  # fmt: skip
+                notes.append(", ".join(f"{g}: {e['matched']} matched" for g, e in entry["graphs"].items()))
+                if step.name == "convert_precision":
+                    dtype = PRECISION_DTYPES[precision]
+                if reference is not None and (parity == "each" or index == len(active) - 1):
+                    scratch.mkdir(exist_ok=True)
+                    described = _save(graphs, source, scratch)
+                    write_manifest(scratch, _stage_manifest(manifest, target, precision, described, source_hash, dtype))
+                    entry["parity"] = _measure(reference, scratch, seed, dtype)
+                    notes.append(_parity_note(entry["parity"]))
+                entries.append(entry)
+        shutil.rmtree(scratch, ignore_errors=True)
+        with progress.stage("writing graphs, manifest.json, fusion_report") as notes:
+            described = _save(graphs, source, tmp)
+            for name in CARRIED_FILES:
+                if (source / name).is_file():
+                    shutil.copy2(source / name, tmp / name)
+            result = _stage_manifest(manifest, target, precision, described, source_hash, dtype)
+            result["passes"] = [
+                dict(name=e["name"], matched={g: v["matched"] for g, v in e["graphs"].items()},
+                     parity=_parity_summary(e.get("parity")))
+                for e in entries
+            ]  # fmt: skip
+            result["timings_s"] = progress.timings
+            write_manifest(tmp, result)
+            write_fusion_report(tmp / FUSION_REPORT, result, entries)
+            notes.append(f"{sum(d['nodes'] for d in described.values())} nodes")
+    failed = [
+        p["name"] for p in result["passes"]
+        if p["parity"] and p["parity"].get("judged") and p["parity"].get("passed") is False
+    ]  # fmt: skip
+    return OptimizeResult(out, result, failed)
+
+
+def _save(graphs: dict[str, ir.Model], source: Path, directory: Path) -> dict[str, dict]:
+    """The graphs, and beside a denoiser still in logits form (no sampling head) the export's
+    self-conditioning graph, which the runtime then needs; all described for the manifest."""
+    described = save_graphs(graphs, directory, GRAPH_FILES)
+    if SAMPLING_OUTPUTS[0] not in {o["name"] for o in described["denoiser"]["outputs"]}:
+        for file in source.glob(f"{SELF_CONDITIONING_FILE}*"):
+            shutil.copy2(file, directory / file.name)
+        path = directory / SELF_CONDITIONING_FILE
+        described["self_conditioning"] = describe_graph(path, external_data_entries(check_external_data(path)))
+    return described
+
+
+def _parity_summary(parity: dict | None) -> dict | None:
+    if parity is None:
+        return None
+    if not parity["measured"]:
+        return dict(measured=False, reason=parity["reason"])
+    worst = max(parity["result"]["comparisons"], key=lambda c: c["max_rel"])
+    return dict(measured=True, judged=parity["judged"], passed=parity["passed"], failed=parity["failed"],
+                worst=worst["name"], worst_max_rel=worst["max_rel"])  # fmt: skip
+
+
+def _parity_note(parity: dict) -> str:
+    if not parity["measured"]:
+        return f"parity not measured: {parity['reason']}"
+    summary = _parity_summary(parity)
+    if parity["passed"]:
+        verdict = "parity ok" if parity["judged"] else "parity within the informative bound"
+    elif parity["judged"]:
+        verdict = f"PARITY FAILED ({', '.join(parity['failed'])})"
+    else:
+        verdict = f"reduced-precision drift beyond the informative bound ({', '.join(parity['failed'])})"
+    return f"{verdict}, worst max rel {summary['worst_max_rel']:.2e}"

@@ -118,6 +118,25 @@ def test_geglu_standin_is_diffusion_gemma_moe_with_scale_folded(fusion):
     assert _rel(actual, expected) <= TOL
 
 
+def test_geglu_standin_reads_each_layout_as_the_spec_says():
+    """onnxruntime's MoE schema (1.32): "swiglu_fusion: 1: fused and interleaved, 2: fused and not
+    interleaved ([gate | up] for geglu)". Weights in one layout under the other attribute must not
+    pass: a rewrite that emitted the wrong swiglu_fusion would fail parity through the stand-in."""
+    from onnxruntime.capi.onnxruntime_pybind11_state import get_all_operator_schema
+
+    schema = next(s for s in get_all_operator_schema() if s.name == "MoE" and s.domain == "com.microsoft")
+    assert "2: fused and not interleaved ([gate | up] for geglu)" in schema.attributes["swiglu_fusion"].description
+    gate_up, down, scale = _hf_experts()
+    fc2 = down * scale[:, None, None]
+    feeds = _inputs(3)
+    expected = _reference(feeds, gate_up, down, scale)
+    for fusion in (1, 2):  # HF's [gate | up] rows as they are, labelled with each fusion value
+        model = _moe(gate_up, fc2, activation_type="geglu", swiglu_fusion=fusion, normalize_routing_weights=1)
+        error = _rel(_run(with_cpu_standins(model), feeds, standins=True), expected)
+        print(f"[gate | up] weights as swiglu_fusion={fusion}: max rel {error:.2e}")
+        assert (error <= TOL) == (fusion == 2), (fusion, error)
+
+
 def test_dllm_moe_standin_is_moe_reference():
     gate_up, down, scale = _hf_experts()
     node = oh.make_node(

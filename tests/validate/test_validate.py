@@ -106,3 +106,72 @@ def test_router_probe_calls_ties_by_margin_and_ignores_padding(tiny_ckpt):
         assert probe.take() == 1.0  # nothing ran since the last take
     finally:
         probe.close()
+
+
+def _perturbed_copy(source, out, scope: str, factor: float):  # noqa: ANN001, ANN202
+    """A copy of optimized graphs with the RMSNorm weight of `scope` (e.g. 'layers.0.post_attention_layernorm')
+    scaled by `factor`, saved as the stage would (manifest rewritten)."""
+    import onnx_ir as ir
+
+    from dllm_trt.contract import CARRIED_FILES, GRAPH_FILES
+    from dllm_trt.manifest import read_manifest, save_graphs, write_manifest
+
+    out.mkdir()
+    graphs = {name: ir.load(str(source / file)) for name, file in GRAPH_FILES.items()}
+    touched = 0
+    for model in graphs.values():
+        for node in model.graph:
+            if node.op_type == "RMSNormalization" and f"'{scope}'" in node.metadata_props.get(
+                "pkg.torch.onnx.name_scopes", ""
+            ):
+                weight = node.inputs[1]
+                array = weight.const_value.numpy()
+                scaled = (array.astype(np.float32) * factor).astype(array.dtype)
+                weight.const_value = ir.tensor(scaled, name=weight.name)
+                touched += 1
+    assert touched, scope
+    manifest = read_manifest(source)
+    manifest["graphs"] = save_graphs(graphs, out, GRAPH_FILES)
+    write_manifest(out, manifest)
+    for name in CARRIED_FILES:
+        if (source / name).is_file():
+            shutil.copy2(source / name, out / name)
+    return out
+
+
+def test_reduced_precision_is_judged_against_the_envelope(capsys, tiny_ckpt, tiny_export, tmp_path):
+    """An honest bf16 graph passes within the envelope (transformers in bf16 against its fp32 self); the
+    same graph with one layer's norm weights 5% off fails, naming the quantities beyond it."""
+    from dllm_trt import optimize
+
+    honest = tmp_path / "bf16"
+    optimize.run(optimize.OptimizeOptions(tiny_export, honest, "ort-cpu", "bf16", parity="none", quiet=True))
+    code = main(["validate", str(honest), "--reference", str(tiny_ckpt), "--report", str(tmp_path / "r")])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    verdicts = report["generation"]["envelope_verdicts"]
+    assert report["generation"]["envelope"] and {v["quantity"] for v in verdicts} >= {
+        "encode key/value", "denoise entropy", "denoise next self-conditioning", "denoise argmax",
+    }  # fmt: skip
+    assert all(v["passed"] and v["entries"] > 0 for v in verdicts)
+    assert "bf16 emulated in fp32" in report["execution"]
+
+    broken = _perturbed_copy(honest, tmp_path / "broken", "layers.0.post_attention_layernorm", 1.05)
+    code = main(["validate", str(broken), "--reference", str(tiny_ckpt)])
+    err = capsys.readouterr().err
+    assert code == 1 and "FAIL denoise" in err, err
+
+
+def test_too_few_judged_calls_fail():
+    """Calls with an fp32 router tie are reported, not judged; when fewer than 90% are judged, fail."""
+    from dllm_trt.validate.compare import Tolerance, compare
+    from dllm_trt.validate.generation_parity import MIN_JUDGED_SHARE, GenerationParity, StepRecord
+
+    ok = compare("logits", torch.ones(2, 3), torch.ones(2, 3), Tolerance(1e-4, 1.0), argmax=True)
+    parity = GenerationParity("float32", [0], [3], 8, 1e-7)
+    parity.steps = [StepRecord("denoise", 0, i, [ok], router_tie=i < 2) for i in range(10)]
+    assert parity.judged == 8 and parity.judged < MIN_JUDGED_SHARE * len(parity.steps)
+    assert any("only 8 of 10 replayed calls could be judged" in f for f in parity.failures())
+    parity.steps[0].router_tie = False
+    assert not any("could be judged" in f for f in parity.failures())

@@ -69,48 +69,11 @@ CPU kernel, see tests/optimize/test_cpu_standins.py):
 * Never run here: no CUDA provider on these machines. ``optimize.cpu_standins`` runs the node on
   CPU from our reading of this spec (wiring and layout checks, not the CUDA kernel).
 
-ort-cpu candidates, measured by hand (not by the tests): onnxruntime 1.32 CPU on a 2-core machine,
-default intra-op threads (2) with ``session.intra_op.allow_spinning=0`` as runtime.ort_session opened
-them, default graph optimisations, fp32, the small preset (H=256, E=32, K=4, I=128, canvas 64,
-cache 72), the denoiser inputs recorded from a real 128-token generation (routing as the loop sees
-it: the largest expert count is ~1.9x the mean at batch 1, ~1.7x at batch 2), all forms in one
-process, interleaved. A call: median of 96 runs over 48 recorded calls; a layer: the 6 MoE nodes of
-a recorded call back to back / 6, median over 4 calls of 16 runs each. Every form's MoE outputs
-agreed with the sorted form's to < 1e-5 relative, the denoiser's to 7.5e-6 with the same argmax:
-
-    form                                                         layer ms       denoiser call ms
-                                                                 B=1    B=2     B=1    B=2   (1 thread: B=1 B=2)
-    dense every-expert (the export)                              2.58   4.29
-    sorted by expert, Split by counts, 2E MatMuls (previous)     2.16   2.77    22.8   34.5  (22.9  36.5)
-    capacity slots, 2 batched MatMuls (chosen)                   1.52   1.94    18.7   28.5  (27.5  41.7)
-    same, weights as the left operand (W^T X^T, 2 Transposes)    1.44   1.75    17.9   27.4  (25.8  39.0)
-    If(E*cap <= 3A) capacity else sorted per expert              1.60   2.05    18.6   29.0  (27.5  41.8)
-
-The time is the expert MatMuls, and it is not per-node overhead: one [8, 256] x [256, 256] MatMul
-takes ~8 us with its weight in cache and ~20 us streamed (a call's 75 MB of expert weights do not
-stay in the 2 MB L2), so the sorted form's 2E small MatMuls sit near the single-core streaming
-bound; a second thread does not help them (each wakes the pool, spinning off: 2 threads = 1) but
-does halve the two large batched ones. Hence the capacity form wins with 2 free cores and loses
-with 1. In the generation loop (bench_generation's ort-optimized run, 128 tokens) the second core
-is mostly taken: the loop draws the next step's sampling noise on a worker thread while the
-denoiser runs (~11 ms of a core per step at batch 1), and the step median moved only 23.2 -> 21.7
-ms at batch 1 and 34.1 -> 34.8 ms at batch 2 (+-1 ms between runs); with the draws made serially
-it moved 34.7 -> 29.0 and 52.3 -> 47.0 ms.
-
-Its padding costs E*cap - A rows, so skewed routing makes it lose (per layer, E=32, N=64 / 128):
-one expert in every token's top-K 2.8 / 4.3 ms vs 2.2 / 2.9 sorted; every token on the same K
-experts 2.9 / 4.6 vs 0.8 / 1.3; with E=8, H=192, I=64 the crossover is already at E*cap ~ 2A. The
-shipped pycode-tiny checkpoint routes that way (one expert takes every token in 5 of its 6 layers):
-its denoiser call goes 4.9 -> 5.5 ms at batch 1, 7.6 -> 8.3 ms at batch 2. The If form keeps both
-speeds (the threshold picks per call) but needs the per-expert weights beside the stacked ones:
-onnxruntime folds the slices at load, RSS +410 MB (peak 740) against +53 MB for the capacity form
-and +128 MB for the sorted one (slicing inside the If branch instead took 1.6 GB). The W^T X^T
-variant is 4-10% faster but needs transposed weight copies and its MLAS blocks run over cap 16
-columns at a time (cap 17 costs what 24 does); within 10%, the simpler form was kept.
-
-Measured before, 1 thread, ms per layer at N=64 / 128: per-expert NonZero/GatherND + ScatterND(add)
-1.30 / 1.57; per-expert Slice 0.87 / 1.47; weights gathered per (token, expert) pair 21.3 / 44.9;
-com.microsoft.MoE CPU (interleaved swiglu, not geglu: timing only) 1.45 / 2.27.
+Why the capacity form for ort-cpu: onnxruntime's CPU time on this op is the expert MatMuls, and
+two batched MatMuls over [E, cap, H] let both cores share them, where a MatMul per expert (2E small
+ones) runs near one core's streaming bound. Its padding costs E*cap - A rows, so skewed routing (one
+expert taking most tokens) makes it lose to the per-expert form; the generation benchmark
+(bench/bench_generation.py) is where the choice shows.
 """
 
 from __future__ import annotations

@@ -57,6 +57,7 @@ _ORT_MOE_ATTRS = {
 # activations onnxruntime 1.32's CPU kernel runs, with the fusion it accepts for gated ones
 _CPU_ACTIVATIONS = ("relu", "gelu", "silu", "identity", "swiglu")
 
+_REDUCED = (ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
 _registered = False
 
 
@@ -244,11 +245,24 @@ def _retarget_ir(model: ir.Model, all_moe: bool) -> int:
             continue
         op_type, names, attrs = found
         by_name = {v.name: v for v in node.inputs if v is not None}
+        # The stand-ins compute in float32: fp16/bf16 values go through Casts on the way in and out.
+        casts, inputs = [], []
+        for value in (by_name[n] for n in names):
+            if value.dtype in _REDUCED:
+                casts.append(ir.node("Cast", [value], attributes={"to": ir.DataType.FLOAT}))
+                casts[-1].outputs[0].type = ir.TensorType(ir.DataType.FLOAT)
+                value = casts[-1].outputs[0]
+            inputs.append(value)
         new = ir.Node(
-            STANDIN_DOMAIN, op_type, [by_name[n] for n in names], attributes=ir.convenience.convert_attributes(attrs),
+            STANDIN_DOMAIN, op_type, inputs, attributes=ir.convenience.convert_attributes(attrs),
             num_outputs=len(node.outputs), name=node.name,
         )  # fmt: skip
-        ir.convenience.replace_nodes_and_values(model.graph, node, [node], [new], node.outputs, new.outputs)
+        outputs, back = list(new.outputs), []
+        for index, old in enumerate(node.outputs):
+            if old.dtype in _REDUCED:
+                back.append(ir.node("Cast", [new.outputs[index]], attributes={"to": old.dtype}))
+                outputs[index] = back[-1].outputs[0]
+        ir.convenience.replace_nodes_and_values(model.graph, node, [node], [*casts, new, *back], node.outputs, outputs)
         count += 1
     if count:
         model.opset_imports.setdefault(STANDIN_DOMAIN, 1)

@@ -128,17 +128,23 @@ class TorchStep(LogitsStep):
         self.denoiser = DenoiseStep(model, dense_moe=dense_moe)
         self.soft = SoftEmbedding(model)
 
+    def _cast(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Float inputs in the model's dtype (a caller may hand over another precision's cache)."""
+        dtype = self.info.dtype
+        return [t.to(dtype) if t.is_floating_point() and t.dtype != dtype else t for t in tensors]
+
     @torch.no_grad()
     def encode(self, input_ids, position_ids, input_mask, cache_mask, past):  # noqa: ANN001, ANN201
-        return list(self.encoder(input_ids, position_ids, input_mask, cache_mask, *past))
+        return list(self.encoder(input_ids, position_ids, input_mask, cache_mask, *self._cast(past)))
 
     @torch.no_grad()
     def denoise(self, canvas_ids, self_conditioning, position_ids, cache_mask, past):  # noqa: ANN001, ANN201
+        self_conditioning, *past = self._cast([self_conditioning, *past])
         return self.denoiser(canvas_ids, self_conditioning, position_ids, cache_mask, *past)
 
     @torch.no_grad()
     def soft_embedding(self, processed_logits):  # noqa: ANN001, ANN201
-        return self.soft(processed_logits)
+        return self.soft(*self._cast([processed_logits]))
 
 
 def encoder_feeds(past_names: list[str], input_ids, position_ids, input_mask, cache_mask, past) -> dict:  # noqa: ANN001

@@ -70,13 +70,18 @@ def run(options: ValidateOptions) -> ValidateResult:
                 f"{reference} is {digest[:19]}…; validate against the checkpoint it was exported from"
             )
         notes.append(f"checkpoint {digest[:19]}…")
+    # The reference is transformers in fp32 (a bf16 checkpoint upcast exactly). A reduced-precision
+    # artifact is judged against the envelope: transformers itself in the artifact's dtype.
+    dtype = manifest["model"]["dtype"]
     with progress.stage("loading the reference (transformers) and the candidate") as notes:
-        model = load_model(reference)
+        model = load_model(reference, dtype=torch.float32)
+        envelope = None if dtype == "float32" else TorchStep(load_model(reference, dtype=getattr(torch, dtype)))
         candidate = open_step(artifacts, backend, checkpoint=reference)
-        notes.append(f"{backend}, {model.dtype}")
+        notes.append(f"{backend} ({getattr(candidate, 'execution', 'native')}), {dtype}" +
+                     (f", envelope: transformers in {dtype}" if envelope else ""))  # fmt: skip
     text = model.config.text_config
     with progress.stage("random-input step parity") as notes:
-        step = step_parity(model, candidate, seed=seeds[0])
+        step = step_parity(model, candidate, seed=seeds[0], tolerance_dtype=dtype, envelope=envelope)
         notes.append(f"{sum(c.passed for c in step.comparisons)}/{len(step.comparisons)} within tolerance")
     settings = GenerationSettings.from_generation_config(
         model.generation_config.to_dict(),
@@ -84,8 +89,11 @@ def run(options: ValidateOptions) -> ValidateResult:
     )
     ids, mask = left_pad(prompts or default_prompts(text.vocab_size, seeds[0]), text.pad_token_id or 0)
     with progress.stage(f"generation parity ({len(seeds)} seed(s), {settings.max_new_tokens} new tokens)") as notes:
-        generation = generation_parity(model, TorchStep(model), candidate, settings, ids, mask, list(seeds))
-        notes.append(f"{len(generation.steps)} calls replayed, {len(generation.failures())} failure(s)")
+        generation = generation_parity(
+            model, TorchStep(model), candidate, settings, ids, mask, list(seeds), dtype, envelope
+        )
+        notes.append(f"{len(generation.steps)} calls replayed, {generation.judged} judged, "
+                     f"{len(generation.failures())} failure(s)")  # fmt: skip
     report = report_dict(artifacts, backend, getattr(candidate, "execution", "native"), step, generation)
     with progress.stage("writing report") as notes:
         if report_dir is not None:

@@ -2,9 +2,8 @@
 
     PYTHONPATH=src python bench/bench_moe_kernel.py            # N = 256, 1024, 2048, bf16
 
-Compares, per token count N (256 = one batch-1 denoise step): ``fused_moe`` (5 Triton launches),
-``fused_moe_single_launch`` (the kernel the TensorRT AOT plugin embeds; only N <= 256 by
-default, it is slow by construction), a dense torch form (every expert on every token) and a
+Compares, per token count N (256 = one batch-1 denoise step): ``fused_moe`` (5 Triton launches,
+the plan the TensorRT plugin runs), a dense torch form (every expert on every token) and a
 per-expert gather loop like transformers' eager experts. Prints median ms (CUDA events) called
 eagerly and replayed from a CUDA graph (what an engine or a captured runtime pays), the
 bytes of the experts actually routed to, the bandwidth that implies, the ratio to the
@@ -25,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 HIDDEN, EXPERTS, WIDTH, TOP_K = 2816, 128, 704, 8
 PEAK_TBPS = {"H200": 4.8, "H100": 3.35}
-CAPTURABLE = {"fused_moe", "single_launch", "torch_dense"}  # torch_loop syncs on the host (unique/where)
+CAPTURABLE = {"fused_moe", "torch_dense"}  # torch_loop syncs on the host (unique/where)
 
 
 def peak_bandwidth(gpu_name: str) -> tuple[float, str]:
@@ -118,9 +117,8 @@ def preflight() -> None:
         torch.randn(e, h, i, device="cuda", generator=gen) * i**-0.5,
     )
     ref = mt.moe_reference(*args, k)
-    for name, fn in (("fused_moe", mt.fused_moe), ("single_launch", mt.fused_moe_single_launch)):
-        err = (fn(*args, k) - ref).abs().max().item()
-        print(f"preflight fp32 N={n} H={h} E={e} I={i} K={k} {name}: max abs err {err:.2e}")
+    err = (mt.fused_moe(*args, k) - ref).abs().max().item()
+    print(f"preflight fp32 N={n} H={h} E={e} I={i} K={k} fused_moe: max abs err {err:.2e}")
     logits = torch.zeros(4, EXPERTS, device="cuda")
     logits[2:, 5:] = 1.0  # more than K equal maxima
     ours, _ = mt.moe_route(logits, torch.ones(EXPERTS, device="cuda"), TOP_K)
@@ -145,8 +143,6 @@ def bench_tokens(n_tokens, impls, weights, dtype, args, gen, peak) -> None:
     floor_ms = weight_bytes / peak * 1e3
     ref = moe_reference(hidden, logits, scale, gate_up, down, TOP_K).float()  # fp32 math inside
     for name, fn in impls.items():
-        if name == "single_launch" and n_tokens > args.single_max_tokens:
-            continue
         call = lambda fn=fn: fn(hidden, logits, scale, gate_up, down, TOP_K)  # noqa: E731
         err = (call().float() - ref).abs().max().item()
         eager = time_ms(call, args.warmup, args.iters, args.budget_s)
@@ -170,7 +166,6 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--budget-s", type=float, default=3.0, help="stop timing one case after this long")
-    parser.add_argument("--single-max-tokens", type=int, default=256, help="largest N for the single launch")
     parser.add_argument("--no-preflight", action="store_true")
     args = parser.parse_args()
 
@@ -195,7 +190,6 @@ def main() -> int:
     weights = make_weights(dtype, gen)
     impls = {
         "fused_moe": mt.fused_moe,
-        "single_launch": mt.fused_moe_single_launch,
         "torch_dense": dense_all_experts,
         "torch_loop": per_expert_loop,
     }

@@ -3,7 +3,9 @@
 The matrix is verbs x artifacts; a new verb, target or precision joins it by being added to VERBS,
 TARGETS or PRECISIONS. A cell is one CLI call on a tiny config. "ran" means exit 0 (validate's
 included: an honest artifact must pass); "refused" means exit 2 with one line saying why. An
-exception (exit 3) or a failed validation of an honest artifact fails the cell.
+exception (exit 3) or a failed validation of an honest artifact fails the cell. Engines are built
+by TensorRT for RTX for DGX Spark (ahead of time, here) where it is installed; running them needs
+that GPU, so on this machine every verb but inspect refuses them.
 """
 
 from __future__ import annotations
@@ -12,16 +14,22 @@ import pytest
 
 from dllm_trt.cli import main
 from dllm_trt.contract import PRECISIONS, TARGETS
+from dllm_trt.engines.trt_library import TENSORRT_RTX, installed
 
 EXPORTS = ("export-float32", "export-bfloat16")
-ARTIFACTS = EXPORTS + tuple(f"optimize-{t}-{p}" for t in TARGETS for p in PRECISIONS)
-VERBS = ("inspect", "generate", "validate", "lint-trt", "build-dry-run")
+OPTIMIZED = tuple(f"optimize-{t}-{p}" for t in TARGETS for p in PRECISIONS)
+ENGINES = tuple(f"engines-{p}" for p in PRECISIONS) if installed(TENSORRT_RTX) else ()
+ARTIFACTS = EXPORTS + OPTIMIZED + ENGINES
+VERBS = ("inspect", "generate", "validate", "lint-trt", "build-dry-run", "build")
+ENGINE_GPU = "dgx-spark"
 
 
 def expected(verb: str, artifact: str) -> str:
-    """What the cell must do: TensorRT verbs take only 'optimize --target trt' output."""
-    if verb in ("lint-trt", "build-dry-run") and not artifact.startswith("optimize-trt-"):
-        return "refused"
+    """What the cell must do: TensorRT verbs take only 'optimize --target trt' output; engines run on their GPU."""
+    if verb in ("lint-trt", "build-dry-run", "build"):
+        return "ran" if artifact.startswith("optimize-trt-") else "refused"
+    if artifact.startswith("engines-"):
+        return "ran" if verb == "inspect" else "refused"
     return "ran"
 
 
@@ -39,6 +47,10 @@ def artifacts(tiny_ckpt, tmp_path_factory):
             made[name] = root / name
             argv = ["optimize", str(made["export-float32"]), "--target", target, "--precision", precision]
             assert main([*argv, "-o", str(made[name]), "--parity", "none"]) == 0, name
+    for name in ENGINES:  # the build cells of the trt artifacts: one CLI call each, made once here
+        made[name] = root / name
+        made[f"build {name}"] = main(["build", str(made[f"optimize-trt-{name.split('-')[1]}"]), "--gpu", ENGINE_GPU,
+                                      "-o", str(made[name])])  # fmt: skip
     return made
 
 
@@ -49,12 +61,19 @@ def _argv(verb: str, path, tiny_ckpt, tmp_path) -> list[str]:  # noqa: ANN001
         "validate": ["validate", path, "--reference", tiny_ckpt, "--seeds", "0", "--max-new-tokens", "8"],
         "lint-trt": ["lint-trt", path],
         "build-dry-run": ["build", path, "--gpu", "h100", "-o", tmp_path / "engines", "--dry-run"],
+        "build": ["build", path, "--gpu", ENGINE_GPU, "-o", tmp_path / "engines"],
     }[verb]
 
 
 @pytest.mark.parametrize("artifact", ARTIFACTS)
 @pytest.mark.parametrize("verb", VERBS)
 def test_every_cell_runs_or_refuses_in_one_line(verb, artifact, artifacts, tiny_ckpt, tmp_path, capsys):
+    if verb == "build" and artifact.startswith("optimize-trt-"):
+        if not ENGINES:
+            pytest.skip("TensorRT for RTX is not installed (the rtx extra): no engine can be built here")
+        code = artifacts[f"build engines-{artifact.split('-')[2]}"]  # the fixture's build of this artifact
+        assert code == 0 and (artifacts[f"engines-{artifact.split('-')[2]}"] / "build_info.json").is_file()
+        return
     code = main([str(a) for a in _argv(verb, artifacts[artifact], tiny_ckpt, tmp_path)])
     captured = capsys.readouterr()
     errors = [line for line in captured.err.splitlines() if line.startswith("dllm-trt:")]
@@ -65,3 +84,4 @@ def test_every_cell_runs_or_refuses_in_one_line(verb, artifact, artifacts, tiny_
         assert code == 2 and len(errors) == 1 and errors[0].startswith("dllm-trt: error: "), captured.err
     assert "Traceback" not in captured.err
     assert not (tmp_path / "engines").exists()  # a dry run or a refusal writes nothing
+    assert code != 0 or verb != "build"  # builds of trt artifacts are the fixture's

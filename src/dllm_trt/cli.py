@@ -287,12 +287,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--dry-run", action="store_true", help="check and print the plan; needs no TensorRT or GPU")
     sub.add_argument("--force", **force)
 
-    sub = verb("lint-trt", "check optimized graphs against TensorRT's ONNX parser", _lint_trt)
+    sub = verb("lint-trt", "judge optimized graphs with TensorRT's own parser and builder (a table without them)",
+               _lint_trt)
     sub.add_argument("optimized", type=Path, help="directory written by 'dllm-trt optimize --target trt'")
     sub.add_argument("--trt-version", help=f"{' | '.join(VERSIONS)} (default {VERSIONS[-1]})")
     sub.add_argument("--gpu", help=f"GPU preset whose default profiles are checked (default "
                      f"{_default(LintOptions, 'gpu')})")  # fmt: skip
     sub.add_argument("--profile", action="append", metavar="DIM=MIN:OPT:MAX", help="profile override, as for build")
+    sub.add_argument("--table-only", action="store_true",
+                     help="the pre-flight support table alone, even where a TensorRT library is installed")
     return parser
 
 

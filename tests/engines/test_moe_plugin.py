@@ -1,206 +1,154 @@
-"""The dllm_trt::DllmMoE TensorRT plugin: what is checkable without TensorRT, and the TensorRT tests.
+"""The dllm_trt::DllmMoE plugin, built into real engines by TensorRT for RTX on this CPU.
 
-Without TensorRT: the module imports (and imports neither tensorrt nor triton), registration
-fails with a clear error, and the AOT kernel compiles to sm_90 PTX with the argument layout
-TensorRT's AOT launch passes. The tests that need TensorRT (and a GPU) skip with the reason.
+What runs here: the plugin's build-time callbacks inside a real builder (TensorRT for RTX, ahead of
+time for sm_121 and sm_89, no GPU), the kernels it compiles and stores in the engine, the workspace
+it asks for, and its refusals. What cannot run here: its enqueue (the CUDA driver launch), which
+the GPU check script runs; the kernels' arithmetic is the plan that tests/kernels proves.
 """
 
-import importlib.util
+from __future__ import annotations
+
 import json
 import os
-import re
 import subprocess
 import sys
 import textwrap
 
+import ml_dtypes
+import numpy as np
+import onnx
 import pytest
+from onnx import TensorProto, helper, numpy_helper
 
-HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None
-HAS_TRITON = importlib.util.find_spec("triton") is not None
-NO_TRT = "TensorRT is not installed here (its wheels download from NVIDIA's index, unreachable)"
+from dllm_trt.engines.trt_library import TENSORRT_RTX, installed
+from dllm_trt.kernels.moe_launches import MoEShape, kernel_specs, workspace_layout
 
-
-def _run_python(code: str, timeout: int = 120) -> str:
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compile for real
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    result = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env,
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
-    return result.stdout.strip().splitlines()[-1]
+needs_rtx = pytest.mark.skipif(not installed(TENSORRT_RTX), reason="TensorRT for RTX is not installed (the rtx extra)")
+E, H, I, K = 6, 40, 24, 2  # noqa: E741  odd sizes: no power of two, H not a multiple of the tiles
+ONNX_TYPES = {"bf16": TensorProto.BFLOAT16, "fp16": TensorProto.FLOAT16, "fp32": TensorProto.FLOAT}
+NP_TYPES = {"bf16": ml_dtypes.bfloat16, "fp16": np.float16, "fp32": np.float32}
 
 
-def test_import_pulls_in_neither_tensorrt_nor_triton():
-    loaded = json.loads(
-        _run_python(
-            """
-            import json, sys
-            import dllm_trt.engines.moe_plugin as plugin
-            assert plugin.PLUGIN_ID == "dllm_trt::DllmMoE"
-            print(json.dumps({name: name in sys.modules for name in ("tensorrt", "triton")}))
-            """
-        )
-    )
-    assert loaded == {"tensorrt": False, "triton": False}
-
-
-@pytest.mark.skipif(HAS_TENSORRT, reason="TensorRT is installed, so the missing-TensorRT error cannot occur")
-def test_register_without_tensorrt_raises_clear_error():
-    from dllm_trt.engines.moe_plugin import register_moe_plugin
-
-    with pytest.raises(RuntimeError, match=r"^TensorRT is not installed: "):
-        register_moe_plugin()
-
-
-def test_trt_dtype_names_map_to_triton_types():
-    from dllm_trt.engines.moe_plugin import triton_dtype
-
-    assert [triton_dtype(n) for n in ("FLOAT", "HALF", "BF16")] == ["fp32", "fp16", "bf16"]
-    with pytest.raises(ValueError, match="INT8"):
-        triton_dtype("INT8")
-
-
-def _entry_params(ptx: str, name: str) -> list[str]:
-    header = ptx[ptx.index(f".entry {name}(") : ptx.index(")", ptx.index(f".entry {name}("))]
-    return ["ptr" if ".ptr" in line else line.split()[1] for line in re.findall(r"\.param [^,\n]+", header)]
-
-
-@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed (pip install 'dllm-trt[triton]')")
-def test_aot_kernel_compiles_to_sm90_ptx_with_the_trt_argument_layout():
-    info = json.loads(
-        _run_python(
-            """
-            import json
-            from triton.backends.compiler import GPUTarget
-            from dllm_trt.engines.moe_plugin import compile_single_launch
-            out = {}
-            for dtype in ("bf16", "fp32"):
-                k = compile_single_launch(dtype, 128, 2816, 704, 8, target=GPUTarget("cuda", 90, 32))
-                out[dtype] = {"name": k.name, "ptx": k.ptx, "warps": k.num_warps, "smem": k.shared_mem,
-                              "blocks": dict(k.blocks)}
-            print(json.dumps(out))
-            """,
-            timeout=300,
-        )
-    )
-    for dtype, kernel in info.items():
-        params = _entry_params(kernel["ptx"], kernel["name"])
-        print(f"\n[{dtype}] {kernel['name']}: params {params}, {kernel['warps']} warps, "
-              f"{kernel['smem']} B shared, tiles {kernel['blocks']}")  # fmt: skip
-        # 5 input pointers, one int32 extra (n_tokens), 1 output pointer, then Triton's scratch pointers
-        assert params[:7] == ["ptr"] * 5 + [".u32", "ptr"]
-        assert all(p == "ptr" for p in params[7:])
-        assert f".reqntid {kernel['warps'] * 32}" in kernel["ptx"]
-        assert kernel["smem"] <= 48 * 1024
-
-
-# ---- needs TensorRT (never run on the machines this was written on) ------------------------------
-
-
-def _trt():
-    return pytest.importorskip("tensorrt", reason=NO_TRT)
-
-
-def test_registers_with_tensorrt():
-    trt = _trt()
-    from dllm_trt.engines.moe_plugin import register_moe_plugin
-
-    register_moe_plugin()
-    register_moe_plugin()  # idempotent
-    assert trt.get_plugin_registry().get_creator("DllmMoE", "1", "dllm_trt") is not None
-
-
-def _cuda_torch():
-    torch = pytest.importorskip("torch")
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU")
-    return torch
-
-
-def _tiny_inputs(torch, n_tokens=37, hidden=96, experts=16, width=48):
-    gen = torch.Generator().manual_seed(0)
-    tensors = {
-        "hidden": torch.randn(n_tokens, hidden, generator=gen),
-        "router_logits": torch.randn(n_tokens, experts, generator=gen),
-        "per_expert_scale": torch.rand(experts, generator=gen) + 0.5,
-        "gate_up_proj": torch.randn(experts, 2 * width, hidden, generator=gen) / hidden**0.5,
-        "down_proj": torch.randn(experts, hidden, width, generator=gen) / width**0.5,
-    }
-    return {name: t.cuda() for name, t in tensors.items()}
-
-
-def _run_engine(trt, torch, serialized, inputs, out_shape):
-    runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-    engine = runtime.deserialize_cuda_engine(serialized)
-    context = engine.create_execution_context()
-    out = torch.empty(out_shape, device="cuda")
-    for name, tensor in inputs.items():
-        context.set_tensor_address(name, tensor.data_ptr())
-    context.set_tensor_address("out", out.data_ptr())
-    assert context.execute_async_v3(torch.cuda.current_stream().cuda_stream)
-    torch.cuda.synchronize()
-    return out
-
-
-def test_engine_with_the_plugin_matches_the_reference():
-    trt = _trt()
-    torch = _cuda_torch()
-    import tensorrt.plugin as trtp
-
-    from dllm_trt.engines.moe_plugin import register_moe_plugin
-    from dllm_trt.kernels.moe_triton import moe_reference
-
-    register_moe_plugin()
-    inputs = _tiny_inputs(torch)
-    builder = trt.Builder(trt.Logger(trt.Logger.WARNING))
-    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
-    tensors = [network.add_input(n, trt.float32, tuple(t.shape)) for n, t in inputs.items()]
-    layer = network.add_plugin(trtp.op.dllm_trt.DllmMoE(*tensors, top_k=4, activation="gelu_tanh"), aot=True)
-    layer.get_output(0).name = "out"
-    network.mark_output(layer.get_output(0))
-    serialized = builder.build_serialized_network(network, builder.create_builder_config())
-    assert serialized is not None
-    out = _run_engine(trt, torch, serialized, inputs, inputs["hidden"].shape)
-    ref = moe_reference(*inputs.values(), 4)
-    torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
-
-
-def test_onnx_dllm_moe_node_parses_to_the_plugin():
-    trt = _trt()
-    onnx = pytest.importorskip("onnx")
-    from onnx import TensorProto, helper
-
-    from dllm_trt.engines.moe_plugin import register_moe_plugin
-
-    register_moe_plugin()
-    n, h, e, i = 8, 96, 16, 48
-    shapes = {
-        "hidden": [n, h], "router_logits": [n, e], "per_expert_scale": [e],
-        "gate_up_proj": [e, 2 * i, h], "down_proj": [e, h, i],
-    }  # fmt: skip
+def moe_graph(dtype: str, weight_dtype: str | None = None) -> onnx.ModelProto:
+    rng = np.random.default_rng(0)
+    t, w = ONNX_TYPES[dtype], NP_TYPES[weight_dtype or dtype]
+    inits = [
+        numpy_helper.from_array(rng.uniform(0.5, 1.5, E).astype(np.float32), "scale"),
+        numpy_helper.from_array(rng.standard_normal((E, 2 * I, H)).astype(w), "gate_up"),
+        numpy_helper.from_array(rng.standard_normal((E, H, I)).astype(w), "down"),
+    ]
     node = helper.make_node(
-        "DllmMoE", list(shapes), ["out"], domain="dllm_trt",
-        top_k=4, activation="gelu_tanh", plugin_namespace="dllm_trt", plugin_version="1",
+        "DllmMoE", ["x", "logits", "scale", "gate_up", "down"], ["y"], name="moe", domain="dllm_trt",
+        top_k=K, activation="gelu_tanh", plugin_namespace="dllm_trt", plugin_version="1",
     )  # fmt: skip
     graph = helper.make_graph(
-        [node],
-        "moe",
-        [helper.make_tensor_value_info(k, TensorProto.FLOAT, v) for k, v in shapes.items()],
-        [helper.make_tensor_value_info("out", TensorProto.FLOAT, [n, h])],
-    )
-    model = helper.make_model(
-        graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("dllm_trt", 1)]
-    )
-    onnx.checker.check_model(model)
-    logger = trt.Logger(trt.Logger.WARNING)
-    network = trt.Builder(logger).create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
-    parser = trt.OnnxParser(network, logger)
-    assert parser.parse(model.SerializeToString()), [
-        parser.get_error(k).desc() for k in range(parser.num_errors)
-    ]
-    assert network.num_layers == 1
-    assert network.get_layer(0).type == trt.LayerType.PLUGIN_V3
+        [node], "moe",
+        [helper.make_tensor_value_info("x", t, ["n", H]),
+         helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["n", E])],
+        [helper.make_tensor_value_info("y", t, ["n", H])], inits,
+    )  # fmt: skip
+    opsets = [helper.make_opsetid("", 23), helper.make_opsetid("dllm_trt", 1)]
+    return helper.make_model(graph, opset_imports=opsets, ir_version=10)
+
+
+def _build(model: onnx.ModelProto, sm: tuple[int, int]) -> bytes:
+    """The engine, built in a child process: a builder crash must not take the test run with it."""
+    code = f"""
+        import sys, onnx
+        from dllm_trt.engines.trt_library import load_library
+        from dllm_trt.engines.moe_plugin import register_moe_plugin
+        lib = load_library("tensorrt-rtx"); trt = lib.trt
+        register_moe_plugin(trt, arch={sm[0] * 10 + sm[1]})
+        logger = trt.Logger(trt.Logger.ERROR)
+        builder = trt.Builder(logger); network = builder.create_network(0); parser = trt.OnnxParser(network, logger)
+        assert parser.parse(open(sys.argv[1], "rb").read()), parser.get_error(0).desc()
+        config = builder.create_builder_config(); lib.configure_target(config, {sm})
+        profile = builder.create_optimization_profile()
+        profile.set_shape("x", (1, {H}), (16, {H}), (64, {H}))
+        profile.set_shape("logits", (1, {E}), (16, {E}), (64, {E}))
+        config.add_optimization_profile(profile)
+        engine = builder.build_serialized_network(network, config)
+        if engine is None:
+            sys.exit(3)
+        open(sys.argv[2], "wb").write(bytes(engine))
+    """
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        onnx.save(model, f"{tmp}/m.onnx")
+        result = subprocess.run([sys.executable, "-c", textwrap.dedent(code), f"{tmp}/m.onnx", f"{tmp}/e"],
+                                capture_output=True, text=True, timeout=300,
+                                env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"})  # fmt: skip
+        if result.returncode == 3:
+            return b""
+        assert result.returncode == 0, result.stderr[-3000:]
+        return open(f"{tmp}/e", "rb").read()
+
+
+def stored_kernels(engine: bytes) -> dict:
+    """The plugin's kernel field as the engine stores it (TensorRT keeps plugin fields verbatim)."""
+    start = engine.index(b'{"shape": ')
+    end = engine.index(b"}}}", start) + 3
+    return json.loads(engine[start:end])
+
+
+@needs_rtx
+@pytest.mark.parametrize("dtype, sm", [("bf16", (12, 1)), ("fp32", (12, 1)), ("fp16", (8, 9))])
+def test_the_engine_carries_the_plans_kernels_compiled_for_its_target(dtype, sm):
+    import base64
+
+    engine = _build(moe_graph(dtype), sm)
+    assert engine, "the builder refused a DllmMoE graph"
+    stored = stored_kernels(engine)
+    arch = sm[0] * 10 + sm[1]
+    assert stored["shape"] == dict(dtype=dtype, experts=E, hidden=H, width=I, top_k=K)
+    specs = kernel_specs(MoEShape(**stored["shape"]), stored["bm"])
+    assert set(stored["kernels"]) == set(specs) == {"route", "bucket", "up", "down", "combine"}
+    for stage, kernel in stored["kernels"].items():
+        cubin = base64.b64decode(kernel["cubin"])
+        assert cubin[:4] == b"\x7fELF" and kernel["name"].encode() in cubin  # a loadable image with its entry
+        assert kernel["arch"] == arch
+        own = tuple("ptr" if kind.startswith("*") else "i32" for _, kind in specs[stage].signature)
+        assert tuple(kernel["params"][: len(own)]) == own  # the launcher's argument order is the plan's
+        assert set(kernel["params"][len(own) :]) <= {"ptr"}  # only Triton's scratch pointers follow
+    print(f"{dtype} sm_{arch}: engine {len(engine)} B, kernels {sorted(stored['kernels'])}, bm {stored['bm']}")
+
+
+@needs_rtx
+def test_weights_of_another_dtype_than_the_activations_are_refused_by_the_builder():
+    """supports_format_combination takes the graph's own dtypes only, and they must agree."""
+    assert _build(moe_graph("bf16", weight_dtype="fp32"), (12, 1)) == b""
+
+
+def test_the_workspace_holds_every_intermediate_at_the_largest_token_count():
+    shape = MoEShape("bf16", E, H, I, K)
+    offsets, size = workspace_layout(shape, 64)
+    assert list(offsets) == ["topk_ids", "topk_w", "sorted", "counts", "act", "part"]
+    assert all(offset % 256 == 0 for offset in offsets.values())
+    a = 64 * K
+    assert size >= (a * 4 + a * 4 + E * 64 * 4 + E * 4 + a * I * 4 + a * H * 4)
+    assert workspace_layout(shape, 1)[1] < size  # a smaller call fits inside
+
+
+def test_a_plugin_without_kernels_refuses_to_run():
+    pytest.importorskip("tensorrt_rtx_bindings", reason="TensorRT for RTX is not installed (the rtx extra)")
+    from dllm_trt.engines.moe_plugin import plugin_classes
+    from dllm_trt.engines.trt_library import load_library
+
+    plugin_class, _ = plugin_classes(load_library(TENSORRT_RTX).trt)
+    plugin = plugin_class(K, "gelu_tanh", arch=None, ptx_version=None)
+    with pytest.raises(RuntimeError, match="carries no compiled kernels"):
+        plugin.enqueue([], [], [], [], 0, 0)
+    with pytest.raises(ValueError, match="implements activation 'gelu_tanh'"):
+        plugin_class(K, "silu", arch=None, ptx_version=None)
+
+
+def test_compiled_entries_declare_their_parameters():
+    from dllm_trt.engines.triton_aot import entry_params
+
+    ptx = ".visible .entry _k(\n .param .u64 .ptr .global .align 1 _k_param_0,\n .param .u32 _k_param_1\n)\n{"
+    assert entry_params(ptx, "_k") == ("ptr", "i32")
+    with pytest.raises(RuntimeError, match="no .entry _other"):
+        entry_params(ptx, "_other")
+    with pytest.raises(RuntimeError, match="not a pointer or an int32"):
+        entry_params(".entry _k(\n .param .f64 _k_param_0\n)", "_k")

@@ -1,17 +1,34 @@
-"""dllm-trt build without TensorRT: the plan (--dry-run), every refusal as one line, the GPU and TensorRT checks."""
+"""dllm-trt build: the plan (--dry-run), every refusal as one line, and real engines.
+
+TensorRT for RTX builds the tiny preset's optimized graphs ahead of time on this CPU (bf16 and fp32,
+for DGX Spark's sm_121 and an RTX 4090's sm_89), the MoE plugin inside: the stage judges what it
+built (plugin layers, attention layers, fused attention kernels, stored plugin kernels) and these
+tests read it back. Running the engines needs the GPU itself (not here).
+"""
 
 import importlib.util
+import json
 
 import pytest
 import trt_graphs as graphs
 
+from dllm_trt import optimize
 from dllm_trt.cli import main
 from dllm_trt.engines.gpu import GpuInfo, check_gpu
 from dllm_trt.engines.gpu_presets import get_preset
-from dllm_trt.engines.stage import BuildOptions, build_engines, default_timing_cache, format_plan, plan_build
+from dllm_trt.engines.stage import (
+    BuildOptions,
+    build_engines,
+    default_timing_cache,
+    format_plan,
+    judge_engine,
+    plan_build,
+)
+from dllm_trt.engines.trt_library import TENSORRT_RTX, installed
 from dllm_trt.errors import DllmError
 
 HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None
+needs_rtx = pytest.mark.skipif(not installed(TENSORRT_RTX), reason="TensorRT for RTX is not installed (the rtx extra)")
 
 
 @pytest.fixture(scope="module")
@@ -19,18 +36,34 @@ def optimized(tmp_path_factory):
     return graphs.write_optimized(tmp_path_factory.mktemp("stage") / "opt")
 
 
-def test_dry_run_plan_resolves_presets_profiles_rewrites_and_memory(optimized):
+@pytest.fixture(scope="module")
+def tiny_trt(tiny_export, tmp_path_factory):
+    """The tiny preset optimized for TensorRT, bf16 and fp32."""
+    out = {}
+    for precision in ("bf16", "fp32"):
+        path = tmp_path_factory.mktemp("trt") / precision
+        optimize.run(optimize.OptimizeOptions(tiny_export, path, "trt", precision, parity="none", quiet=True))
+        out[precision] = path
+    return out
+
+
+def test_dry_run_plan_resolves_presets_profiles_and_memory(optimized):
     plan = plan_build(BuildOptions(optimized, optimized.parent / "e", gpu="h200", profiles=("batch=1:2:4",)))
     assert plan["precision"] == "bf16" and plan["compute_capability"] == [9, 0]
+    assert plan["library"] == "tensorrt" and plan["gpu_needed_to_build"]
     assert plan["profiles"]["batch"] == [1, 2, 4] and plan["profiles"]["cache_sliding"] == [0, 7, 7]
     denoiser = plan["graphs"]["denoiser"]
-    assert denoiser["rewrites"] == {"lower_moe": 2, "decompose_wide_attention": 1}
+    # two layers: head 16 fuses, head 512 has no fused kernel in bf16
+    assert denoiser["expected"] == dict(moe=2, attention=2, attention_decomposable=1, attention_fused_live=1)
     assert denoiser["shapes"]["past_key.1"] == ([1, 1, 1, 512], [2, 1, 4096, 512], [4, 1, 65536, 512])
     assert "temperature" not in denoiser["shapes"]
     assert plan["memory_estimate"]["kv_cache"] > 0
     assert "h200-trtunknown.cache" in plan["timing_cache"]
     text = format_plan(plan)
-    assert "lower_moe 2" in text and "batch=1:2:4" in text and "head size 512" in text
+    assert "2 MoE plugin layers" in text and "batch=1:2:4" in text and "on that GPU" in text
+    spark = plan_build(BuildOptions(optimized, optimized.parent / "e", gpu="dgx-spark"))
+    assert spark["library"] == "tensorrt-rtx" and not spark["gpu_needed_to_build"]
+    assert "ahead of time, on any machine" in format_plan(spark)
 
 
 def test_cli_dry_run_needs_neither_tensorrt_nor_a_gpu(optimized, tmp_path, capsys):
@@ -43,7 +76,7 @@ def test_cli_dry_run_needs_neither_tensorrt_nor_a_gpu(optimized, tmp_path, capsy
 @pytest.mark.parametrize(
     "options, message",
     [
-        (dict(gpu="a100"), "unknown GPU preset 'a100'"),
+        (dict(gpu="v100"), "unknown GPU preset 'v100'"),
         (dict(gpu="h100", profiles=("cache_full=0:1:2",)), "reaches past cache_full"),
         (dict(gpu="h100", opt_level=9), "optimization levels are 0..5"),
     ],
@@ -53,7 +86,7 @@ def test_plan_refuses_with_one_line(optimized, options, message):
         plan_build(BuildOptions(optimized, optimized.parent / "e", **options))
 
 
-def test_wrong_stage_target_or_precision_is_refused(tmp_path):
+def test_wrong_stage_or_target_is_refused(tmp_path):
     for name, overrides, message in (
         ("export", dict(stage="export"), "'export' output"),
         ("cpu", dict(target="ort-cpu"), "target 'ort-cpu'"),
@@ -72,13 +105,13 @@ def test_lint_errors_stop_the_plan_naming_the_node(tmp_path):
 
 
 @pytest.mark.skipif(HAS_TENSORRT, reason="TensorRT is installed, so the missing-TensorRT error cannot occur")
-def test_build_without_tensorrt_is_one_line_and_leaves_nothing(optimized, tmp_path, capsys):
+def test_a_preset_whose_library_is_missing_is_one_line_and_leaves_nothing(optimized, tmp_path, capsys):
     out = tmp_path / "engines"
-    with pytest.raises(DllmError, match="^TensorRT is not installed: 'dllm-trt build' needs"):
+    with pytest.raises(DllmError, match=r"^tensorrt is not installed: pip install 'dllm-trt\[trt\]'"):
         build_engines(BuildOptions(optimized, out, gpu="h100", quiet=True))
     assert main(["build", str(optimized), "--gpu", "h100", "-o", str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert err.startswith("dllm-trt: error: TensorRT is not installed")
+    assert err.startswith("dllm-trt: error: tensorrt is not installed")
     assert not out.exists()
 
 
@@ -93,13 +126,45 @@ def test_the_build_gpu_must_be_the_presets():
 
 def test_timing_cache_is_per_preset_and_tensorrt_version(monkeypatch, tmp_path):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    path = default_timing_cache(get_preset("dgx-spark"), "11.3.0")
-    assert path == tmp_path / "dllm-trt" / "timing-caches" / "dgx-spark-trt11.3.0.cache"
+    path = default_timing_cache(get_preset("h200"), "11.3.0")
+    assert path == tmp_path / "dllm-trt" / "timing-caches" / "h200-trt11.3.0.cache"
 
 
 def test_memory_warning_when_the_profiles_do_not_fit(optimized):
-    options = BuildOptions(
-        optimized, optimized.parent / "e", gpu="h100", profiles=("batch=1:1:4096", "cache_full=0:16:32768")
-    )
-    plan = plan_build(options)
+    profiles = ("batch=1:1:4096", "cache_full=0:16:32768")
+    plan = plan_build(BuildOptions(optimized, optimized.parent / "e", gpu="h100", profiles=profiles))
     assert any("exceeds 90% of the 80 GB" in w for w in plan["warnings"])
+
+
+def test_an_engine_missing_what_the_graph_holds_is_judged():
+    expected = dict(moe=2, attention=2, attention_decomposable=1, attention_fused_live=1)
+    whole = dict(plugins={"DllmMoE": 2}, attention=2, attention_decomposable=1)
+    assert judge_engine("denoiser", expected, whole, fused_kernels=1, stored_kernels=4) == []
+    problems = judge_engine("denoiser", expected, dict(whole, plugins={}), fused_kernels=0, stored_kernels=0)
+    assert len(problems) == 3 and "stored kernel sets" in problems[0] and "must fuse" in problems[2]
+
+
+@needs_rtx
+@pytest.mark.parametrize("precision, gpu", [("bf16", "dgx-spark"), ("fp32", "dgx-spark"), ("bf16", "rtx-4090")])
+def test_tensorrt_for_rtx_builds_the_tiny_preset_with_the_moe_plugin(tiny_trt, precision, gpu, tmp_path, capsys):
+    out = tmp_path / "engines"
+    assert main(["build", str(tiny_trt[precision]), "--gpu", gpu, "-o", str(out)]) == 0, capsys.readouterr().err
+    info = json.loads((out / "build_info.json").read_text())
+    assert info["library"] == "tensorrt-rtx" and info["gpu"]["built_on"] is None  # ahead of time, no GPU
+    assert info["runtime_requirements"]["python_plugins"] == ["dllm_trt::DllmMoE"]
+    layers = len(json.loads((tiny_trt[precision] / "manifest.json").read_text())["model"]["layers"])
+    for graph, engine in info["engines"].items():
+        moe_layers = layers - (graph == "encoder")  # the encoder's last layer computes K/V only
+        assert engine["network"]["plugins"] == {"DllmMoE": moe_layers}
+        assert engine["network"]["attention"] == moe_layers
+        assert (out / engine["file"]).stat().st_size == engine["bytes"] > 0
+        # the tiny preset's head sizes (16, 32) fuse in bf16; no fp32 attention has a fused kernel
+        fused = moe_layers if precision == "bf16" else 0
+        assert engine["fused_attention_kernels"] == fused
+        assert engine["network"]["attention_decomposable"] == moe_layers - fused
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["stage"] == "build" and manifest["build"]["library"] == "tensorrt-rtx"
+    print(
+        f"{precision} {gpu}: "
+        + ", ".join(f"{g} {e['bytes']} B in {e['seconds']} s" for g, e in info["engines"].items())
+    )

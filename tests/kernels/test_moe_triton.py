@@ -13,7 +13,11 @@ pytest.importorskip("triton", reason="triton is not installed (pip install 'dllm
 # built for a GPU; reloading re-decorates them as interpreted functions.
 mt = importlib.reload(importlib.import_module("dllm_trt.kernels.moe_triton"))
 
-IMPLS = {"fused_moe": mt.fused_moe, "single_launch": mt.fused_moe_single_launch}
+IMPLS = {
+    "fused_moe": mt.fused_moe,
+    # what the TensorRT plugin compiles: one expert-block size whatever N, here the largest
+    "fused_moe_bm64": lambda *args: mt.fused_moe(*args, bm=64),
+}
 # deliberately odd: no power of two anywhere, H not a multiple of any tile
 HIDDEN, EXPERTS, WIDTH, TOP_K = 40, 12, 24, 3
 

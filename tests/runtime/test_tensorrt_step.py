@@ -35,11 +35,14 @@ def test_the_backend_refuses_a_directory_that_is_not_a_build(tmp_path):
 
 
 @pytest.mark.skipif(HAS_TENSORRT, reason="TensorRT is installed, so the missing-TensorRT error cannot occur")
-def test_without_tensorrt_the_backend_says_so_in_one_line(tmp_path):
+def test_without_the_engines_library_the_backend_says_so_in_one_line(tmp_path):
+    from dllm_trt.engines.build_info import write_build_info
     from dllm_trt.runtime.backends import open_step
 
-    with pytest.raises(DllmError, match="^the tensorrt backend needs the `tensorrt` Python package"):
-        open_step(_manifest_dir(tmp_path / "engines", "build"), "tensorrt", device="cuda")
+    engines = _manifest_dir(tmp_path / "engines", "build")
+    write_build_info(engines, dict(library="tensorrt", tensorrt_version="11.3.0"))
+    with pytest.raises(DllmError, match="^tensorrt is not installed: pip install 'dllm-trt\\[trt\\]'"):
+        open_step(engines, "tensorrt", device="cuda")
 
 
 class FakeDenoiser:
@@ -130,24 +133,29 @@ def test_an_engine_that_cannot_be_captured_runs_eagerly(capsys):
 
 
 def test_engines_built_from_the_contract_graphs_run_with_and_without_cuda_graphs(tmp_path):
-    pytest.importorskip("tensorrt", reason=NO_TRT)
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "build"))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "engines"))
     import trt_graphs
 
     from dllm_trt.engines.gpu import detect_gpu, preset_for
+    from dllm_trt.engines.gpu_presets import get_preset
     from dllm_trt.engines.stage import BuildOptions, build_engines
+    from dllm_trt.engines.trt_library import installed
     from dllm_trt.runtime.tensorrt_step import TensorRTStep
 
     gpu = preset_for(detect_gpu())
     if gpu is None:
         pytest.skip("this GPU has no dllm-trt preset")
+    if not installed(get_preset(gpu).library):
+        pytest.skip(f"{get_preset(gpu).library}, which builds for this GPU, is not installed")
     opt = trt_graphs.write_optimized(tmp_path / "opt")
     engines = tmp_path / "engines"
     profiles = ("batch=1:1:2", "new_tokens=1:8:16", "cache_full=0:16:64")
     build_engines(BuildOptions(opt, engines, gpu=gpu, profiles=profiles, timing_cache=tmp_path / "t.cache", quiet=True))
-    assert json.loads((engines / "build_info.json").read_text())["engines"]["denoiser"]["rewrites"]["lower_moe"] == 2
+    assert json.loads((engines / "build_info.json").read_text())["engines"]["denoiser"]["network"]["plugins"] == {
+        "DllmMoE": 2
+    }
     from dllm_trt.manifest import read_manifest
 
     manifest = read_manifest(engines)

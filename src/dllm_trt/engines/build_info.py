@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 from dllm_trt.engines.gpu import GpuInfo
+from dllm_trt.engines.trt_library import DISPLAY, TENSORRT
 from dllm_trt.errors import DllmError
 
 BUILD_INFO = "build_info.json"
@@ -32,10 +33,11 @@ def read_build_info(directory: Path) -> dict:
 def check_compatible(info: dict, trt_version: str, gpu: GpuInfo | None) -> None:
     """Refuse, in one line, engines built by another TensorRT version or for another GPU."""
     built = info.get("tensorrt_version")
+    library = DISPLAY.get(info.get("library", TENSORRT), info.get("library"))
     if built != trt_version:
         raise DllmError(
-            f"the engines were built with TensorRT {built}, this process has TensorRT {trt_version}; "
-            "rebuild them with 'dllm-trt build' here (engines are not portable across TensorRT versions)"
+            f"the engines were built with {library} {built}, this process has {library} {trt_version}; "
+            "rebuild them with 'dllm-trt build' (engines are not portable across TensorRT versions)"
         )
     want = info.get("gpu", {})
     if gpu is None:

@@ -26,7 +26,7 @@ from dllm_trt.contract import STAGE_OPTIMIZE
 from dllm_trt.engines import profiles as prof
 from dllm_trt.engines.gpu_presets import get_preset
 from dllm_trt.engines.plugins import FLOATS, PLUGIN_NAMESPACE, PLUGIN_VERSION, PLUGINS
-from dllm_trt.engines.support import ONNX_TO_TRT, Support, load_support
+from dllm_trt.engines.support import ONNX_TO_TRT, Support, fuses_attention, load_support
 from dllm_trt.errors import DllmError
 from dllm_trt.manifest import describe_value
 
@@ -60,6 +60,8 @@ class LintReport:
     ops: dict[tuple[str, str], OpSummary]  # (graph, op) -> summary
     findings: list[Finding]
     profiles: dict[str, prof.DimRange] | None = None
+    judged_by: str = "the support table (no TensorRT library asked)"
+    preflight: list[Finding] = field(default_factory=list)  # the table's parser findings a real parser replaced
 
     @property
     def errors(self) -> list[Finding]:
@@ -74,7 +76,7 @@ class LintReport:
         return not self.errors
 
     def table(self) -> str:
-        lines = [f"lint-trt against TensorRT {self.version}'s ONNX parser"]
+        lines = [f"lint-trt: verdict of {self.judged_by}; pre-flight table of TensorRT {self.version}'s ONNX parser"]
         lines += [f"  source ({key}): {text}" for key, text in self.sources.items()]
         width = max([len(op) for _, op in self.ops] + [8])
         lines.append(f"{'graph':<10} {'op':<{width}} {'nodes':>6}  {'dtypes':<24} status")
@@ -84,6 +86,7 @@ class LintReport:
         if self.profiles:
             lines.append("profiles (min:opt:max): " + ", ".join(f"{k}={v}" for k, v in self.profiles.items()))
         lines += [f.line() for f in self.findings]
+        lines += [f"pre-flight (not the verdict): {f.line()}" for f in self.preflight]
         verdict = "passed" if self.passed else "FAILED"
         lines.append(f"lint-trt {verdict}: {len(self.errors)} error(s), {len(self.warnings)} warning(s)")
         return "\n".join(lines)
@@ -164,10 +167,13 @@ def _plugin_value_infos(graph: onnx.GraphProto, inits: dict) -> list[onnx.ValueI
         if spec is None or node.domain in ("", "ai.onnx"):
             continue
         t_dtype = next(
-            (inits[name].data_type for (formal, kind), name in zip(spec.inputs, node.input)
-             if kind == "T" and name in inits),
+            (
+                inits[name].data_type
+                for (formal, kind), name in zip(spec.inputs, node.input)
+                if kind == "T" and name in inits
+            ),
             TensorProto.UNDEFINED,
-        )  # fmt: skip
+        )
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         shapes = _plugin_output_shapes(node, attrs, inits)
         for (_formal, kind), name, shape in zip(spec.outputs, node.output, shapes):
@@ -179,18 +185,8 @@ def _plugin_value_infos(graph: onnx.GraphProto, inits: dict) -> list[onnx.ValueI
 
 def _plugin_output_shapes(node: onnx.NodeProto, attrs: dict, inits: dict) -> list:
     dims = {name: list(inits[name].dims) for name in node.input if name in inits}
-    n, k = "moe_tokens", attrs.get("top_k")
-    gate_up = next((dims[i] for i in node.input if i in dims and len(dims[i]) == 3), None)
     if node.op_type == "DllmMoE" and len(node.input) > 4 and node.input[4] in dims:
-        return [[n, dims[node.input[4]][1]]]
-    if node.op_type == "DllmMoERoute":
-        return [[n, k], [n, k]]
-    if node.op_type == "DllmMoEBucket":
-        return [[attrs.get("num_experts"), n], [attrs.get("num_experts")]]
-    if node.op_type == "DllmMoEExpertUp" and gate_up:
-        return [[n, k, gate_up[1] // 2]]
-    if node.op_type == "DllmMoEExpertDown" and gate_up:
-        return [[n, None, gate_up[1]]]
+        return [["moe_tokens", dims[node.input[4]][1]]]  # [N, H]
     return [None] * len(node.output)
 
 
@@ -264,8 +260,12 @@ def lint_graph(
         if status != "supported":
             why = "lists it as unsupported" if status == "unsupported" else "does not list it"
             extra = support.restriction(node.op_type)
-            report("error", name, key, f"TensorRT {support.version}'s ONNX operator table {why}" +
-                   (f" ({extra})" if extra else ""))  # fmt: skip
+            report(
+                "error",
+                name,
+                key,
+                f"TensorRT {support.version}'s ONNX operator table {why}" + (f" ({extra})" if extra else ""),
+            )
             continue
         allowed = support.types(node.op_type)
         for tensor in _data_tensors(node, opset):
@@ -276,9 +276,13 @@ def lint_graph(
             if dtype == "DOUBLE":
                 report("warning", name, key, f"'{tensor}' is DOUBLE: TensorRT casts it down to FLOAT")
             elif dtype not in allowed:
-                report("error", name, key,
-                       f"'{tensor}' is {dtype}; TensorRT {support.version} supports {node.op_type} on "
-                       f"{', '.join(allowed)}")  # fmt: skip
+                report(
+                    "error",
+                    name,
+                    key,
+                    f"'{tensor}' is {dtype}; TensorRT {support.version} supports {node.op_type} on "
+                    f"{', '.join(allowed)}",
+                )
         check = _NODE_CHECKS.get(node.op_type) or (_check_axes_input if node.op_type.startswith("Reduce") else None)
         if check is not None:
             for severity, message in check(node, g, support):
@@ -311,8 +315,13 @@ def _attr(node: onnx.NodeProto, name: str, default: object = None) -> object:
 def _check_attention(node: onnx.NodeProto, g: GraphInfo, support: Support) -> list[tuple[str, str]]:
     out = []
     if any(node.output[1:]):
-        out.append(("error", "TensorRT takes only Attention's first output (Y): present_key/present_value/"
-                    "qk_matmul_output are unsupported; keep the KV concatenation outside the node"))  # fmt: skip
+        out.append(
+            (
+                "error",
+                "TensorRT takes only Attention's first output (Y): present_key/present_value/"
+                "qk_matmul_output are unsupported; keep the KV concatenation outside the node",
+            )
+        )
     for index, what in ((4, "past_key"), (5, "past_value"), (6, "nonpad_kv_seqlen")):
         if len(node.input) > index and node.input[index]:
             out.append(("error", f"input {what} is unsupported by TensorRT's parser; concatenate K/V outside"))
@@ -320,34 +329,32 @@ def _check_attention(node: onnx.NodeProto, g: GraphInfo, support: Support) -> li
         out.append(("error", "attribute softcap is unsupported by TensorRT's parser"))
     if _attr(node, "qk_matmul_output_mode", 0):
         out.append(("error", "attribute qk_matmul_output_mode is unsupported by TensorRT's parser"))
-    if _attr(node, "softmax_precision"):
+    if _attr(node, "softmax_precision") is not None:
         out.append(
             (
-                "warning",
-                "softmax_precision is not read by TensorRT's Attention importer (onnx-tensorrt reads "
-                "is_causal, scale, TRT_decomposable): the softmax precision inside IAttention is TensorRT's",
+                "error",
+                "TensorRT's parser rejects softmax_precision (\"Setting softmax precision is not "
+                'supported in TensorRT Attention"); optimize --target trt leaves it out',
             )
         )
     for index, what in ((0, "Q"), (1, "K"), (2, "V")):
         shape = g.shapes.get(node.input[index]) if len(node.input) > index else None
-        if shape is not None and len(shape) != 4:
+        if shape is not None and len(shape) != 4 and not (support.attention_3d and len(shape) == 3):
             out.append(("error", f"{what} is {len(shape)}D; TensorRT's Attention import needs 4D [B, heads, S, D]"))
     head = g.last_dim(node.input[0]) or g.last_dim(node.input[1])
-    limits = support.fused_attention
-    lo, hi, mult = limits["head_size_min"], limits["head_size_max"], limits["head_size_multiple_of"]
-    decomposable = _attr(node, "TRT_decomposable")
+    dtype = _trt_type(g.types[node.input[0]]) if node.input[0] in g.types else None
+    if _attr(node, "TRT_decomposable") is not None:
+        out.append(("warning", "TRT_decomposable is ignored: build decides per dtype and head size"))
     if head is None:
         out.append(("warning", "head size not known statically; TensorRT's fused attention needs it"))
-    elif not (lo <= head <= hi and head % mult == 0):
-        why = (f"head size {head} is outside the fused-attention range of the TensorRT docs "
-               f"({lo} <= H <= {hi}, H % {mult} == 0 for FP16/BF16)")  # fmt: skip
-        if decomposable == 0:
-            out.append(("error", f"{why} and TRT_decomposable=0: the build fails with no fused kernel"))
-        elif decomposable is None:
-            out.append(("warning", f"{why}: build sets TRT_decomposable=1, so TensorRT runs it unfused "
-                        "(BMM, softmax, BMM; the [B, heads, T, S] scores go through memory)"))  # fmt: skip
-        else:
-            out.append(("warning", f"{why}: TRT_decomposable=1, so TensorRT runs it unfused"))
+    elif dtype is not None and not fuses_attention(dtype, head, support.version):
+        out.append(
+            (
+                "warning",
+                f"no fused TensorRT attention kernel for {dtype} head size {head} (engines.support): "
+                "build lets TensorRT run it decomposed (GEMM, softmax, GEMM; the scores go through memory)",
+            )
+        )
     return out
 
 
@@ -411,8 +418,10 @@ def _check_custom(node: onnx.NodeProto, g: GraphInfo, support: Support) -> list[
     if spec is None:
         if node.op_type in support.custom_ops:
             return []
-        return [f"custom op {node.op_type} (domain {node.domain!r}) is neither parsed by TensorRT "
-                f"{support.version} nor registered by dllm-trt's plugins ({', '.join(PLUGINS)})"]  # fmt: skip
+        return [
+            f"custom op {node.op_type} (domain {node.domain!r}) is neither parsed by TensorRT "
+            f"{support.version} nor registered by dllm-trt's plugins ({', '.join(PLUGINS)})"
+        ]
     problems = []
     for attr, expected in (("plugin_namespace", PLUGIN_NAMESPACE), ("plugin_version", PLUGIN_VERSION)):
         if _attr(node, attr) != expected:
@@ -425,15 +434,18 @@ def _check_custom(node: onnx.NodeProto, g: GraphInfo, support: Support) -> list[
         if _attr(node, attr) != expected:
             problems.append(f"attribute {attr}={_attr(node, attr)!r}; the plugin implements only {expected!r}")
     if len(node.input) != len(spec.inputs) or len(node.output) != len(spec.outputs):
-        problems.append(f"has {len(node.input)} inputs/{len(node.output)} outputs; the plugin takes "
-                        f"{len(spec.inputs)}/{len(spec.outputs)}")  # fmt: skip
+        problems.append(
+            f"has {len(node.input)} inputs/{len(node.output)} outputs; the plugin takes "
+            f"{len(spec.inputs)}/{len(spec.outputs)}"
+        )
         return problems
     t_seen = set()
     for (formal, kind), name in [*zip(spec.inputs, node.input), *zip(spec.outputs, node.output)]:
         if name not in g.types:
             continue
-        dtype = helper.tensor_dtype_to_np_dtype(g.types[name]).name if g.types[name] != TensorProto.BFLOAT16 \
-            else "bfloat16"  # fmt: skip
+        dtype = (
+            helper.tensor_dtype_to_np_dtype(g.types[name]).name if g.types[name] != TensorProto.BFLOAT16 else "bfloat16"
+        )
         allowed = FLOATS if kind == "T" else kind
         if dtype not in allowed:
             problems.append(f"{formal} '{name}' is {dtype}; the plugin takes {'/'.join(allowed)}")
@@ -494,8 +506,14 @@ def _check_interface(model: onnx.ModelProto, graph: str, facts: dict) -> list[tu
     for value in model.graph.input:
         for axis, dim in enumerate(value.type.tensor_type.shape.dim):
             if not dim.HasField("dim_value") and dim.dim_param not in prof.DIMS:
-                out.append(("error", value.name, f"axis {axis} is dynamic ('{dim.dim_param or '?'}') but no "
-                            f"profile dimension is named so (known: {', '.join(prof.DIMS)})"))  # fmt: skip
+                out.append(
+                    (
+                        "error",
+                        value.name,
+                        f"axis {axis} is dynamic ('{dim.dim_param or '?'}') but no "
+                        f"profile dimension is named so (known: {', '.join(prof.DIMS)})",
+                    )
+                )
     return out
 
 
@@ -507,8 +525,13 @@ def _check_manifest_io(model: onnx.ModelProto, manifest_io: dict) -> list[tuple[
         if got is None:
             out.append((value["name"], "in the manifest but not in the graph; re-run optimize"))
         elif (got["dtype"], got["shape"]) != (value["dtype"], value["shape"]):
-            out.append((value["name"], f"manifest says {value['dtype']}{value['shape']}, the graph has "
-                        f"{got['dtype']}{got['shape']}; re-run optimize"))  # fmt: skip
+            out.append(
+                (
+                    value["name"],
+                    f"manifest says {value['dtype']}{value['shape']}, the graph has "
+                    f"{got['dtype']}{got['shape']}; re-run optimize",
+                )
+            )
     return out
 
 
@@ -530,13 +553,37 @@ def check_optimized_manifest(manifest: dict, directory: Path) -> None:
 class LintOptions:
     optimized: Path  # a directory written by 'dllm-trt optimize --target trt'
     trt_version: str | None = None  # a support-table version (engines.support.VERSIONS); None: the newest
-    gpu: str = "h100"  # the GPU preset whose default profiles are checked
+    gpu: str = "dgx-spark"  # the GPU preset: its library judges, its profiles are checked
     profiles: tuple[str, ...] = ()  # NAME=MIN:OPT:MAX overrides, as for build
+    table_only: bool = False  # the pre-flight table alone, even where a TensorRT library is installed
+
+
+# Findings about the artifact's contract with dllm-trt's runtime, which no parser checks: always kept.
+CONTRACT_CHECKS = ("interface", "manifest", "profile")
 
 
 def run(options: LintOptions) -> LintReport:
-    """Lint the optimized graphs for a TensorRT version and a GPU preset's profiles."""
-    return lint_artifacts(options.optimized, options.trt_version, options.gpu, list(options.profiles))
+    """Lint the optimized graphs: the verdict of the preset's TensorRT library where it is installed
+    (engines.parser_verdict), else of the support table; the contract checks either way."""
+    from dllm_trt.engines.trt_library import TENSORRT_RTX, installed
+
+    preset = get_preset(options.gpu)
+    version = options.trt_version or ("rtx-1.7" if preset.library == TENSORRT_RTX else None)
+    report = lint_artifacts(options.optimized, version, options.gpu, list(options.profiles))
+    if options.table_only or not installed(preset.library):
+        why = "asked for" if options.table_only else f"{preset.library} is not installed"
+        report.judged_by = f"the support table ({why})"
+        return report
+    if report.profiles is None:  # the profiles are broken: the build could not be tried
+        return report
+    from dllm_trt.engines.parser_verdict import parser_findings
+    from dllm_trt.manifest import read_manifest
+
+    judged_by, findings = parser_findings(options.optimized, read_manifest(options.optimized), preset, report.profiles)
+    report.preflight = [f for f in report.findings if f.op not in CONTRACT_CHECKS]
+    report.findings = [f for f in report.findings if f.op in CONTRACT_CHECKS] + findings
+    report.judged_by = judged_by
+    return report
 
 
 def lint_artifacts(

@@ -1,254 +1,270 @@
-"""TensorRT Quick Deployable Plugin (QDP) for the ``dllm_trt::DllmMoE`` ONNX node, AOT-compiled Triton.
+"""The `dllm_trt::DllmMoE` plugin: one IPluginV3 for TensorRT and TensorRT for RTX alike.
 
-The node (emitted by the optimize pass; interface fixed): op_type ``DllmMoE``, domain and
-attribute ``plugin_namespace`` "dllm_trt", ``plugin_version`` "1", attributes ``top_k`` (int)
-and ``activation`` ("gelu_tanh"); inputs hidden [N, H] T, router_logits [N, E] fp32,
-per_expert_scale [E] fp32, gate_up_proj [E, 2I, H] T, down_proj [E, H, I] T; output [N, H] T,
-T in {fp32, fp16, bf16}. Semantics: ``dllm_trt.kernels.moe_triton`` (module docstring).
+The node (emitted by optimize's fuse_moe for the trt target; names in contract.py): op_type
+`DllmMoE`, attributes `plugin_namespace` "dllm_trt", `plugin_version` "1", `top_k` (int),
+`activation` "gelu_tanh"; inputs hidden [N, H] T, router_logits [N, E] fp32, per_expert_scale [E]
+fp32, gate_up_proj [E, 2I, H] T, down_proj [E, H, I] T; output [N, H] T; T in fp32, fp16, bf16.
+Semantics: kernels.moe_triton.moe_reference.
 
-What an AOT QDP can express (read, not run; sources below):
+Why an IPluginV3 with an `IPluginCreatorV3One` creator: it is the one plugin form both libraries'
+ONNX parsers import (TensorRT for RTX has no Quick Deployable Plugins), and unlike an AOT QDP it has
+a workspace and may launch several kernels, so the engine runs `fused_moe`'s five launches
+(kernels.moe_launches) instead of a one-launch kernel that recomputes the up GEMM per output slice.
 
-* ``@trtp.aot_impl`` returns ONE ``(kernel_name, compiled_kernel, KernelLaunchParams, SymExprs)``
-  per (I/O types, formats, tactic). "Presently, only PTX is supported". The launch params are a
-  single grid/block/dynamic-shared-memory triple, each an int or a symbolic expression of the
-  input shapes. So a plugin instance is exactly one kernel launch per enqueue. TensorRT's C++
-  side (``IPluginV3QuickAOTBuild``) has ``getKernel`` and ``getLaunchParams`` and nothing else:
-  no workspace, no second kernel, no cluster dimensions.
-  https://docs.nvidia.com/deeplearning/tensorrt/latest/_static/python-api/infer/tensorrt.plugin/trt_plugin_aot_impl/index.html
-  https://docs.nvidia.com/deeplearning/tensorrt/latest/_static/python-api/infer/tensorrt.plugin/trt_plugin_aot_impl/KernelLaunchParams.html
-  https://docs.nvidia.com/deeplearning/tensorrt/11.3.0/_static/c-api/_nv_infer_python_plugin_8h.html
-* Kernel arguments are (input pointers..., extra scalars..., output pointers...); the extra
-  scalars are ``SymIntExprs`` of ``SymInt32`` (int32 only; TensorRT's loader rejects other
-  kinds). Plugin attributes are not serialized into the engine with AOT: ``top_k`` and the
-  dtypes are compiled into the PTX as Triton constexprs. Triton >= 3.3 appends two pointer
-  parameters (global/profile scratch) to every kernel; per Torch-TensorRT's launch-ABI checks
-  TensorRT passes null for arguments it was not given, so the kernel must report zero scratch
-  (checked in ``compile_single_launch``).
-  https://github.com/NVIDIA/TensorRT/tree/main/samples/python/quickly_deployable_plugins
-  (README "Providing an Ahead-of-Time (AOT) implementation", qdp_defs.py circ_pad AOT) and
-  Torch-TensorRT's ``py/torch_tensorrt/kernels/_triton.py`` (launch-ABI checks),
-  https://docs.pytorch.org/TensorRT/tutorials/_rendered_examples/dynamo/aot_plugin.html
-* The ONNX parser picks a plugin by op_type + ``plugin_namespace`` + ``plugin_version``
-  (10.10+ also reads the namespace from the node's domain); other attributes become plugin
-  fields. The sample adds a bool node attribute ``aot=True`` to request the AOT path; this
-  plugin defines only ``aot_impl`` (no JIT ``impl``), and the QDP creator then builds the AOT
-  plugin unless a strictly-JIT creation is requested (``tensorrt/plugin/_lib.py``).
-* ``@trtp.autotune`` lists type/format combinations ("FP32|FP16|BF16" dependent across
-  positions); ``@trtp.register`` must carry type hints (read at decoration time, so this
-  module must not use ``from __future__ import annotations``).
-  https://docs.nvidia.com/deeplearning/tensorrt/latest/_static/python-api/pluginGuide.html
+Build (no GPU needed): TensorRT asks the plugin its output types and shapes and which formats it
+takes (the graph's own dtypes only: strongly typed), configures it with the profile's token range,
+and asks its workspace (the intermediates at the profile's largest token count). When it serializes
+the plugin, the five kernels are compiled with Triton for the build's target architecture
+(engines.triton_aot) and stored in the plugin's fields: the engine carries its kernels, and needs
+only this module registered (`register_moe_plugin`) in the process that deserializes it.
 
-Consequence for the MoE: one launch, no scratch, an output buffer that is not zeroed. The
-efficient form (``fused_moe``: route, bucket, grouped up GEMM, grouped down GEMM, combine; 5
-launches) needs the reduction over experts to cross programs, which needs scratch or a zeroed
-fp32 buffer. So the plugin embeds ``moe_single_launch_kernel``: each program owns an output
-tile [16 tokens, 256 columns] and recomputes the up GEMM for its column slice. Correct and
-deterministic, but measured on an H200 at N=256 it takes 20.4 ms against 0.43 ms for
-``fused_moe`` (64x the weight-read floor; bench/bench_moe_kernel.py). The fast path inside
-TensorRT needs the node split into one-kernel plugins that hand their intermediates over as
-real tensors: ``_route_kernel`` (or plain ONNX Softmax/TopK), ``_bucket_kernel``,
-``_expert_up_kernel`` (act [N*K, I]), ``_expert_down_kernel`` (part [N*K, H]) and an ONNX
-ReduceSum over K + Cast for the combine; every one of those kernels already has the AOT shape
-(inputs -> exclusive outputs, int32 scalars, no atomics). Or a C++ IPluginV3 with a workspace.
-
-What has never run: everything that touches ``tensorrt`` here (registration, autotune, the
-aot_impl callback, symbolic launch params, parsing a DllmMoE node, building or running an
-engine). TensorRT cannot be installed on the machines this was written on. What has run:
-``compile_single_launch`` (Triton -> sm_90 PTX with the exact signature and constexprs used
-below; Triton 3.9 on a CPU machine and 3.6 on the GPU machine; tests/engines/test_moe_plugin.py),
-and the kernel itself through Triton's JIT (``fused_moe_single_launch``): the interpreter on CPU,
-and compiled on an H100 and an H200 (torch 2.11, Triton 3.6) against ``moe_reference``.
+Run (never run here: no GPU): enqueue carves the intermediates out of the workspace, computes the
+five grids for the call's token count and launches the stored cubins on TensorRT's stream through
+the CUDA driver (engines.cuda_launch).
 """
 
-# No `from __future__ import annotations`: tensorrt.plugin inspects these annotations as objects.
+from __future__ import annotations
 
-import functools
-from dataclasses import dataclass
+import ctypes
+import json
+from pathlib import Path
 
-PLUGIN_NAMESPACE = "dllm_trt"
-PLUGIN_NAME = "DllmMoE"
-PLUGIN_ID = f"{PLUGIN_NAMESPACE}::{PLUGIN_NAME}"
-ACTIVATION = "gelu_tanh"
-TRITON_DTYPES = ("fp32", "fp16", "bf16")
-# Whether TensorRT raises cudaFuncAttributeMaxDynamicSharedMemorySize for AOT kernels is not
-# documented, so stay within the 48 KB every launch gets without it.
-DEFAULT_SMEM_LIMIT = 48 * 1024
+import numpy as np
 
-_registered = False
+from dllm_trt.contract import MOE_ACTIVATION, MOE_OP, PLUGIN_NAMESPACE, PLUGIN_VERSION
+from dllm_trt.engines.triton_aot import CompiledKernel, compile_specs
+from dllm_trt.kernels.moe_launches import STAGES, MoEShape, grids, kernel_specs, tile_m, workspace_layout
 
+BLOCK_ROWS = (16, 32, 64)  # what moe_launches.tile_m can pick
 
-@dataclass(frozen=True)
-class CompiledKernel:
-    """What TensorRT needs from Triton: name, PTX, threads per block, dynamic shared memory, tiles."""
-
-    name: str
-    ptx: str
-    num_warps: int
-    shared_mem: int
-    blocks: tuple[tuple[str, int], ...]
-
-    def block(self, key: str) -> int:
-        return dict(self.blocks)[key]
+INPUTS = ("hidden", "router_logits", "per_expert_scale", "gate_up_proj", "down_proj")
+_TYPES = {"FLOAT": "fp32", "HALF": "fp16", "BF16": "bf16"}
+_classes: dict[int, tuple[type, type]] = {}  # per library module: (plugin, creator)
+_creators: list = []  # registered creators must outlive the registry's use of them
 
 
-def register_moe_plugin(ptx_version: int | None = None) -> None:
-    """Register ``dllm_trt::DllmMoE`` with TensorRT (idempotent). Call before parsing the ONNX graph.
+def kernels_for(shape: MoEShape, bm: int, arch: int, ptx_version: int | None = None) -> dict[str, CompiledKernel]:
+    """The five kernels of the plan for `shape` with expert blocks of `bm` rows, compiled for sm_`arch`.
 
-    ``ptx_version`` (e.g. 88 for PTX ISA 8.8) caps the PTX ISA Triton emits: Triton targets its
-    bundled ptxas, which can be newer than the GPU driver, and the driver then refuses the PTX
-    when the engine loads.
+    Every block size is compiled at once (one cache entry per shape: the layers share it, and the
+    stage compiles it before the builder asks, so a compilation error is an error, not a plugin
+    callback's exception that TensorRT would swallow)."""
+    specs = {(stage, rows): spec for rows in BLOCK_ROWS for stage, spec in kernel_specs(shape, rows).items()}
+    compiled = dict(zip(specs, compile_specs(tuple(dict.fromkeys(specs.values())), arch, ptx_version)))
+    return {stage: compiled[(stage, bm)] for stage in STAGES}
+
+
+def compile_for_graphs(paths: list[Path], arch: int, ptx_version: int | None = None) -> set[MoEShape]:
+    """Compile the kernels of every DllmMoE shape in these graphs before a builder asks; the shapes."""
+    import onnx
+
+    shapes = set().union(*(graph_shapes(onnx.load(str(path), load_external_data=False)) for path in paths))
+    for shape in shapes:
+        kernels_for(shape, BLOCK_ROWS[0], arch, ptx_version)
+    return shapes
+
+
+def graph_shapes(model) -> set[MoEShape]:  # noqa: ANN001 (an onnx.ModelProto without external data)
+    """The MoE shapes of a graph's DllmMoE nodes, read from their expert weights and attributes."""
+    dtypes = {1: "fp32", 10: "fp16", 16: "bf16"}
+    inits = {t.name: t for t in model.graph.initializer}
+    shapes = set()
+    for node in model.graph.node:
+        if node.op_type == MOE_OP and node.input[3] in inits:
+            gate_up = inits[node.input[3]]
+            top_k = next(a.i for a in node.attribute if a.name == "top_k")
+            experts, two_width, hidden = gate_up.dims
+            shapes.add(MoEShape(dtypes[gate_up.data_type], experts, hidden, two_width // 2, top_k))
+    return shapes
+
+
+def _fields_of(trt, collection) -> dict:  # noqa: ANN001
+    fields = {}
+    for field in collection:
+        data = np.asarray(field.data)
+        if field.type == trt.PluginFieldType.CHAR:
+            fields[field.name] = bytes(data.astype(np.uint8)).rstrip(b"\0").decode()
+        elif field.type == trt.PluginFieldType.UNKNOWN:
+            fields[field.name] = bytes(data.astype(np.uint8))
+        else:
+            fields[field.name] = int(data.reshape(-1)[0])
+    return fields
+
+
+def _immortal(plugin: object) -> object:
+    """One reference more than Python will ever release: TensorRT for RTX 1.7.1.116's bindings let the
+    Python object of a cloned plugin go while the builder still uses it (seen when the plugin's output
+    feeds a Shape op: freed at once, then heap corruption), and a reference Python holds itself is
+    freed a second time at exit. A plugin object is small; its kernels are shared between clones."""
+    ctypes.pythonapi.Py_IncRef(ctypes.py_object(plugin))
+    return plugin
+
+
+def plugin_classes(trt) -> tuple[type, type]:  # noqa: ANN001
+    """(plugin, creator) classes over one library's module (`tensorrt` or `tensorrt_rtx_bindings`)."""
+    if id(trt) in _classes:
+        return _classes[id(trt)]
+    floats = {trt.float32, trt.float16, trt.bfloat16}
+
+    class DllmMoEPlugin(trt.IPluginV3, trt.IPluginV3OneCore, trt.IPluginV3OneBuild, trt.IPluginV3OneRuntime):
+        def __init__(
+            self, top_k: int, activation: str, arch: int | None, ptx_version: int | None, kernels: bytes | None = None
+        ) -> None:
+            trt.IPluginV3.__init__(self)
+            trt.IPluginV3OneCore.__init__(self)
+            trt.IPluginV3OneBuild.__init__(self)
+            trt.IPluginV3OneRuntime.__init__(self)
+            self.plugin_name, self.plugin_version, self.plugin_namespace = MOE_OP, PLUGIN_VERSION, PLUGIN_NAMESPACE
+            self.num_outputs = 1
+            if activation != MOE_ACTIVATION:
+                raise ValueError(f"DllmMoE implements activation {MOE_ACTIVATION!r}, the node says {activation!r}")
+            self.top_k, self.activation, self.arch, self.ptx_version = top_k, activation, arch, ptx_version
+            self.shape: MoEShape | None = None
+            self.bm: int | None = None
+            self.compiled: dict[str, CompiledKernel] = {}
+            self.loaded: dict = {}
+            self.serialized = None  # the field collection, once asked for
+            if kernels:
+                stored = json.loads(kernels)
+                self.shape, self.bm = MoEShape(**stored["shape"]), stored["bm"]
+                self.compiled = {stage: CompiledKernel.from_dict(k) for stage, k in stored["kernels"].items()}
+
+        # ---- IPluginV3 ----
+        def get_capability_interface(self, kind):  # noqa: ANN001, ANN201
+            return self
+
+        def clone(self):  # noqa: ANN201
+            other = DllmMoEPlugin(self.top_k, self.activation, self.arch, self.ptx_version)
+            other.shape, other.bm, other.compiled = self.shape, self.bm, dict(self.compiled)
+            return _immortal(other)
+
+        # ---- build ----
+        def get_output_data_types(self, input_types):  # noqa: ANN001, ANN201
+            return [input_types[0]]
+
+        def get_output_shapes(self, inputs, shape_inputs, expr_builder):  # noqa: ANN001, ANN201
+            out = trt.DimsExprs(2)  # [N, H], like hidden; a new object, not TensorRT's own input
+            out[0], out[1] = inputs[0][0], inputs[0][1]
+            return [out]
+
+        def supports_format_combination(self, pos, in_out, num_inputs) -> bool:  # noqa: ANN001
+            desc = in_out[pos].desc
+            if desc.format != trt.TensorFormat.LINEAR:
+                return False
+            if pos in (1, 2):  # router logits and per-expert scales stay fp32
+                return desc.type == trt.float32
+            return desc.type in floats and desc.type == in_out[0].desc.type  # hidden, weights, output share T
+
+        def configure_plugin(self, inputs, outputs) -> None:  # noqa: ANN001
+            experts, two_width, hidden = (int(d) for d in inputs[3].desc.dims)
+            dtype = _TYPES[inputs[0].desc.type.name]
+            self.shape = MoEShape(dtype, experts, hidden, two_width // 2, self.top_k)
+            self.bm = tile_m(max(1, int(inputs[0].opt[0])), self.shape)  # suits the profile's opt shape
+            self.max_tokens = max(1, int(inputs[0].max[0]))
+
+        def get_workspace_size(self, inputs, outputs) -> int:  # noqa: ANN001
+            return workspace_layout(self.shape, max(1, int(inputs[0].max[0])))[1]
+
+        def get_valid_tactics(self):  # noqa: ANN201
+            return []
+
+        def get_fields_to_serialize(self):  # noqa: ANN201
+            # TensorRT keeps pointers into the collection and its arrays without copying them: they
+            # live as long as the plugin, made once (the builder asks several times).
+            if self.serialized is not None:
+                return self.serialized
+            self.arrays = dict(
+                top_k=(np.array([self.top_k], np.int32), trt.PluginFieldType.INT32),
+                activation=(np.frombuffer(self.activation.encode() + b"\0", np.int8).copy(), trt.PluginFieldType.CHAR),
+            )
+            if self.shape is not None and self.arch is not None:
+                if not self.compiled:
+                    self.compiled = kernels_for(self.shape, self.bm, self.arch, self.ptx_version)
+                blob = json.dumps(
+                    dict(shape=vars(self.shape), bm=self.bm, kernels={s: k.to_dict() for s, k in self.compiled.items()})
+                ).encode()
+                self.arrays["kernels"] = (np.frombuffer(blob, np.uint8).copy(), trt.PluginFieldType.UNKNOWN)
+            self.fields = [trt.PluginField(name, array, kind) for name, (array, kind) in self.arrays.items()]
+            self.serialized = trt.PluginFieldCollection(self.fields)
+            return self.serialized
+
+        # ---- run ----
+        def set_tactic(self, tactic) -> None:  # noqa: ANN001
+            pass
+
+        def on_shape_change(self, inputs, outputs) -> None:  # noqa: ANN001
+            pass
+
+        def attach_to_context(self, context):  # noqa: ANN001, ANN201
+            return self.clone()
+
+        def enqueue(self, input_desc, output_desc, inputs, outputs, workspace, stream) -> int:  # noqa: ANN001
+            from dllm_trt.engines.cuda_launch import LoadedKernel
+
+            if not self.compiled:
+                raise RuntimeError("this DllmMoE plugin carries no compiled kernels (an engine from another build?)")
+            if not self.loaded:  # first enqueue: TensorRT's warm-up, before any CUDA graph capture
+                self.loaded = {stage: LoadedKernel(kernel) for stage, kernel in self.compiled.items()}
+            n_tokens = int(input_desc[0].dims[0])
+            if n_tokens == 0:
+                return 0
+            offsets, _ = workspace_layout(self.shape, n_tokens)
+            buffers = dict(zip(INPUTS, (int(p) for p in inputs)), out=int(outputs[0]), n_tokens=n_tokens)
+            buffers |= {name: int(workspace) + offset for name, offset in offsets.items()}
+            specs = kernel_specs(self.shape, self.bm)
+            grid = grids(specs, self.shape, n_tokens)
+            for stage in STAGES:
+                self.loaded[stage].launch(grid[stage], [buffers[arg] for arg in specs[stage].args], int(stream))
+            return 0
+
+    class DllmMoECreator(trt.IPluginCreatorV3One):
+        def __init__(self, arch: int | None, ptx_version: int | None) -> None:
+            trt.IPluginCreatorV3One.__init__(self)
+            self.name, self.plugin_version, self.plugin_namespace = MOE_OP, PLUGIN_VERSION, PLUGIN_NAMESPACE
+            self.arch, self.ptx_version = arch, ptx_version
+            self.field_names = trt.PluginFieldCollection(
+                [
+                    trt.PluginField("top_k", np.array([], np.int32), trt.PluginFieldType.INT32),
+                    trt.PluginField("activation", np.array([], np.int8), trt.PluginFieldType.CHAR),
+                    trt.PluginField("kernels", np.array([], np.uint8), trt.PluginFieldType.UNKNOWN),
+                ]
+            )
+
+        def create_plugin(self, name, fields, phase):  # noqa: ANN001, ANN201
+            values = _fields_of(trt, fields)
+            plugin = DllmMoEPlugin(
+                values["top_k"], values["activation"], self.arch, self.ptx_version, values.get("kernels")
+            )
+            return _immortal(plugin)
+
+    _classes[id(trt)] = (DllmMoEPlugin, DllmMoECreator)
+    return _classes[id(trt)]
+
+
+def register_moe_plugin(trt, arch: int | None = None, ptx_version: int | None = None) -> None:  # noqa: ANN001
+    """Register the DllmMoE creator with a library's plugin registry: before parsing (with `arch`, the
+    build's target, e.g. 121) and before deserializing an engine (no `arch` needed: the kernels are in it).
+
+    A later registration replaces an earlier one, so one process can build for several targets.
     """
-    global _registered
-    _, trtp = _import_tensorrt()
-    if _registered:
-        return
-    _define_plugin(trtp, ptx_version)
-    _registered = True
+    _, creator_class = plugin_classes(trt)
+    registry = trt.get_plugin_registry()
+    for old in [c for c in _creators if c.trt is trt]:
+        registry.deregister_creator(old.creator)
+        _creators.remove(old)
+    creator = creator_class(arch, ptx_version)
+    if not registry.register_creator(creator, PLUGIN_NAMESPACE):
+        raise RuntimeError(f"{trt.__name__} refused to register the {PLUGIN_NAMESPACE}::{MOE_OP} plugin creator")
+    _creators.append(_Registered(trt, creator))
 
 
-def _import_tensorrt():
-    try:
-        import tensorrt as trt
-        import tensorrt.plugin as trtp
-    except ImportError as exc:
-        raise RuntimeError(
-            "TensorRT is not installed: registering the dllm_trt::DllmMoE plugin needs the `tensorrt` "
-            "Python package with tensorrt.plugin.aot_impl (pip install 'dllm-trt[trt]' where NVIDIA's "
-            "package index is reachable)"
-        ) from exc
-    if not hasattr(trtp, "aot_impl"):
-        raise RuntimeError(f"TensorRT {trt.__version__} has no tensorrt.plugin.aot_impl; upgrade TensorRT")
-    return trt, trtp
+class _Registered:
+    def __init__(self, trt, creator) -> None:  # noqa: ANN001
+        self.trt, self.creator = trt, creator
 
 
-def triton_dtype(trt_dtype_name: str) -> str:
-    """Triton element type for a ``trt.DataType`` name (FLOAT, HALF, BF16)."""
-    names = {"FLOAT": "fp32", "HALF": "fp16", "BF16": "bf16"}
-    if trt_dtype_name not in names:
-        raise ValueError(f"DllmMoE supports FLOAT, HALF, BF16 activations/weights, got {trt_dtype_name}")
-    return names[trt_dtype_name]
-
-
-def _kernel_signature(dtype: str) -> dict[str, str]:
-    # TensorRT's argument order: input pointers, int32 extras, output pointers.
-    return {
-        "hidden_ptr": f"*{dtype}",
-        "logits_ptr": "*fp32",
-        "scale_ptr": "*fp32",
-        "gate_up_ptr": f"*{dtype}",
-        "down_ptr": f"*{dtype}",
-        "n_tokens": "i32",
-        "out_ptr": f"*{dtype}",
-    }
-
-
-@functools.lru_cache(maxsize=16)
-def compile_single_launch(
-    dtype: str,
-    n_experts: int,
-    hidden_size: int,
-    width: int,
-    top_k: int,
-    target: object = None,
-    ptx_version: int | None = None,
-) -> CompiledKernel:
-    """Compile ``moe_single_launch_kernel`` to PTX (no TensorRT needed; ``target`` None = this GPU)."""
-    import triton
-
-    from dllm_trt.kernels import moe_triton
-
-    if dtype not in TRITON_DTYPES:
-        raise ValueError(f"dtype must be one of {TRITON_DTYPES}, got {dtype}")
-    blocks = moe_triton.single_launch_blocks(hidden_size, width, 4 if dtype == "fp32" else 2)
-    constexprs = dict(
-        E=n_experts, E_P=triton.next_power_of_2(n_experts), H=hidden_size, I=width, TOP_K=top_k,
-        UPCAST=dtype == "fp32", **blocks,
-    )  # fmt: skip
-    signature = _kernel_signature(dtype) | {name: "constexpr" for name in constexprs}
-    source = triton.compiler.ASTSource(
-        fn=moe_triton.moe_single_launch_kernel, signature=signature, constexprs=constexprs
-    )
-    compiled = None
-    isa = {"ptx_version": ptx_version} if ptx_version else {}
-    for num_stages in (3, 2, 1):  # fewer pipeline stages, less shared memory
-        options = {"num_warps": 4, "num_stages": num_stages} | isa
-        compiled = triton.compile(source, target=target, options=options)
-        if compiled.metadata.shared <= DEFAULT_SMEM_LIMIT:
-            break
-    else:
-        raise RuntimeError(f"moe_single_launch_kernel needs {compiled.metadata.shared} B of shared memory")
-    _check_launch_abi(compiled.metadata)
-    return CompiledKernel(
-        name=compiled.metadata.name,
-        ptx=compiled.asm["ptx"],
-        num_warps=compiled.metadata.num_warps,
-        shared_mem=compiled.metadata.shared,
-        blocks=tuple(sorted(blocks.items())),
-    )
-
-
-def _check_launch_abi(metadata: object) -> None:
-    from dllm_trt.engines.triton_aot import launch_abi_problems
-
-    bad = launch_abi_problems(metadata)
-    if bad:
-        raise RuntimeError(f"moe_single_launch_kernel needs launch features TensorRT AOT plugins lack: {bad}")
-
-
-def _constant(dim: object, what: str) -> int:
-    # Weight shapes are build-time constants in an engine; a dynamic one cannot become a constexpr.
-    if getattr(dim, "is_fake", False) or not dim.is_constant:
-        raise ValueError(f"DllmMoE needs a static {what}; got a dynamic dimension")
-    return int(dim.constant_value())
-
-
-def _attrs_in_order(top_k: object, activation: object) -> tuple[int, str]:
-    # TensorRT's AOT path passes every attribute positionally in the order of the node's fields,
-    # not by name (tensorrt/plugin/_plugin_class.py get_launch_params), so accept either order.
-    if isinstance(top_k, str):
-        top_k, activation = activation, top_k
-    return int(top_k), str(activation)
-
-
-def _define_plugin(trtp, ptx_version: int | None) -> None:
-    @trtp.register(PLUGIN_ID)
-    def _desc(
-        hidden: trtp.TensorDesc,
-        router_logits: trtp.TensorDesc,
-        per_expert_scale: trtp.TensorDesc,
-        gate_up_proj: trtp.TensorDesc,
-        down_proj: trtp.TensorDesc,
-        top_k: int,
-        activation: str,
-    ) -> trtp.TensorDesc:
-        return hidden.like()
-
-    @trtp.autotune(PLUGIN_ID)
-    def _autotune(hidden, router_logits, per_expert_scale, gate_up_proj, down_proj, outputs):
-        combo = trtp.AutoTuneCombination()
-        combo.pos([0, 3, 4, 5], "FP32|FP16|BF16")  # hidden, gate_up, down, out share T
-        combo.pos([1, 2], "FP32")  # router logits and scales stay fp32
-        return [combo]
-
-    @trtp.aot_impl(PLUGIN_ID)
-    def _aot_impl(
-        hidden, router_logits, per_expert_scale, gate_up_proj, down_proj, top_k, activation, outputs, tactic
-    ) -> tuple[str | bytes, str | bytes, trtp.KernelLaunchParams, trtp.SymIntExprs]:
-        top_k, activation = _attrs_in_order(top_k, activation)
-        if activation != ACTIVATION:
-            raise ValueError(f"DllmMoE supports activation={ACTIVATION!r}, got {activation!r}")
-        n_experts = _constant(gate_up_proj.shape_expr[0], "expert count")
-        width = _constant(down_proj.shape_expr[2], "expert width")
-        hidden_size = _constant(down_proj.shape_expr[1], "hidden size")
-        kernel = compile_single_launch(
-            triton_dtype(hidden.dtype.name), n_experts, hidden_size, width, top_k, ptx_version=ptx_version
-        )
-        n_tokens = hidden.shape_expr[0]  # dynamic: the only runtime scalar
-        launch = trtp.KernelLaunchParams()
-        launch.grid_x = trtp.cdiv(n_tokens, kernel.block("BT"))
-        launch.grid_y = -(-hidden_size // kernel.block("BH"))
-        launch.block_x = kernel.num_warps * 32
-        launch.shared_mem = kernel.shared_mem
-        extra_args = trtp.SymIntExprs(1)
-        extra_args[0] = trtp.SymInt32(n_tokens)
-        return kernel.name, kernel.ptx, launch, extra_args
+RUNTIME_REQUIREMENT = dict(
+    python_plugins=[f"{PLUGIN_NAMESPACE}::{MOE_OP}"],
+    register=f"{__name__}.register_moe_plugin",
+    module=str(Path(__file__).name),
+)

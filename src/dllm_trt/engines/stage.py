@@ -1,12 +1,17 @@
 """`dllm-trt build`: `run(BuildOptions) -> BuildResult`; optimized graphs in; encoder.engine,
 denoiser.engine, build_info.json, manifest.json out.
 
-`plan_build` resolves and checks everything TensorRT is not needed for (manifest, preset,
-precision, profiles, lint-trt, the graph rewrites, a memory estimate); `dry_run` stops there.
-`build_engines` then checks TensorRT and the GPU, registers the plugins, rewrites each graph
-(engines.rewrite), parses it, builds it with the timing cache and writes everything into a
-temporary directory renamed into place at the end. The engines' precision is the graphs' own
+`plan_build` resolves and checks everything no TensorRT is needed for (manifest, preset, library,
+precision, profiles, lint-trt's pre-flight, a memory estimate); `dry_run` stops there.
+`build_engines` then loads the preset's library (TensorRT on the GPU itself, TensorRT for RTX ahead
+of time on any machine), registers the MoE plugin for the target architecture, parses each graph as
+it is (optimize wrote it for TensorRT), builds it, checks what was built, and writes everything into
+a temporary directory renamed into place at the end. The engines' precision is the graphs' own
 (strongly typed networks): `optimize --precision` decides it.
+
+What was built, judged per engine: every DllmMoE node became one MoE plugin layer; every attention
+node became an IAttention layer; those not marked decomposable were fused (the builder fails rather
+than decompose them); the fused-attention kernels the builder lists are counted in the report.
 """
 
 from __future__ import annotations
@@ -20,13 +25,11 @@ from pathlib import Path
 
 import onnx
 
-from dllm_trt.contract import BUILD_FORMAT, ENGINE_FILES, MANIFEST, STAGE_BUILD
+from dllm_trt.contract import BUILD_FORMAT, ENGINE_FILES, GRAPH_FILES, MANIFEST, MOE_OP, STAGE_BUILD
 from dllm_trt.engines import profiles as prof
 from dllm_trt.engines.build_info import write_build_info
 from dllm_trt.engines.gpu_presets import GpuPreset, check_precision, get_preset
-from dllm_trt.engines.lint import GRAPHS, check_optimized_manifest, lint_artifacts
-from dllm_trt.engines.rewrite import prepare_for_parser
-from dllm_trt.engines.support import DEFAULT_VERSION, load_support
+from dllm_trt.engines.lint import check_optimized_manifest, lint_artifacts
 from dllm_trt.errors import DllmError
 from dllm_trt.manifest import atomic_output, file_sha256, read_manifest, write_manifest
 from dllm_trt.progress import Progress, human_bytes
@@ -44,7 +47,7 @@ class BuildOptions:
     profiles: tuple[str, ...] = ()  # NAME=MIN:OPT:MAX overrides of the preset's profile ranges
     timing_cache: Path | None = None  # None: ~/.cache/dllm-trt/timing-caches/<preset>-trt<version>.cache
     opt_level: int = 3  # TensorRT's own default builder optimization level
-    ptx_version: int | None = None  # cap the plugins' PTX ISA (e.g. 88)
+    ptx_version: int | None = None  # cap the PTX ISA of the MoE plugin's kernels (e.g. 88)
     force: bool = False  # replace a non-empty output directory
     dry_run: bool = False  # check and return the plan; needs no TensorRT or GPU
     quiet: bool = False
@@ -67,17 +70,52 @@ def _memory_estimate(manifest: dict, ranges: dict[str, prof.DimRange], precision
     model = manifest["model"]
     weights = {
         g: manifest["graphs"][g]["bytes"] + sum(f["bytes"] for f in manifest["graphs"][g].get("external_data", []))
-        for g in GRAPHS
+        for g in GRAPH_FILES
     }
     batch = ranges["batch"].max
     kv = sum(
-        2 * batch * spec["num_kv_heads"] * spec["head_dim"] * _CACHE_BYTES[precision]
+        2
+        * batch
+        * spec["num_kv_heads"]
+        * spec["head_dim"]
+        * _CACHE_BYTES[precision]
         * (ranges["cache_sliding"].max if spec["sliding"] else ranges["cache_full"].max)
         for spec in model["layers"]
-    )  # fmt: skip
+    )
     noise = batch * model["canvas_length"] * model["vocab_size"] * 4
     total = sum(weights.values()) + kv + noise
     return dict(weights=weights, kv_cache=kv, sampling_noise=noise, total=total)
+
+
+def _graph_counts(model: onnx.ModelProto, precision: str) -> dict[str, int]:
+    """What the built network must hold: MoE plugin nodes, attention nodes, those with no fused kernel."""
+    from dllm_trt.engines.lint import GraphInfo
+    from dllm_trt.engines.support import fuses_attention
+
+    info = GraphInfo(model)
+    attention = [n for n in model.graph.node if n.op_type == "Attention" and n.domain in ("", "ai.onnx")]
+    dtype = {"fp32": "FP32", "fp16": "FP16", "bf16": "BF16"}[precision]
+    fuses = {n.name: fuses_attention(dtype, info.last_dim(n.input[0]) or 0) for n in attention}
+    live = _live_nodes(model)  # the builder drops what no output needs: such attention builds no kernel
+    moe = sum(n.op_type == MOE_OP for n in model.graph.node)
+    return dict(
+        moe=moe,
+        attention=len(attention),
+        attention_decomposable=sum(not f for f in fuses.values()),
+        attention_fused_live=sum(f for name, f in fuses.items() if name in live),
+    )
+
+
+def _live_nodes(model: onnx.ModelProto) -> set[str]:
+    """Names of the nodes some graph output depends on."""
+    producers = {out: node for node in model.graph.node for out in node.output}
+    live, todo = set(), [o.name for o in model.graph.output]
+    while todo:
+        node = producers.get(todo.pop())
+        if node is not None and node.name not in live:
+            live.add(node.name)
+            todo += [name for name in node.input if name]
+    return live
 
 
 def plan_build(options: BuildOptions, trt_version: str | None = None) -> dict:
@@ -92,23 +130,19 @@ def plan_build(options: BuildOptions, trt_version: str | None = None) -> dict:
         raise DllmError(f"--opt-level {options.opt_level}: TensorRT's builder optimization levels are 0..5")
     overrides = prof.parse_overrides(list(options.profiles))
     ranges = prof.resolve_ranges(preset, manifest["model"], overrides)
-    from dllm_trt.engines.engine import support_key
-
-    version = support_key(trt_version) if trt_version else DEFAULT_VERSION
-    lint = lint_artifacts(directory, version, options.gpu, list(options.profiles))
+    lint = lint_artifacts(directory, None, options.gpu, list(options.profiles))
     if not lint.passed:
         raise DllmError(
-            f"lint-trt found {len(lint.errors)} error(s) for TensorRT {version}, first: {lint.errors[0].line()}; "
+            f"lint-trt found {len(lint.errors)} error(s), first: {lint.errors[0].line()}; "
             f"run 'dllm-trt lint-trt {directory}' for all"
         )
-    support = load_support(version)
     graphs = {}
-    for graph in GRAPHS:
+    for graph, engine_file in ENGINE_FILES.items():
         io = manifest["graphs"][graph]
         model = onnx.load(str(directory / io["file"]), load_external_data=False)
-        rewrites = prepare_for_parser(model, support)
         shapes = prof.input_shapes(io, prof.graph_ranges(ranges, graph))
-        graphs[graph] = dict(file=io["file"], engine=ENGINE_FILES[graph], rewrites=rewrites, shapes=shapes)
+        expected = _graph_counts(model, precision)
+        graphs[graph] = dict(file=io["file"], engine=engine_file, expected=expected, shapes=shapes)
     memory = _memory_estimate(manifest, ranges, precision)
     warnings = [f"{f.graph}: {f.op} '{f.node}': {f.message}" for f in lint.warnings]
     if memory["total"] > preset.memory_gib * 2**30 * 0.9:
@@ -123,9 +157,10 @@ def plan_build(options: BuildOptions, trt_version: str | None = None) -> dict:
         gpu=preset.name,
         gpu_description=preset.description,
         compute_capability=list(preset.compute_capability),
+        library=preset.library,
+        gpu_needed_to_build=preset.needs_gpu,
         precision=precision,
         profiles={name: dim.as_list() for name, dim in ranges.items()},
-        support_version=version,
         opt_level=options.opt_level,
         timing_cache=str(options.timing_cache or default_timing_cache(preset, trt_version)),
         graphs=graphs,
@@ -135,19 +170,25 @@ def plan_build(options: BuildOptions, trt_version: str | None = None) -> dict:
 
 
 def format_plan(plan: dict) -> str:
+    where = "on that GPU" if plan["gpu_needed_to_build"] else "ahead of time, on any machine"
     lines = [
-        f"build plan for {plan['gpu_description']} (sm_{''.join(map(str, plan['compute_capability']))}), "
-        f"precision {plan['precision']}, optimization level {plan['opt_level']}",
+        f"build plan for {plan['gpu_description']} (sm_{''.join(map(str, plan['compute_capability']))}) with "
+        f"{plan['library']} ({where}), precision {plan['precision']}, optimization level {plan['opt_level']}",
         "profiles (min:opt:max): " + ", ".join(f"{k}={':'.join(map(str, v))}" for k, v in plan["profiles"].items()),
-        f"timing cache: {plan['timing_cache']}",
     ]
     for graph, info in plan["graphs"].items():
-        rewrites = ", ".join(f"{k} {v}" for k, v in info["rewrites"].items())
-        lines.append(f"{graph}: {info['file']} -> {info['engine']} ({rewrites}; {len(info['shapes'])} dynamic inputs)")
+        want = info["expected"]
+        lines.append(
+            f"{graph}: {info['file']} -> {info['engine']} ({want['moe']} MoE plugin layers, {want['attention']} "
+            f"attention layers of which {want['attention_decomposable']} decomposed (no fused kernel for the dtype and "
+            f"head size); {len(info['shapes'])} dynamic inputs)"
+        )
     mem = plan["memory_estimate"]
-    lines.append(f"device memory estimate: {human_bytes(mem['total'])} (weights "
-                 f"{human_bytes(sum(mem['weights'].values()))}, KV {human_bytes(mem['kv_cache'])}, "
-                 f"noise {human_bytes(mem['sampling_noise'])})")  # fmt: skip
+    lines.append(
+        f"device memory estimate: {human_bytes(mem['total'])} (weights "
+        f"{human_bytes(sum(mem['weights'].values()))}, KV {human_bytes(mem['kv_cache'])}, "
+        f"noise {human_bytes(mem['sampling_noise'])})"
+    )
     lines += [f"warning: {w}" for w in plan["warnings"]]
     return "\n".join(lines)
 
@@ -158,8 +199,11 @@ def _aux_files(directory: Path, manifest: dict) -> list[Path]:
     for io in manifest["graphs"].values():
         graph_files.add(io["file"])
         graph_files.update(f["file"] for f in io.get("external_data", []))
-    return [p for p in sorted(directory.iterdir()) if p.is_file() and p.name not in graph_files
-            and not p.name.endswith((".onnx", ".data"))]  # fmt: skip
+    return [
+        p
+        for p in sorted(directory.iterdir())
+        if p.is_file() and p.name not in graph_files and not p.name.endswith((".onnx", ".data", ".json", ".md"))
+    ]
 
 
 def run(options: BuildOptions) -> BuildResult:
@@ -170,83 +214,139 @@ def run(options: BuildOptions) -> BuildResult:
     return BuildResult(plan, info)
 
 
+KERNELS_FIELD = b'{"shape": '  # the start of a DllmMoE plugin's stored kernels (engines.moe_plugin)
+
+
+def judge_engine(graph: str, expected: dict, network: dict, fused_kernels: int, stored_kernels: int) -> list[str]:
+    """What the built engine lacks against the graph: a problem per line, none when it is whole."""
+    problems = []
+    if stored_kernels < expected["moe"]:  # TensorRT swallows a plugin callback's exception: look
+        problems.append(f"{graph}: {expected['moe']} MoE plugin layers but {stored_kernels} stored kernel sets")
+    if network["plugins"].get(MOE_OP, 0) != expected["moe"]:
+        problems.append(
+            f"{graph}: {expected['moe']} DllmMoE nodes but {network['plugins'].get(MOE_OP, 0)} MoE "
+            "plugin layers in the network"
+        )
+    if network["attention"] != expected["attention"]:
+        problems.append(
+            f"{graph}: {expected['attention']} Attention nodes but {network['attention']} attention "
+            "layers in the network"
+        )
+    if network["attention_decomposable"] != expected["attention_decomposable"]:
+        problems.append(
+            f"{graph}: {expected['attention_decomposable']} attention nodes without a fused kernel but "
+            f"{network['attention_decomposable']} decomposable attention layers"
+        )
+    if fused_kernels < expected["attention_fused_live"]:
+        problems.append(
+            f"{graph}: {expected['attention_fused_live']} attention nodes must fuse, but the engine "
+            f"lists {fused_kernels} fused attention kernel(s)"
+        )
+    return problems
+
+
 def build_engines(options: BuildOptions) -> tuple[dict, dict]:
     """Build both engines into `options.output`; returns the plan and the build_info written there."""
-    directory, out, quiet = options.optimized, options.output, options.quiet
-    from dllm_trt.engines import engine as trt_build
+    from dllm_trt.engines import engine as trt_engine
     from dllm_trt.engines.gpu import check_gpu, detect_gpu
-    from dllm_trt.engines.plugins import register_all
+    from dllm_trt.engines.moe_plugin import RUNTIME_REQUIREMENT, compile_for_graphs, register_moe_plugin
+    from dllm_trt.engines.trt_library import load_library
 
-    progress = Progress(3 + 2 * len(GRAPHS), quiet=quiet)
-    with progress.stage("TensorRT and GPU") as notes:
-        trt = trt_build.import_tensorrt()
-        preset = get_preset(options.gpu)
-        gpu = check_gpu(preset, detect_gpu())
-        notes.append(f"TensorRT {trt.__version__}, {gpu.name} ({gpu.sm})")
-    with progress.stage("plan: manifest, profiles, lint-trt, rewrites") as notes:
-        plan = plan_build(options, trt.__version__)
-        notes.append(f"{plan['precision']}, {len(plan['warnings'])} warning(s)")
+    directory, out = options.optimized, options.output
+    progress = Progress(4 + 2 * len(ENGINE_FILES), quiet=options.quiet)
+    with progress.stage("plan: manifest, preset, profiles, lint-trt pre-flight") as notes:
+        plan = plan_build(options)
+        notes.append(f"{plan['precision']}, {plan['library']}, {len(plan['warnings'])} warning(s)")
     for warning in plan["warnings"]:
         progress.note(f"warning: {warning}")
+    preset = get_preset(options.gpu)
+    with progress.stage(f"{preset.library} and the target") as notes:
+        lib = load_library(preset.library)
+        gpu = check_gpu(preset, detect_gpu()) if preset.needs_gpu else None
+        plan["timing_cache"] = str(options.timing_cache or default_timing_cache(preset, lib.version))
+        notes.append(
+            f"{lib.name} {lib.version}, "
+            + (f"{gpu.name} ({gpu.sm})" if gpu else f"ahead of time for {preset.sm}, no GPU needed")
+        )
     manifest = read_manifest(directory)
-    support = load_support(plan["support_version"])
-    timing_cache = Path(plan["timing_cache"])
     engines = {}
     with atomic_output(out, force=options.force) as tmp:
-        with progress.stage("register plugins") as notes:
-            register_all(options.ptx_version)
-            notes.append("dllm_trt::DllmMoE + route/bucket/expert-up/expert-down")
-        for graph in GRAPHS:
-            info = plan["graphs"][graph]
-            with progress.stage(f"{graph}: rewrite and parse") as notes:
-                source = directory / info["file"]
-                model = onnx.load(str(source), load_external_data=False)
-                counts = prepare_for_parser(model, support)
-                network = trt_build.parse_network(model.SerializeToString(), source)
-                notes.append(", ".join(f"{k} {v}" for k, v in counts.items()) + f", {network[1].num_layers} layers")
-            with progress.stage(f"{graph}: build engine") as notes:
+        with progress.stage("the MoE plugin: register, compile its kernels") as notes:
+            register_moe_plugin(lib.trt, arch=preset.arch, ptx_version=options.ptx_version)
+            paths = [directory / info["file"] for info in plan["graphs"].values()]
+            shapes = compile_for_graphs(paths, preset.arch, options.ptx_version)
+            notes.append(f"dllm_trt::DllmMoE, {len(shapes)} shape(s) compiled for sm_{preset.arch}")
+        for graph, info in plan["graphs"].items():
+            with progress.stage(f"{graph}: parse") as notes:
+                parsed = trt_engine.parse_network(lib, directory / info["file"])
+                trt_engine.allow_decomposition(lib, parsed[1])
+                network = trt_engine.summarize_network(lib, parsed[1]).to_dict()
+                notes.append(
+                    f"{network['layers']} layers, {network['attention']} attention, "
+                    f"{sum(network['plugins'].values())} plugin"
+                )
+            with progress.stage(f"{graph}: build") as notes:
                 start = time.perf_counter()
-                serialized = trt_build.build_serialized(network, info["shapes"], timing_cache, options.opt_level)
+                timing_cache = Path(plan["timing_cache"]) if not lib.ahead_of_time else None
+                serialized, layers = trt_engine.build_serialized(
+                    lib, parsed, info["shapes"], preset.compute_capability, options.opt_level, timing_cache
+                )
+                fused = trt_engine.fused_attention_kernels(layers)
+                problems = judge_engine(graph, info["expected"], network, fused, serialized.count(KERNELS_FIELD))
+                if problems:
+                    raise DllmError("the built engine is not the graph: " + "; ".join(problems))
                 path = tmp / info["engine"]
                 path.write_bytes(serialized)
-                try:  # which kernels TensorRT picked, for a person; not needed to run
-                    (tmp / f"{graph}.layers.json").write_text(trt_build.layer_report(serialized))
-                except Exception as exc:  # noqa: BLE001
-                    progress.note(f"no layer report for {graph}: {type(exc).__name__}: {exc}")
+                (tmp / f"{graph}.layers.txt").write_text("\n".join(layers) + "\n")
                 engines[graph] = dict(
                     file=path.name,
-                    bytes=path.stat().st_size,
+                    bytes=len(serialized),
                     sha256="sha256:" + hashlib.sha256(serialized).hexdigest(),
                     seconds=round(time.perf_counter() - start, 1),
-                    rewrites=counts,
+                    network=network,
+                    fused_attention_kernels=fused,
+                    engine_layers=len(layers),
                 )
-                notes.append(human_bytes(path.stat().st_size))
+                notes.append(f"{human_bytes(len(serialized))}, {fused} fused attention kernel(s)")
         with progress.stage("build_info.json and manifest") as notes:
             info = dict(
                 format=BUILD_FORMAT,
-                tensorrt_version=trt.__version__,
-                gpu=gpu.as_dict() | {"preset": preset.name},
+                library=lib.name,
+                tensorrt_version=lib.version,
+                gpu=dict(
+                    preset=preset.name,
+                    name=preset.description,
+                    compute_capability=list(preset.compute_capability),
+                    built_on=gpu.as_dict() if gpu else None,
+                ),
                 precision=plan["precision"],
                 profiles=plan["profiles"],
-                graph_profiles={g: plan["graphs"][g]["shapes"] for g in GRAPHS},
+                graph_profiles={g: plan["graphs"][g]["shapes"] for g in ENGINE_FILES},
                 optimized_manifest_sha256=file_sha256(directory / MANIFEST),
                 checkpoint_hash=manifest.get("checkpoint", {}).get("hash"),
                 opt_level=options.opt_level,
                 ptx_version=options.ptx_version,
-                timing_cache=str(timing_cache),
-                lint=dict(version=plan["support_version"], warnings=plan["warnings"]),
+                timing_cache=plan["timing_cache"] if not lib.ahead_of_time else None,
+                runtime_requirements=RUNTIME_REQUIREMENT,
+                lint=dict(warnings=plan["warnings"]),
                 memory_estimate=plan["memory_estimate"],
                 engines=engines,
                 created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             )
             write_build_info(tmp, info)
+            # the engines are this directory's graphs: what inspect verifies, with the I/O they were built from
+            graphs = {
+                g: dict(manifest["graphs"][g], file=e["file"], bytes=e["bytes"], sha256=e["sha256"], external_data=[],
+                        nodes=e["network"]["layers"])
+                for g, e in engines.items()
+            }  # fmt: skip
             write_manifest(tmp, dict(
-                stage=STAGE_BUILD, target="trt", precision=plan["precision"], model=manifest["model"],
-                graphs=manifest["graphs"], checkpoint=manifest.get("checkpoint", {}), opset=manifest.get("opset"),
-                build=dict(gpu=preset.name, tensorrt_version=trt.__version__, engines=ENGINE_FILES),
+                stage=STAGE_BUILD, target="trt", precision=plan["precision"], model=manifest["model"], graphs=graphs,
+                checkpoint=manifest.get("checkpoint", {}), opset=manifest.get("opset"),
+                build=dict(gpu=preset.name, library=lib.name, tensorrt_version=lib.version, engines=ENGINE_FILES),
                 tools=manifest.get("tools", {}),
             ))  # fmt: skip
             for aux in _aux_files(directory, manifest):
                 shutil.copy2(aux, tmp / aux.name)
-            notes.append(f"{sum(e['bytes'] for e in engines.values()) / 2**30:.2f} GiB of engines")
+            notes.append(f"{human_bytes(sum(e['bytes'] for e in engines.values()))} of engines")
     return plan, info

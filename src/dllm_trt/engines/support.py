@@ -16,7 +16,7 @@ import onnx
 from dllm_trt.errors import DllmError
 
 TABLE = Path(__file__).with_name("trt_support.json")
-VERSIONS = ("10.14", "10.15", "11.x")
+VERSIONS = ("10.14", "10.15", "11.x", "rtx-1.7")
 DEFAULT_VERSION = "11.x"
 
 # ONNX element type -> the type names of the operator matrix
@@ -44,6 +44,7 @@ class Support:
     custom_ops: tuple[str, ...]
     fused_attention: dict
     sources: dict
+    attention_3d: bool = False  # the parser takes 3-D Q/K/V Attention (q_num_heads/kv_num_heads)
 
     def status(self, op_type: str) -> str:
         """ "supported", "unsupported" (listed N) or "unknown" (not in the table at all)."""
@@ -70,6 +71,8 @@ def load_support(version: str = DEFAULT_VERSION) -> Support:
         ops[name] = {"supported": False, "restriction": f"not parsed before TensorRT {_next(version)}"}
     ops.update(delta.get("add", {}))
     sources = {k: v for k, v in table["sources"].items() if k in (version, "10.15", "fused_attention")}
+    if version == "rtx-1.7":
+        sources["11.x"] = table["sources"]["11.x"]
     return Support(
         version=version,
         opset=tuple(delta["opset"]),
@@ -77,7 +80,17 @@ def load_support(version: str = DEFAULT_VERSION) -> Support:
         custom_ops=tuple(delta.get("custom_ops", [])),
         fused_attention=table["fused_attention"],
         sources=sources,
+        attention_3d=bool(delta.get("attention_3d", False)),
     )
+
+
+def fuses_attention(dtype: str, head_size: int, version: str = DEFAULT_VERSION) -> bool:
+    """Whether TensorRT has a fused attention kernel for this element type ("FP16", "BF16", "FP32", as
+    ONNX_TO_TRT names them) and head size: the table's conservative rule (the documented one, which the
+    measured builder agrees with, see its sources)."""
+    limits = load_support(version).fused_attention
+    in_range = limits["head_size_min"] <= head_size <= limits["head_size_max"]
+    return dtype in limits["dtypes"] and in_range and head_size % limits["head_size_multiple_of"] == 0
 
 
 def _next(version: str) -> str:

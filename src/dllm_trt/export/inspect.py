@@ -92,7 +92,7 @@ def summarize(directory: Path, manifest: dict) -> list[str]:
                 axes = f"  dynamic {', '.join(f'{k}: {v}' for k, v in dynamic.items())}" if dynamic else ""
                 lines.append(f"    {kind[:-1]:<6} {value['name']:<22} {value['dtype']:<8} {_shape(value)}{axes}")
         path = directory / graph["file"]
-        if path.is_file():
+        if path.is_file() and path.suffix == ".onnx":  # an engine directory lists its engines here
             ops = Counter(node.op_type for node in onnx.load(str(path), load_external_data=False).graph.node)
             lines.append("    ops    " + ", ".join(f"{op} {count}" for op, count in ops.most_common()))
     parity = manifest.get("parity")

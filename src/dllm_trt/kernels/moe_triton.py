@@ -19,46 +19,21 @@ Semantics (the ``dllm_trt::DllmMoE`` node; the order of the reference's
     out[n]     = sum_k w[n, k] * down_proj[idx] @ (gelu_tanh(gate) * up)
     accumulate in fp32, cast to hidden.dtype at the end
 
-``moe_reference`` is the readable torch oracle. ``fused_moe`` is the fast path. Launch structure
-(5 launches, each a pure function of its inputs: exclusive writes, no atomics, no memset, so
-each could become a one-kernel TensorRT AOT plugin as is)::
+``moe_reference`` is the readable torch oracle. ``fused_moe`` is the fast path: the five launches
+of kernels.moe_launches (route, bucket, expert up, expert down, combine), each a pure function of
+its inputs, run through Triton's JIT; the TensorRT plugin runs the same plan from PTX.
 
-    1. _route_kernel          grid (cdiv(N, BT),)
-       softmax, top-k, renormalise, per-expert scale for BT tokens -> topk_ids[a], topk_w[a].
-    2. _bucket_kernel         grid (E,)
-       program e scans topk_ids (A int32s) and keeps its assignments in token order:
-       sorted_a[e, :count[e]], count[e] (cumsum-based compaction: no sort, no atomics).
-    3. _expert_up_kernel      grid (cdiv(N, BM), cdiv(I, BI), E)     # m-block fastest
-       rows sorted_a[e, m-block] -> act[a, i-block] = gelu_tanh(x @ Wg^T) * (x @ Wu^T), fp32.
-       Programs of one expert run next to each other, so gate_up_proj[e] leaves HBM once per
-       step (more m-blocks of the same expert hit L2); programs past count[e] exit at once.
-    4. _expert_down_kernel    grid (cdiv(N, BM), cdiv(H, BH), E)
-       part[a, h-block] = w[a] * (act[a] @ Wd^T), fp32; down_proj[e] read once likewise.
-    5. _combine_kernel        grid (cdiv(N, BT), cdiv(H, BH))
-       out[n] = sum_k part[n*K + k] in fixed k order (deterministic), cast to T.
+    up    grid (cdiv(N, BM), cdiv(I, BI), E), m-block fastest: programs of one expert run next to
+          each other, so gate_up_proj[e] leaves HBM once per step; programs past count[e] exit.
+    down  grid (cdiv(N, BM), cdiv(H, BH), E); down_proj[e] read once likewise.
 
-Why not fewer: the reduction over experts needs every expert's result for a token, so a
+Why five and not fewer: the reduction over experts needs every expert's result for a token, so a
 kernel that reads each expert's weights once (expert-major) cannot also own output rows
 (token-major) without atomics into a zeroed fp32 buffer. Fusing the up and down GEMMs in one
-program would need a [BM, H] fp32 accumulator (180 KB at BM=16) or re-reading gate_up per
-H slice. Bucketing needs every token's routing (a grid-wide dependency), hence its own launch;
-folding the routing into it (each expert program re-routing all N tokens) was measured on an
-H200 at 0.10 ms (N=256) and 0.73 ms (N=2048), against about 0.01 ms for launches 1+2.
-Scratch traffic is small next to the weights: act is A*I*4 B (5.8 MB at N=256), part is
-A*H*4 B (23 MB at N=256, 185 MB at N=2048) against 1.52 GB of bf16 expert weights.
-
-``fused_moe_single_launch`` runs the kernel the TensorRT plugin embeds
-(``dllm_trt.engines.moe_plugin``: an AOT Quick Deployable Plugin gets exactly one kernel
-launch, no workspace, int32 scalars only). Grid (cdiv(N, BT), cdiv(H, BH)): each program owns
-an output tile [BT, BH], routes its BT tokens itself, then loops over all experts, skipping
-those none of its tokens picked, computing the up GEMM over the full H and the down GEMM for
-its H slice, accumulating in fp32 registers and storing once. No atomics, no zeroed output,
-deterministic. Cost: the up GEMM and its gate_up reads repeat for every H slice and every token
-block that touches an expert: cdiv(N, BT) * cdiv(H, BH) * (experts touched per block) * 2*I*H
-weight elements, i.e. 16 x 11 x ~82 x 7.9 MB ~ 114 GB of (mostly L2) reads at N=256 (BT=16,
-BH=256) where a step must read 1.52 GB. Measured on an H200 at N=256: 20.4 ms against 0.43 ms
-for ``fused_moe`` (CUDA graph replay; bench/bench_moe_kernel.py), 64x the weight-read floor.
-It is a correct fallback that makes an engine self-contained, not a fast path.
+program would need a [BM, H] fp32 accumulator or re-reading gate_up per H slice. Bucketing needs
+every token's routing (a grid-wide dependency), hence its own launch. Scratch traffic is small next
+to the weights: act is A*I*4 B and part A*H*4 B (5.8 and 23 MB at N=256 and the released sizes)
+against 1.52 GB of bf16 expert weights. Timings: bench/bench_moe_kernel.py.
 
 Numerics:
 * Expert selection compares the fp32 logits, not the probabilities: softmax is monotone, so
@@ -81,6 +56,8 @@ from __future__ import annotations
 import os
 
 import torch
+
+from dllm_trt.kernels.moe_launches import STAGES, MoEShape, grids, intermediates, kernel_specs, tile_m
 
 try:
     import triton
@@ -213,15 +190,13 @@ if triton is not None:
     @triton.jit
     def _down_tile(act, d_base, h_offs, h_ok, k_offs, k_ok, acc, I: tl.constexpr, UPCAST: tl.constexpr):  # noqa: E741
         """acc [BM, BH] += act [BM, BK] @ down[e, h_offs, k_offs]^T."""
-        wd = tl.load(
-            d_base + h_offs[None, :] * I + k_offs[:, None], mask=k_ok[:, None] & h_ok[None, :], other=0.0
-        )
+        wd = tl.load(d_base + h_offs[None, :] * I + k_offs[:, None], mask=k_ok[:, None] & h_ok[None, :], other=0.0)
         return _mma(act.to(wd.dtype), wd, acc, UPCAST)
 
     @triton.jit
     def _route_kernel(
-        logits_ptr,  # [N, E] fp32
-        scale_ptr,  # [E] fp32
+        router_logits_ptr,  # [N, E] fp32
+        per_expert_scale_ptr,  # [E] fp32
         n_tokens,
         topk_ids_ptr,  # [A] int32 out
         topk_w_ptr,  # [A] fp32 out
@@ -233,12 +208,12 @@ if triton is not None:
         rows = tl.program_id(0) * BT + tl.arange(0, BT)
         row_ok = rows < n_tokens
         cols = tl.arange(0, E_P)
-        rank, probs, topk_sum = _route_tile(logits_ptr, rows, n_tokens, E, E_P, TOP_K)
+        rank, probs, topk_sum = _route_tile(router_logits_ptr, rows, n_tokens, E, E_P, TOP_K)
         for k in tl.static_range(TOP_K):
             picked = rank == k  # one column per row
             expert = tl.sum(tl.where(picked, cols[None, :], 0), axis=1)  # [BT]
             p_k = tl.sum(tl.where(picked, probs, 0.0), axis=1)
-            scale = tl.load(scale_ptr + expert, mask=row_ok, other=0.0).to(tl.float32)
+            scale = tl.load(per_expert_scale_ptr + expert, mask=row_ok, other=0.0).to(tl.float32)
             a = rows.to(tl.int64) * TOP_K + k  # assignment ids, k in descending order
             tl.store(topk_ids_ptr + a, expert, mask=row_ok)
             tl.store(topk_w_ptr + a, p_k / topk_sum * scale, mask=row_ok)
@@ -248,7 +223,7 @@ if triton is not None:
         topk_ids_ptr,  # [A] int32
         n_tokens,
         sorted_ptr,  # [E, N] int32 out: assignment ids per expert, in token order
-        count_ptr,  # [E] int32 out
+        counts_ptr,  # [E] int32 out
         TOP_K: tl.constexpr,
         BA: tl.constexpr,
     ):
@@ -265,14 +240,14 @@ if triton is not None:
             tl.store(sorted_ptr + e * n_tokens + pos, a, mask=member)
             count += tl.sum(member.to(tl.int32), axis=0)
             a0 += BA
-        tl.store(count_ptr + e, count)
+        tl.store(counts_ptr + e, count)
 
     @triton.jit
     def _expert_up_kernel(
         hidden_ptr,  # [N, H] T
-        gate_up_ptr,  # [E, 2I, H] T
+        gate_up_proj_ptr,  # [E, 2I, H] T
         sorted_ptr,  # [E, N] int32
-        count_ptr,  # [E] int32
+        counts_ptr,  # [E] int32
         n_tokens,
         act_ptr,  # [A, I] fp32 out
         H: tl.constexpr,
@@ -286,7 +261,7 @@ if triton is not None:
         mb = tl.program_id(0)
         ib = tl.program_id(1)
         e = tl.program_id(2)
-        count = tl.load(count_ptr + e)
+        count = tl.load(counts_ptr + e)
         if mb * BM >= count:
             return
         slots = mb * BM + tl.arange(0, BM)
@@ -295,18 +270,16 @@ if triton is not None:
         tok = a // TOP_K
         i_offs = ib * BI + tl.arange(0, BI)
         i_ok = i_offs < I
-        gu_base = gate_up_ptr + e.to(tl.int64) * (2 * I * H)
-        act = _geglu_tile(
-            hidden_ptr, tok, slot_ok, gu_base, i_offs, i_ok, H, I, BM, BI, BK, UPCAST
-        )  # [BM, BI]
+        gu_base = gate_up_proj_ptr + e.to(tl.int64) * (2 * I * H)
+        act = _geglu_tile(hidden_ptr, tok, slot_ok, gu_base, i_offs, i_ok, H, I, BM, BI, BK, UPCAST)  # [BM, BI]
         tl.store(act_ptr + a[:, None] * I + i_offs[None, :], act, mask=slot_ok[:, None] & i_ok[None, :])
 
     @triton.jit
     def _expert_down_kernel(
         act_ptr,  # [A, I] fp32
-        down_ptr,  # [E, H, I] T
+        down_proj_ptr,  # [E, H, I] T
         sorted_ptr,  # [E, N] int32
-        count_ptr,  # [E] int32
+        counts_ptr,  # [E] int32
         topk_w_ptr,  # [A] fp32
         n_tokens,
         part_ptr,  # [A, H] fp32 out
@@ -320,7 +293,7 @@ if triton is not None:
         mb = tl.program_id(0)
         hb = tl.program_id(1)
         e = tl.program_id(2)
-        count = tl.load(count_ptr + e)
+        count = tl.load(counts_ptr + e)
         if mb * BM >= count:
             return
         slots = mb * BM + tl.arange(0, BM)
@@ -328,7 +301,7 @@ if triton is not None:
         a = tl.load(sorted_ptr + e * n_tokens + slots, mask=slot_ok, other=0).to(tl.int64)  # [BM]
         h_offs = hb * BH + tl.arange(0, BH)
         h_ok = h_offs < H
-        d_base = down_ptr + e.to(tl.int64) * (H * I)
+        d_base = down_proj_ptr + e.to(tl.int64) * (H * I)
         acc = tl.zeros((BM, BH), dtype=tl.float32)
         for k0 in range(0, I, BK):
             k_offs = k0 + tl.arange(0, BK)
@@ -360,89 +333,10 @@ if triton is not None:
         out_ptrs = out_ptr + rows.to(tl.int64)[:, None] * H + h_offs[None, :]
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
-    @triton.jit
-    def moe_single_launch_kernel(
-        hidden_ptr,  # [N, H] T
-        logits_ptr,  # [N, E] fp32
-        scale_ptr,  # [E] fp32
-        gate_up_ptr,  # [E, 2I, H] T
-        down_ptr,  # [E, H, I] T
-        n_tokens,  # i32: TensorRT passes (inputs..., int32 extras..., outputs...)
-        out_ptr,  # [N, H] T out
-        E: tl.constexpr,
-        E_P: tl.constexpr,
-        H: tl.constexpr,
-        I: tl.constexpr,  # noqa: E741 (the shape letter)
-        TOP_K: tl.constexpr,
-        BT: tl.constexpr,
-        BH: tl.constexpr,
-        BI: tl.constexpr,
-        BK: tl.constexpr,
-        UPCAST: tl.constexpr,
-    ):
-        """One program per output tile [BT, BH]; see the module docstring for what this costs."""
-        rows = tl.program_id(0) * BT + tl.arange(0, BT)
-        row_ok = rows < n_tokens
-        tok = tl.where(row_ok, rows, 0).to(tl.int64)
-        h_offs = tl.program_id(1) * BH + tl.arange(0, BH)
-        h_ok = h_offs < H
-        cols = tl.arange(0, E_P)
-        rank, probs, topk_sum = _route_tile(logits_ptr, rows, n_tokens, E, E_P, TOP_K)
-        scale = tl.load(scale_ptr + cols, mask=cols < E, other=0.0).to(tl.float32)
-        weights = tl.where(rank >= 0, probs / topk_sum[:, None] * scale[None, :], 0.0)  # [BT, E_P]
-        acc = tl.zeros((BT, BH), dtype=tl.float32)
-        for e in range(E):
-            mine = cols[None, :] == e
-            member = row_ok & (tl.max(tl.where(mine, rank, -1), axis=1) >= 0)  # [BT]
-            if tl.max(member.to(tl.int32), axis=0) > 0:
-                w_e = tl.sum(tl.where(mine, weights, 0.0), axis=1)  # [BT]
-                gu_base = gate_up_ptr + tl.cast(e, tl.int64) * (2 * I * H)
-                d_base = down_ptr + tl.cast(e, tl.int64) * (H * I)
-                for i0 in range(0, I, BI):
-                    i_offs = i0 + tl.arange(0, BI)
-                    i_ok = i_offs < I
-                    act = _geglu_tile(
-                        hidden_ptr, tok, row_ok, gu_base, i_offs, i_ok, H, I, BT, BI, BK, UPCAST
-                    )
-                    # rows that did not pick e contribute exactly 0 (even if their act overflowed)
-                    act = tl.where(member[:, None], act, 0.0)  # [BT, BI]
-                    zero = tl.zeros((BT, BH), dtype=tl.float32)
-                    part = _down_tile(act, d_base, h_offs, h_ok, i_offs, i_ok, zero, I, UPCAST)  # [BT, BH]
-                    acc += part * w_e[:, None]
-        out_ptrs = out_ptr + rows.to(tl.int64)[:, None] * H + h_offs[None, :]
-        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & h_ok[None, :])
-
 
 # --------------------------------------------------------------------------------------------
 # Launch configuration
 # --------------------------------------------------------------------------------------------
-
-
-def _pow2_clamp(x: int, lo: int, hi: int) -> int:
-    return max(lo, min(hi, triton.next_power_of_2(max(1, x))))
-
-
-def _tile_m(n_tokens: int, n_experts: int, top_k: int) -> int:
-    # about one m-block per expert on average: 16 rows at N=256 (2048 assignments / 128 experts)
-    return _pow2_clamp(-(-n_tokens * top_k // n_experts), 16, 64)
-
-
-def single_launch_blocks(hidden_size: int, width: int, elem_bytes: int = 2) -> dict[str, int]:
-    """Tile sizes of ``moe_single_launch_kernel`` (shared with the TensorRT plugin).
-
-    The [BI, BH] down_proj tile dominates shared memory; BH is halved for 4-byte types so the
-    kernel stays within the 48 KB a launch gets without an opt-in.
-    """
-    return {
-        "BT": 16,  # tl.dot needs M >= 16
-        "BH": _pow2_clamp(hidden_size, 16, 256 if elem_bytes <= 2 else 128),
-        "BI": _pow2_clamp(width, 16, 64),
-        "BK": _pow2_clamp(hidden_size, 16, 64),
-    }
-
-
-def single_launch_grid(n_tokens: int, hidden_size: int, blocks: dict[str, int]) -> tuple[int, int]:
-    return (triton.cdiv(n_tokens, blocks["BT"]), triton.cdiv(hidden_size, blocks["BH"]))
 
 
 # --------------------------------------------------------------------------------------------
@@ -483,8 +377,33 @@ def _check_inputs(
     return n_tokens, hidden_size, n_experts, width
 
 
-def _upcast(dtype: torch.dtype) -> bool:
-    return dtype == torch.float32 or _interpreting()
+_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+_TORCH = {"i32": torch.int32, "fp32": torch.float32}
+
+
+def moe_shape(hidden: torch.Tensor, gate_up_proj: torch.Tensor, top_k: int) -> MoEShape:
+    n_experts, two_width, hidden_size = gate_up_proj.shape
+    return MoEShape(_DTYPES[hidden.dtype], n_experts, hidden_size, two_width // 2, top_k)
+
+
+def run_plan(
+    shape: MoEShape, buffers: dict[str, torch.Tensor], n_tokens: int, stages: tuple[str, ...] = STAGES,
+    bm: int | None = None,
+) -> dict[str, torch.Tensor]:  # fmt: skip
+    """Run launches of the plan (kernels.moe_launches) through Triton's JIT. `buffers` holds the inputs
+    and the output by name; the intermediates are allocated here (and returned with them)."""
+    specs = kernel_specs(shape, bm or tile_m(n_tokens, shape), upcast=_interpreting())
+    device = next(iter(buffers.values())).device
+    buffers = dict(buffers, n_tokens=n_tokens)
+    for name, (dtype, dims) in intermediates(shape, n_tokens).items():
+        buffers.setdefault(name, torch.empty(dims, dtype=_TORCH[dtype], device=device))
+    grid = grids(specs, shape, n_tokens)
+    for stage in stages:
+        spec = specs[stage]
+        kernel = globals()[spec.kernel]
+        kernel[grid[stage]](*(buffers[arg] for arg in spec.args), **spec.constants(),
+                            num_warps=spec.num_warps, num_stages=spec.num_stages)  # fmt: skip
+    return buffers
 
 
 def moe_route(
@@ -494,34 +413,12 @@ def moe_route(
     if triton is None:
         raise RuntimeError("moe_route needs Triton: pip install 'dllm-trt[triton]'")
     n_tokens, n_experts = router_logits.shape
-    logits, scale = router_logits.float().contiguous(), per_expert_scale.float().contiguous()
-    topk_ids, topk_w = _route(logits, scale, top_k, n_experts)
-    return topk_ids.view(n_tokens, top_k), topk_w.view(n_tokens, top_k)  # [A] -> [N, K]
-
-
-def _route(
-    logits: torch.Tensor, scale: torch.Tensor, top_k: int, n_experts: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launch 1: returns (topk_ids [A] int32, topk_w [A] fp32)."""
-    n_tokens = logits.shape[0]
-    topk_ids = torch.empty((n_tokens * top_k,), dtype=torch.int32, device=logits.device)
-    topk_w = torch.empty((n_tokens * top_k,), dtype=torch.float32, device=logits.device)
-    bt = 16
-    _route_kernel[(triton.cdiv(n_tokens, bt),)](
-        logits, scale, n_tokens, topk_ids, topk_w,
-        E=n_experts, E_P=triton.next_power_of_2(n_experts), TOP_K=top_k, BT=bt, num_warps=4,
-    )  # fmt: skip
-    return topk_ids, topk_w
-
-
-def _bucket(
-    topk_ids: torch.Tensor, n_tokens: int, top_k: int, n_experts: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launch 2: returns (sorted_a [E, N] int32, counts [E] int32)."""
-    sorted_a = torch.empty((n_experts, n_tokens), dtype=torch.int32, device=topk_ids.device)
-    counts = torch.empty((n_experts,), dtype=torch.int32, device=topk_ids.device)
-    _bucket_kernel[(n_experts,)](topk_ids, n_tokens, sorted_a, counts, TOP_K=top_k, BA=1024, num_warps=4)
-    return sorted_a, counts
+    shape = MoEShape("fp32", n_experts, 1, 1, top_k)
+    inputs = dict(
+        router_logits=router_logits.float().contiguous(), per_expert_scale=per_expert_scale.float().contiguous()
+    )
+    out = run_plan(shape, inputs, n_tokens, stages=("route",))
+    return out["topk_ids"].view(n_tokens, top_k), out["topk_w"].view(n_tokens, top_k)  # [A] -> [N, K]
 
 
 def fused_moe(
@@ -531,62 +428,20 @@ def fused_moe(
     gate_up_proj: torch.Tensor,
     down_proj: torch.Tensor,
     top_k: int,
+    bm: int | None = None,
 ) -> torch.Tensor:
-    """``DllmMoE`` in 5 Triton launches (see the module docstring). Returns [N, H] in ``hidden.dtype``."""
-    n_tokens, hidden_size, n_experts, width = _check_inputs(
-        hidden, router_logits, per_expert_scale, gate_up_proj, down_proj, top_k
-    )
+    """``DllmMoE`` in 5 Triton launches (kernels.moe_launches). Returns [N, H] in ``hidden.dtype``.
+
+    `bm` fixes the expert-block rows (the TensorRT plugin compiles one value); None picks one for N.
+    """
+    n_tokens, _, _, _ = _check_inputs(hidden, router_logits, per_expert_scale, gate_up_proj, down_proj, top_k)
     out = torch.empty_like(hidden)
     if n_tokens == 0:
         return out
-    hidden, gate_up_proj, down_proj = hidden.contiguous(), gate_up_proj.contiguous(), down_proj.contiguous()
-    logits, scale = router_logits.float().contiguous(), per_expert_scale.float().contiguous()
-    topk_ids, topk_w = _route(logits, scale, top_k, n_experts)
-    sorted_a, counts = _bucket(topk_ids, n_tokens, top_k, n_experts)
-    dev = hidden.device
-    upcast = _upcast(hidden.dtype)
-    bm = _tile_m(n_tokens, n_experts, top_k)
-    m_blocks = triton.cdiv(n_tokens, bm)
-    act = torch.empty((n_tokens * top_k, width), dtype=torch.float32, device=dev)  # [A, I]
-    # tiles from an H200 sweep: BK 64 beat 128 at N=2048 (0.40 vs 0.56 ms), equal at N=256
-    bi, bk1 = _pow2_clamp(width, 16, 64), _pow2_clamp(hidden_size, 16, 64)
-    _expert_up_kernel[(m_blocks, triton.cdiv(width, bi), n_experts)](
-        hidden, gate_up_proj, sorted_a, counts, n_tokens, act,
-        H=hidden_size, I=width, TOP_K=top_k, BM=bm, BI=bi, BK=bk1, UPCAST=upcast, num_warps=4, num_stages=3,
+    buffers = dict(
+        hidden=hidden.contiguous(), router_logits=router_logits.float().contiguous(),
+        per_expert_scale=per_expert_scale.float().contiguous(), gate_up_proj=gate_up_proj.contiguous(),
+        down_proj=down_proj.contiguous(), out=out,
     )  # fmt: skip
-    part = torch.empty((n_tokens * top_k, hidden_size), dtype=torch.float32, device=dev)  # [A, H]
-    bh, bk2 = _pow2_clamp(hidden_size, 16, 128), _pow2_clamp(width, 16, 64)
-    _expert_down_kernel[(m_blocks, triton.cdiv(hidden_size, bh), n_experts)](
-        act, down_proj, sorted_a, counts, topk_w, n_tokens, part,
-        H=hidden_size, I=width, BM=bm, BH=bh, BK=bk2, UPCAST=upcast, num_warps=4, num_stages=3,
-    )  # fmt: skip
-    bt, bh4 = 8, _pow2_clamp(hidden_size, 16, 256)
-    _combine_kernel[(triton.cdiv(n_tokens, bt), triton.cdiv(hidden_size, bh4))](
-        part, n_tokens, out, H=hidden_size, TOP_K=top_k, BT=bt, BH=bh4, num_warps=4,
-    )  # fmt: skip
-    return out
-
-
-def fused_moe_single_launch(
-    hidden: torch.Tensor,
-    router_logits: torch.Tensor,
-    per_expert_scale: torch.Tensor,
-    gate_up_proj: torch.Tensor,
-    down_proj: torch.Tensor,
-    top_k: int,
-) -> torch.Tensor:
-    """``DllmMoE`` as the one kernel the TensorRT AOT plugin embeds, launched through Triton's JIT."""
-    n_tokens, hidden_size, n_experts, width = _check_inputs(
-        hidden, router_logits, per_expert_scale, gate_up_proj, down_proj, top_k
-    )
-    out = torch.empty_like(hidden)
-    if n_tokens == 0:
-        return out
-    blocks = single_launch_blocks(hidden_size, width, hidden.element_size())
-    moe_single_launch_kernel[single_launch_grid(n_tokens, hidden_size, blocks)](
-        hidden.contiguous(), router_logits.float().contiguous(), per_expert_scale.float().contiguous(),
-        gate_up_proj.contiguous(), down_proj.contiguous(), n_tokens, out,
-        E=n_experts, E_P=triton.next_power_of_2(n_experts), H=hidden_size, I=width, TOP_K=top_k,
-        UPCAST=_upcast(hidden.dtype), num_warps=4, **blocks,
-    )  # fmt: skip
+    run_plan(moe_shape(hidden, gate_up_proj, top_k), buffers, n_tokens, bm=bm)
     return out

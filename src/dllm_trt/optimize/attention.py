@@ -14,7 +14,8 @@ the KV concatenation:
 
 Emits `Attention(Q, K, V, bias, scale=scale, is_causal=0)` with 4D inputs (Q [B, Hq, T, D], K/V the
 Concat outputs [B, Hkv, S, D]: grouped-query attention inside the node, no repeated K/V in memory), output
-[B, Hq, T, D]; `softmax_precision=1` when the softmax ran in float32 behind casts. The causal, sliding
+[B, Hq, T, D]; `softmax_precision=1` when the softmax ran in float32 behind casts (not for TensorRT, whose
+parser rejects the attribute). The causal, sliding
 window and padding structure stays in the additive bias, built once per layer type, so one node form serves
 the causal encoder and the bidirectional denoiser. The KV concatenation stays outside: TensorRT's parser takes
 only Attention's first output and rejects past_key/past_value inputs. The transpose/reshape to [B, T, Hq*D]
@@ -90,8 +91,9 @@ def _target_shape(value: ir.Value) -> list | None:
     return None if tensor is None else [int(d) for d in tensor.numpy().reshape(-1)]
 
 
-def _repeat_failure(source: ir.Value, unsqueezed: ir.Value, expanded: ir.Value, repeated: ir.Value,
-                    q_heads: int) -> str | None:  # fmt: skip
+def _repeat_failure(
+    source: ir.Value, unsqueezed: ir.Value, expanded: ir.Value, repeated: ir.Value, q_heads: int
+) -> str | None:
     """Why Reshape(Expand(Unsqueeze(source, [2]))) is not repeat_kv from Hkv to q_heads heads, or None."""
     axes = ir.convenience.get_const_tensor(unsqueezed.producer().inputs[1])
     if axes is None or [int(a) for a in axes.numpy().reshape(-1)] not in ([2], [-3]):
@@ -139,11 +141,14 @@ def _mask_factory(graph: ir.Graph) -> MaskFactory:
 class _EagerAttention(pattern.RewriteRuleClassBase):
     """One variant of the eager pattern: repeat_kv or not, how the scale is applied, softmax casts or not."""
 
-    def __init__(self, repeat: bool, scaling: str, softmax_cast: bool, masks: MaskFactory) -> None:
+    def __init__(
+        self, repeat: bool, scaling: str, softmax_cast: bool, masks: MaskFactory, softmax_precision: bool = True
+    ) -> None:
         self.masks = masks
         name = f"attention{'_repeat_kv' if repeat else ''}{'_' + scaling if scaling != 'none' else ''}"
         super().__init__(name + ("_cast_softmax" if softmax_cast else ""))
         self.repeat, self.scaling, self.softmax_cast = repeat, scaling, softmax_cast
+        self.softmax_precision = softmax_precision  # TensorRT's parser rejects the attribute
 
     def _repeat(self, op, x, prefix: str):
         unsqueezed = op.Unsqueeze(x, _allow_other_inputs=True, _outputs=[f"{prefix}_unsqueezed"])
@@ -165,8 +170,9 @@ class _EagerAttention(pattern.RewriteRuleClassBase):
             probs = op.Softmax(scores, _outputs=["probs"])
         return op.MatMul(probs, values)
 
-    def check(self, context, query, key, value, bias, probs, keys_t, scale=None, to_float=None,
-              to_back=None, **bound) -> pattern.MatchResult:  # fmt: skip
+    def check(
+        self, context, query, key, value, bias, probs, keys_t, scale=None, to_float=None, to_back=None, **bound
+    ) -> pattern.MatchResult:
         result = pattern.MatchResult()
         q, k, v = _dims(query), _dims(key), _dims(value)
         if q is None or k is None or v is None or len(q) != 4 or len(k) != 4 or len(v) != 4:
@@ -185,8 +191,13 @@ class _EagerAttention(pattern.RewriteRuleClassBase):
             return result.fail(f"Softmax is over axis {axis}, not the key axis", probs)
         if self.repeat:
             for prefix, source in (("key", key), ("value", value)):
-                why = _repeat_failure(source, bound[f"{prefix}_unsqueezed"], bound[f"{prefix}_expanded"],
-                                      bound[f"{prefix}_repeated"], q_heads)  # fmt: skip
+                why = _repeat_failure(
+                    source,
+                    bound[f"{prefix}_unsqueezed"],
+                    bound[f"{prefix}_expanded"],
+                    bound[f"{prefix}_repeated"],
+                    q_heads,
+                )
                 if why:
                     return result.fail(f"{prefix}: {why}", source)
         elif kv_heads not in (1, q_heads):
@@ -212,16 +223,16 @@ class _EagerAttention(pattern.RewriteRuleClassBase):
             factor = _scalar(scale)
         elif self.scaling == "div":
             factor = 1.0 / _scalar(scale)
-        extra = {"softmax_precision": int(ir.DataType.FLOAT)} if self.softmax_cast else {}
+        extra = {"softmax_precision": int(ir.DataType.FLOAT)} if self.softmax_cast and self.softmax_precision else {}
         if not _same_dim(bias.shape[2], query.shape[2]):
             bias = self.masks(bias, query.shape[2])  # [B, 1, 1, S] -> [B, 1, T, S]
         # Q [B, Hq, T, D], K/V [B, Hkv, S, D], bias [B, 1, T, S] -> [B, Hq, T, D]
         return op.Attention(query, key, value, bias, scale=factor, is_causal=0, **extra)
 
 
-def attention_rules(masks: MaskFactory) -> list[pattern.RewriteRule]:
+def attention_rules(masks: MaskFactory, softmax_precision: bool = True) -> list[pattern.RewriteRule]:
     return [
-        _EagerAttention.rule(repeat, scaling, cast, masks)
+        _EagerAttention.rule(repeat, scaling, cast, masks, softmax_precision)
         for repeat in (True, False)
         for scaling in ("none", "mul", "div")
         for cast in (False, True)
@@ -235,6 +246,7 @@ def fuse_attention(model: ir.Model, ctx: PassContext) -> int:
     version = model.opset_imports.get("", 0)
     if version < 23:
         raise DllmError(f"Attention needs ONNX opset 23; this graph imports opset {version}: re-export it")
-    count = pattern.RewriteRuleSet(attention_rules(_mask_factory(model.graph)), commute=True).apply_to_model(model)
+    rules = attention_rules(_mask_factory(model.graph), softmax_precision=ctx.target != "trt")
+    count = pattern.RewriteRuleSet(rules, commute=True).apply_to_model(model)
     common_passes.RemoveUnusedNodesPass()(model)  # repeat_kv's shape arithmetic
     return count

@@ -27,6 +27,7 @@ class Pass:
     run: PassFn
     graphs: tuple[str, ...] = ("encoder", "denoiser")
     precisions: tuple[str, ...] = ("fp32", "fp16", "bf16")
+    targets: tuple[str, ...] = ("trt", "ort-cuda", "ort-cpu")
 
 
 def _lazy(module: str, function: str) -> PassFn:

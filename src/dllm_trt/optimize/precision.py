@@ -3,8 +3,9 @@
 TensorRT 11 builds strongly typed networks: the graph's dtypes are the precision policy. This
 pass writes that policy into the graph, following what transformers does in bf16:
   - weights (matrices, embeddings, experts, norm scales) and the activations between them in the
-    low precision; RMSNormalization (stash_type=1) and Attention (softmax_precision=1) compute
-    their reductions in fp32 internally, as the reference's `x.float()` norms and fp32 softmax do;
+    low precision; RMSNormalization (stash_type=1) and Attention (softmax_precision=1, except for
+    TensorRT, whose parser rejects the attribute) compute their reductions in fp32 internally, as
+    the reference's `x.float()` norms and fp32 softmax do;
   - fp32 regions: the router from its softmax on (softmax, top-k, renormalisation, per-expert
     scale: `router_logits` of the fused MoE is fp32), the logits from the LM head on (softcap,
     temperature, sampling head, entropy), and anything fed by the fp32 graph inputs
@@ -57,7 +58,8 @@ def _constant_array(value: ir.Value) -> np.ndarray:
 
 
 class _Converter:
-    def __init__(self, model: ir.Model, low: ir.DataType, vocab: int, experts: int) -> None:
+    def __init__(self, model: ir.Model, low: ir.DataType, vocab: int, experts: int, softmax_precision: bool) -> None:
+        self.softmax_precision = softmax_precision
         self.graph = model.graph
         self.low = low
         self.vocab = vocab
@@ -149,7 +151,7 @@ class _Converter:
         if op in LOW_ANCHORS or (node.domain == "com.microsoft" and op == "MoE"):
             for index in range(len(node.inputs)):
                 self.set_input(node, index, self.low)
-            if op == "Attention":
+            if op == "Attention" and self.softmax_precision:
                 node.attributes["softmax_precision"] = ir.AttrInt64("softmax_precision", ir.DataType.FLOAT)
             self.set_outputs(node, self.low, Tag.LOW)
             return
@@ -218,6 +220,11 @@ def convert_precision(model: ir.Model, ctx: PassContext) -> int:
         return 0
     # Every value needs its dtype to be placed in a region; rewrites may have left some untyped.
     common_passes.ShapeInferencePass(strict_mode=False)(model)
-    converter = _Converter(model, LOW_DTYPES[ctx.precision], ctx.model["vocab_size"], ctx.num_experts)
+    # TensorRT's parser rejects softmax_precision ("Setting softmax precision is not supported in
+    # TensorRT Attention"): inside IAttention the softmax precision is TensorRT's.
+    softmax_precision = ctx.target != "trt"
+    converter = _Converter(
+        model, LOW_DTYPES[ctx.precision], ctx.model["vocab_size"], ctx.num_experts, softmax_precision
+    )
     converter.run()
     return converter.casts

@@ -108,7 +108,7 @@ def run(options: OptimizeOptions) -> OptimizeResult:
     manifest = read_manifest(source, stage=STAGE_EXPORT)
     source_hash = file_sha256(source / "manifest.json")
     passes = PIPELINE if options.passes is None else options.passes
-    active = [p for p in passes if precision in p.precisions]
+    active = [p for p in passes if precision in p.precisions and target in p.targets]
     progress = Progress(total=len(active) + 1 + (parity != "none"), quiet=quiet)
 
     reference = None

@@ -1,8 +1,8 @@
 """The tensorrt backend: the engines of `dllm-trt build` behind the Step interface.
 
-Loading checks build_info.json against this process's TensorRT version and GPU, then deserializes
-both engines (their MoE plugins are AOT: the PTX is inside the engine, nothing is registered to
-run them). I/O is bound by name with shapes set per call. Inputs that already are contiguous CUDA
+Loading checks build_info.json against this process's TensorRT library, version and GPU, registers
+the MoE plugin (engines.moe_plugin: its compiled kernels are inside the engines), then deserializes
+both engines. I/O is bound by name with shapes set per call. Inputs that already are contiguous CUDA
 tensors of the engine's dtype are bound by address: the KV cache's tensors are (runtime.kv_cache
 lays each layer's current [B, G, P, D] tensor out at the start of its storage), so the cache is
 never copied. Every set_input_shape, set_tensor_address and execute_async_v3 result is checked.
@@ -17,7 +17,8 @@ CUDA graphs, for the denoise step (12-48 calls per canvas with the same shapes):
 The encoder step runs eagerly: its token count changes every call and it runs once per canvas.
 
 Letters: B batch, T new tokens, C canvas, H hidden, V vocab, P cached positions.
-What has never run: all of it (TensorRT cannot be installed where this was written); the tests skip.
+What has never run: all of it (no GPU where this was written; TensorRT for RTX builds engines here but
+cannot deserialize them without CUDA). The CUDA-graph bookkeeping is tested on CPU with a fake runner.
 """
 
 from __future__ import annotations
@@ -37,17 +38,6 @@ _TORCH_DTYPES = {
     "FLOAT": torch.float32, "HALF": torch.float16, "BF16": torch.bfloat16, "INT32": torch.int32,
     "INT64": torch.int64, "BOOL": torch.bool, "INT8": torch.int8, "UINT8": torch.uint8,
 }  # fmt: skip
-
-
-def _import_tensorrt():  # noqa: ANN202
-    try:
-        import tensorrt as trt
-    except ImportError:
-        raise DllmError(
-            "the tensorrt backend needs the `tensorrt` Python package (pip install 'dllm-trt[trt]' where "
-            "NVIDIA's package index is reachable)"
-        ) from None
-    return trt
 
 
 class EngineRunner:
@@ -183,14 +173,18 @@ class TensorRTStep:
     def __init__(self, artifacts: Path, manifest: dict, use_cuda_graphs: bool = True) -> None:
         from dllm_trt.engines.build_info import check_compatible, read_build_info
         from dllm_trt.engines.gpu import detect_gpu
+        from dllm_trt.engines.moe_plugin import register_moe_plugin
+        from dllm_trt.engines.trt_library import TENSORRT, load_library
         from dllm_trt.models.diffusion_gemma import LayerSpec
         from dllm_trt.runtime.step import StepInfo
 
-        trt = _import_tensorrt()
+        info = read_build_info(artifacts)
+        lib = load_library(info.get("library", TENSORRT))
+        trt = lib.trt
         if not torch.cuda.is_available():
             raise DllmError("the tensorrt backend needs a CUDA GPU and a CUDA build of torch; torch sees none")
-        info = read_build_info(artifacts)
-        check_compatible(info, trt.__version__, detect_gpu())
+        check_compatible(info, lib.version, detect_gpu())
+        register_moe_plugin(trt)  # the engines' MoE layers: their kernels are inside the engines
         self.specs = [LayerSpec(**spec) for spec in manifest["model"]["layers"]]
         self.past_names = cache_names(self.specs, "past_")
         self.new_names = cache_names(self.specs, "")

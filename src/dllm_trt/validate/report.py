@@ -31,7 +31,7 @@ def report_dict(
                 )
                 for k, v in GENERATION_TOLERANCES.items()
             },
-        ),  # fmt: skip
+        ),
         random_input_parity=step.to_dict(),
         generation=dict(
             dtype=generation.dtype,
@@ -57,7 +57,7 @@ def report_dict(
                     comparisons=[c.to_dict() for c in r.comparisons],
                 )
                 for r in generation.steps
-            ],  # fmt: skip
+            ],
         ),
     )
 
@@ -123,8 +123,11 @@ def markdown(report: dict) -> str:
             f"| generation: {decision['name']} agreement (worst step) | | {100 * decision['value']:.2f}% | "
             f">= {100 * decision['required']:.2f}% | | {ok} |"
         )
-    lines += ["", "| seed | token agreement | denoise calls per canvas (reference / ours) | tokens per forward | ok |",
-              "|---|---|---|---|---|"]  # fmt: skip
+    lines += [
+        "",
+        "| seed | token agreement | denoise calls per canvas (reference / ours) | tokens per forward | ok |",
+        "|---|---|---|---|---|",
+    ]
     for run in generation["end_to_end"]:
         agreement = f"{100 * run['token_agreement']:.2f}%"
         lines.append(

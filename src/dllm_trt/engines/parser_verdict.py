@@ -1,0 +1,51 @@
+"""lint-trt's verdict where a TensorRT library is installed: its own parser and builder judge the graphs.
+
+Each graph is parsed with the MoE plugin registered and built for the preset's target with the
+profile `build` would use (TensorRT for RTX builds ahead of time anywhere; TensorRT proper needs its
+GPU to build, so without one only its parser speaks). Every parser error becomes a finding naming
+the node; a failed build becomes one finding with the builder's last error. Nothing is written.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from dllm_trt.engines import profiles as prof
+from dllm_trt.engines.gpu_presets import GpuPreset
+from dllm_trt.errors import DllmError
+
+
+def parser_findings(directory: Path, manifest: dict, preset: GpuPreset, ranges: dict) -> tuple[str, list]:
+    """(who judged, findings) for the graphs of an optimize --target trt directory."""
+    from dllm_trt.contract import GRAPH_FILES
+    from dllm_trt.engines import engine
+    from dllm_trt.engines.gpu import detect_gpu
+    from dllm_trt.engines.lint import Finding
+    from dllm_trt.engines.moe_plugin import compile_for_graphs, register_moe_plugin
+    from dllm_trt.engines.trt_library import load_library
+
+    lib = load_library(preset.library)
+    build = lib.ahead_of_time or detect_gpu() is not None
+    register_moe_plugin(lib.trt, arch=preset.arch)
+    findings = []
+    try:
+        compile_for_graphs([directory / manifest["graphs"][g]["file"] for g in GRAPH_FILES], preset.arch)
+    except RuntimeError as exc:  # Triton could not compile a kernel: the build would store none
+        findings.append(Finding("error", "-", "-", "DllmMoE", str(exc)))
+    for graph in GRAPH_FILES:
+        io = manifest["graphs"][graph]
+        try:
+            parsed = engine.parse_network(lib, directory / io["file"])
+        except engine.ParseError as exc:
+            findings += [Finding("error", graph, node or "-", op or "parser", desc) for node, op, desc in exc.errors]
+            continue
+        if not build:
+            continue
+        engine.allow_decomposition(lib, parsed[1])
+        shapes = prof.input_shapes(io, prof.graph_ranges(ranges, graph))
+        try:
+            engine.build_serialized(lib, parsed, shapes, preset.compute_capability, 3, None)
+        except DllmError as exc:
+            findings.append(Finding("error", graph, "-", "build", str(exc)))
+    target = f"{preset.sm}, ahead of time" if lib.ahead_of_time else ("this GPU" if build else "parser only: no GPU")
+    return f"{lib.name} {lib.version} parser{' and builder' if build else ''} ({target})", findings

@@ -3,8 +3,9 @@
 The `small` preset (or --preset) is made, exported and optimized for TensorRT once per precision;
 then `dllm-trt build` runs in a child process per GPU preset (DGX Spark sm_121, RTX PRO 6000 sm_120,
 RTX 4090 sm_89, RTX 3090 sm_86 by default), measured as bench_export_memory measures: wall time and
-peak RSS of the child. Engine bytes are set against the bf16 (or fp32) weights of the optimized
-graphs: each step is its own engine holding every weight it uses (the one-engine issue's figure).
+peak RSS of the child. The export's bytes (graphs and external data) are set against the
+checkpoint's safetensors, and the engine's bytes against the weights of the optimized step graph
+(every initializer, in its precision): one engine serves both phases, one copy of the weights.
 
     python bench/bench_build_engines.py [--preset small] [--precisions bf16,fp32] [--gpus dgx-spark,rtx-4090]
 
@@ -24,8 +25,18 @@ from bench_export_memory import run_measured  # noqa: E402
 
 
 def weight_bytes(optimized: Path) -> int:
-    manifest = json.loads((optimized / "manifest.json").read_text())
-    return sum(e["bytes"] for g in manifest["graphs"].values() for e in g["external_data"])
+    """Every initializer of the step graph, in its stored precision."""
+    import numpy as np
+    import onnx
+    from onnx import helper
+
+    graph = onnx.load(str(optimized / "step.onnx"), load_external_data=False).graph
+    size = {t: helper.tensor_dtype_to_np_dtype(t).itemsize for t in {i.data_type for i in graph.initializer}}
+    return sum(size[i.data_type] * int(np.prod(i.dims)) for i in graph.initializer)
+
+
+def directory_bytes(directory: Path, pattern: str) -> int:
+    return sum(p.stat().st_size for p in directory.glob(pattern))
 
 
 def main() -> int:
@@ -41,42 +52,51 @@ def main() -> int:
     work.mkdir(parents=True)
     logs = work / "logs"
     logs.mkdir()
+    stages = []  # (what, seconds, peak RSS) of the steps before the builds
     for argv in (["make-tiny", work / "ckpt", "--preset", args.preset], ["export", work / "ckpt", "-o", work / "onnx",
                                                                          "--no-parity"]):  # fmt: skip
-        if run_measured([cli, *map(str, argv)], logs / f"{argv[0]}.log").returncode:
+        measured = run_measured([cli, *map(str, argv)], logs / f"{argv[0]}.log")
+        if measured.returncode:
             print(f"{argv[0]} failed: see {logs / (argv[0] + '.log')}")
             return 1
+        stages.append((argv[0], measured.seconds, measured.peak_rss))
+    checkpoint = directory_bytes(work / "ckpt", "*.safetensors")
+    export = directory_bytes(work / "onnx", "*.onnx") + directory_bytes(work / "onnx", "*.data")
     rows = []
     for precision in args.precisions.split(","):
         optimized = work / f"trt-{precision}"
         argv = [cli, "optimize", str(work / "onnx"), "--target", "trt", "--precision", precision, "-o", str(optimized),
                 "--parity", "none"]  # fmt: skip
-        if run_measured(argv, logs / f"optimize-{precision}.log").returncode:
+        measured = run_measured(argv, logs / f"optimize-{precision}.log")
+        if measured.returncode:
             print(f"optimize {precision} failed: see the log")
             return 1
+        stages.append((f"optimize {precision}", measured.seconds, measured.peak_rss))
         weights = weight_bytes(optimized)
         for gpu in args.gpus.split(","):
             out = work / f"engines-{precision}-{gpu}"
             measured = run_measured([cli, "build", str(optimized), "--gpu", gpu, "-o", str(out)],
                                     logs / f"build-{precision}-{gpu}.log")  # fmt: skip
             if measured.returncode:
-                rows.append((precision, gpu, "failed", "", "", "", "", ""))
+                rows.append((precision, gpu, "failed", "", "", "", "", "", ""))
                 continue
             info = json.loads((out / "build_info.json").read_text())
-            engines = info["engines"]
-            total = sum(e["bytes"] for e in engines.values())
-            fused = sum(e["fused_attention_kernels"] for e in engines.values())
+            engine = info["engines"]["step"]
             rows.append((precision, gpu, f"sm_{''.join(map(str, info['gpu']['compute_capability']))}",
                          f"{measured.seconds:.1f}", f"{measured.peak_rss / 2**20:.0f}",
-                         " + ".join(f"{e['bytes'] / 2**20:.1f}" for e in engines.values()),
-                         f"{total / weights:.2f}", str(fused)))  # fmt: skip
+                         f"{engine['bytes'] / 2**20:.1f}", f"{engine['bytes'] / weights:.2f}",
+                         str(len(info["graph_profiles"]["step"])), str(engine["fused_attention_kernels"])))  # fmt: skip
     print(f"\n**TensorRT for RTX builds of the {args.preset} preset on this machine (no GPU)**\n")
-    print("| precision | GPU | target | build s | peak RSS MB | engines MB (enc+den) | x weights | fused MHA |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| precision | GPU | target | build s | peak RSS MB | engine MB | x weights | profiles | fused MHA |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         print("| " + " | ".join(row) + " |")
     for precision in args.precisions.split(","):
-        print(f"{precision} weights of both graphs: {weight_bytes(work / f'trt-{precision}') / 2**20:.1f} MB")
+        print(f"{precision} weights of the step graph: {weight_bytes(work / f'trt-{precision}') / 2**20:.1f} MB")
+    for what, seconds, rss in stages:
+        print(f"{what}: {seconds:.1f} s, peak RSS {rss / 2**20:.0f} MB")
+    print(f"export: {export / 2**20:.1f} MB of graphs and external data for a {checkpoint / 2**20:.1f} MB checkpoint "
+          f"({export / checkpoint:.2f}x)")  # fmt: skip
     return 0
 
 

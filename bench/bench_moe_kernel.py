@@ -35,9 +35,7 @@ def peak_bandwidth(gpu_name: str) -> tuple[float, str]:
 
 
 def make_weights(dtype: torch.dtype, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    gate_up = (
-        torch.randn(EXPERTS, 2 * WIDTH, HIDDEN, device="cuda", generator=gen, dtype=dtype) * HIDDEN**-0.5
-    )
+    gate_up = torch.randn(EXPERTS, 2 * WIDTH, HIDDEN, device="cuda", generator=gen, dtype=dtype) * HIDDEN**-0.5
     down = torch.randn(EXPERTS, HIDDEN, WIDTH, device="cuda", generator=gen, dtype=dtype) * WIDTH**-0.5
     scale = torch.rand(EXPERTS, device="cuda", generator=gen) + 0.5
     return gate_up, down, scale
@@ -158,9 +156,7 @@ def bench_tokens(n_tokens, impls, weights, dtype, args, gen, peak) -> None:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, nargs="+", default=[256, 1024, 2048])
     parser.add_argument("--dtype", choices=["bf16", "fp16"], default="bf16")
     parser.add_argument("--warmup", type=int, default=3)
@@ -193,9 +189,7 @@ def main() -> int:
         "torch_dense": dense_all_experts,
         "torch_loop": per_expert_loop,
     }
-    print(
-        "weight_MB = bytes of the experts routed to (3*I*H each). GB/s and x_floor use graph_ms (CUDA graph"
-    )
+    print("weight_MB = bytes of the experts routed to (3*I*H each). GB/s and x_floor use graph_ms (CUDA graph")
     print("replay: GPU time without launch overhead) where the impl can be captured, eager_ms otherwise.")
     header = (
         f"{'impl':>14} {'N':>6} {'eager_ms':>9} {'graph_ms':>9} {'experts':>7} {'weight_MB':>9} {'GB/s':>8} "

@@ -24,11 +24,10 @@ def test_make_tiny_and_export(capsys, tmp_path):
     assert code == 0 and "tiny checkpoint" in out
     code, out, err = run_cli(capsys, "export", tmp_path / "ck", "-o", tmp_path / "onnx")
     assert code == 0, err
-    assert "[7/7]" in err and "within tolerance" in err  # progress and parity are shown
+    assert "[6/6]" in err and "within tolerance" in err  # progress and parity are shown
     assert sorted(p.name for p in (tmp_path / "onnx").glob("*.onnx")) == [
-        "denoiser.onnx",
-        "encoder.onnx",
         "self_conditioning.onnx",
+        "step.onnx",
     ]
 
 

@@ -95,7 +95,7 @@ def _export(args: argparse.Namespace) -> int:
     from dllm_trt import export
 
     result = export.run(_options(export.ExportOptions, args))
-    print(f"wrote {result.output}/encoder.onnx, denoiser.onnx and manifest.json")
+    print(f"wrote {result.output}/step.onnx, self_conditioning.onnx and manifest.json")
     if result.parity_failed:
         print(f"dllm-trt: parity check failed ({result.parity_failed}); graphs kept in {result.output} for "
               "inspection", file=sys.stderr)  # fmt: skip
@@ -140,7 +140,7 @@ def _optimize(args: argparse.Namespace) -> int:
     from dllm_trt import optimize
 
     result = optimize.run(_options(optimize.OptimizeOptions, args))
-    print(f"wrote {result.output}: encoder.onnx, denoiser.onnx, manifest.json, fusion_report.md")
+    print(f"wrote {result.output}: step.onnx, manifest.json, fusion_report.md")
     if result.failed_passes:
         print(f"dllm-trt: parity failed after {', '.join(result.failed_passes)}; see {result.output}/fusion_report.md",
               file=sys.stderr)  # fmt: skip
@@ -169,6 +169,35 @@ def _lint_trt(args: argparse.Namespace) -> int:
     return 0 if report.passed else 1
 
 
+def _parse_ints(flag: str, text: str) -> tuple[int, ...]:
+    """`--contexts 4K,32K,256K` -> (4096, 32768, 262144)."""
+    try:
+        values = tuple(int(p[:-1]) * 1024 if p.lower().endswith("k") else int(p) for p in text.split(",") if p.strip())
+    except ValueError:
+        raise DllmError(
+            f"{flag} takes comma-separated integers (a K suffix means x1024) like 4K,32K, not '{text}'"
+        ) from None
+    if not values:
+        raise DllmError(f"{flag} is empty; pass comma-separated integers")
+    return values
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from dllm_trt.engines import memory_plan
+
+    values: dict = {}
+    for flag, name in (("--batches", "batches"), ("--contexts", "contexts")):
+        if hasattr(args, name):
+            values[name] = _parse_ints(flag, getattr(args, name))
+    if hasattr(args, "precisions"):
+        values["precisions"] = tuple(p.strip() for p in args.precisions.split(",") if p.strip())
+    if hasattr(args, "gpu"):
+        values["gpus"] = tuple(args.gpu)
+    plan = memory_plan.run(_options(memory_plan.PlanOptions, args, **values))
+    print(plan.table())
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from dllm_trt import demo
 
@@ -184,6 +213,7 @@ def _demo(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from dllm_trt import demo, export, optimize, runtime, validate
     from dllm_trt.contract import PRECISIONS, TARGETS
+    from dllm_trt.engines import memory_plan
     from dllm_trt.engines.gpu_presets import PRESETS as GPU_PRESETS
     from dllm_trt.engines.lint import LintOptions
     from dllm_trt.engines.stage import BuildOptions
@@ -217,7 +247,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--force", default=False, **force)
 
     Export = export.ExportOptions  # noqa: N806
-    sub = verb("export", "export the encoder and denoise steps to ONNX, with measured parity", _export)
+    sub = verb(
+        "export", "export the step (encoder pass and denoise step, one graph) to ONNX, with measured parity", _export
+    )
     sub.add_argument("checkpoint", type=Path, help="Hugging Face checkpoint directory (safetensors)")
     sub.add_argument("-o", "--output", type=Path, required=True, help="output directory")
     sub.add_argument("--no-parity", dest="parity", action="store_false", help="skip the parity measurement")
@@ -269,7 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--prompt-ids", action="append", metavar="IDS", help="comma-separated ids; repeat for a batch")
     sub.add_argument("--max-new-tokens", type=int, help="default: enough to pass the sliding window")
 
-    sub = verb("build", "build TensorRT engines from 'optimize --target trt' output", _build)
+    sub = verb("build", "build the TensorRT engine from 'optimize --target trt' output", _build)
     sub.add_argument("optimized", type=Path, help="directory written by 'dllm-trt optimize --target trt'")
     sub.add_argument("-o", "--output", type=Path, required=True, help="output directory for the engines")
     sub.add_argument("--gpu", required=True, help=" | ".join(GPU_PRESETS))
@@ -285,17 +317,33 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub.add_argument("--ptx-version", type=int, help="cap the plugins' PTX ISA (e.g. 88)")
     sub.add_argument("--dry-run", action="store_true", help="check and print the plan; needs no TensorRT or GPU")
+    sub.add_argument("--profile-per-phase", action="store_true", help="one optimization profile per phase (prompt, "
+                     "canvas) instead of one for both: tactics tuned to prompts, for more engine bytes")  # fmt: skip
     sub.add_argument("--force", **force)
 
-    sub = verb("lint-trt", "judge optimized graphs with TensorRT's own parser and builder (a table without them)",
-               _lint_trt)
+    sub = verb("plan", "weights, KV cache and activations of an engine per GPU, before exporting anything", _plan)
+    sub.add_argument("source", help="a checkpoint or artifact directory, or a preset: released | "
+                     + " | ".join(MODEL_PRESETS))  # fmt: skip
+    sub.add_argument("--gpu", action="append", help="a GPU preset to judge; repeat (default: every preset)")
+    sub.add_argument("--precisions", help="comma-separated, of bf16, fp8, nvfp4 (default: all three)")
+    sub.add_argument("--batches", help="comma-separated batch sizes (default 1,8)")
+    sub.add_argument("--contexts", help="comma-separated context lengths, K = 1024 (default 4K,32K,256K)")
+    sub.add_argument("--prompt-chunk", type=int, help="tokens per prompt pass, the engine's new_tokens maximum "
+                     f"(default {_default(memory_plan.PlanOptions, 'prompt_chunk')})")  # fmt: skip
+
+    sub = verb(
+        "lint-trt", "judge optimized graphs with TensorRT's own parser and builder (a table without them)", _lint_trt
+    )
     sub.add_argument("optimized", type=Path, help="directory written by 'dllm-trt optimize --target trt'")
     sub.add_argument("--trt-version", help=f"{' | '.join(VERSIONS)} (default {VERSIONS[-1]})")
     sub.add_argument("--gpu", help=f"GPU preset whose default profiles are checked (default "
                      f"{_default(LintOptions, 'gpu')})")  # fmt: skip
     sub.add_argument("--profile", action="append", metavar="DIM=MIN:OPT:MAX", help="profile override, as for build")
-    sub.add_argument("--table-only", action="store_true",
-                     help="the pre-flight support table alone, even where a TensorRT library is installed")
+    sub.add_argument(
+        "--table-only",
+        action="store_true",
+        help="the pre-flight support table alone, even where a TensorRT library is installed",
+    )
     return parser
 
 

@@ -13,11 +13,11 @@ from typing import Protocol
 # ---- files ---------------------------------------------------------------------------------------
 
 MANIFEST = "manifest.json"
-MANIFEST_FORMAT = "dllm-trt/1"
-ENCODER_FILE = "encoder.onnx"
-DENOISER_FILE = "denoiser.onnx"
-SELF_CONDITIONING_FILE = "self_conditioning.onnx"
-GRAPH_FILES = {"encoder": ENCODER_FILE, "denoiser": DENOISER_FILE}  # the graphs optimize and build act on
+MANIFEST_FORMAT = "dllm-trt/2"  # /2: one step graph for the encoder pass and the denoise step
+STEP = "step"
+STEP_FILE = "step.onnx"
+SELF_CONDITIONING_FILE = "self_conditioning.onnx"  # export only: processed logits -> the next step's input
+GRAPH_FILES = {STEP: STEP_FILE}  # the graphs optimize and build act on
 # Files a runtime needs beside the graphs: how to generate, and how to tokenize when there is a tokenizer.
 CARRIED_FILES = (
     "generation_config.json",
@@ -29,7 +29,7 @@ CARRIED_FILES = (
 FUSION_REPORT = "fusion_report"  # .json and .md, written by optimize
 BUILD_INFO = "build_info.json"
 BUILD_FORMAT = "dllm-trt-build/1"
-ENGINE_FILES = {"encoder": "encoder.engine", "denoiser": "denoiser.engine"}
+ENGINE_FILES = {STEP: "step.engine"}
 
 # ---- stages, targets, precisions -----------------------------------------------------------------
 
@@ -41,11 +41,13 @@ PRECISION_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 # ---- graph inputs and outputs --------------------------------------------------------------------
 
-ENCODER_INPUTS = ("input_ids", "position_ids", "input_mask", "cache_mask")  # then past_key.i / past_value.i
-DENOISER_INPUTS = ("canvas_ids", "self_conditioning", "position_ids", "cache_mask")  # then the cache
-LOGITS = "logits"  # the exported denoiser's output [B, C, V] fp32
+# The step graph (models.diffusion_gemma.Step): these, then past_key.i / past_value.i. The rows of
+# self_conditioning choose the phase: R = T denoise the T canvas tokens, R = 0 encode T new tokens.
+STEP_INPUTS = ("input_ids", "position_ids", "input_mask", "cache_mask", "self_conditioning")
+ROWS_AXIS = "rows"  # R, the dynamic axis of self_conditioning, the logits and the sampling head
+LOGITS = "logits"  # the exported step's last output [B, R, V] fp32, after key.i / value.i
 SOFT_EMBEDDING_INPUT, SOFT_EMBEDDING_OUTPUT = "processed_logits", "self_conditioning"
-# The sampling head optimize adds to the denoiser: its inputs (fp32 always) and outputs.
+# The sampling head optimize adds to the step over its R rows: its inputs (fp32 always) and outputs.
 SAMPLING_INPUTS = ("temperature", "sampling_noise")
 SAMPLING_OUTPUTS = ("sampled_ids", "argmax_ids", "entropy", "next_self_conditioning")
 

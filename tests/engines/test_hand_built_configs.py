@@ -43,8 +43,7 @@ def test_a_hand_built_config_becomes_an_engine(name, tmp_path):
     optimize.run(options)
     result = stage.run(stage.BuildOptions(tmp_path / "trt", tmp_path / "engines", "dgx-spark", quiet=True))
     engines = result.info["engines"]
-    assert engines["denoiser"]["network"]["plugins"] == {"DllmMoE": 2}
-    assert engines["encoder"]["network"]["plugins"] == {"DllmMoE": 1}
+    assert engines["step"]["network"]["plugins"] == {"DllmMoE": 2}
     heads = sorted({text["head_dim"], text["global_head_dim"]})
     print(f"{name}: head sizes {heads}, engines " + ", ".join(f"{g} {e['bytes']} B" for g, e in engines.items()))
     assert json.loads((tmp_path / "engines" / "manifest.json").read_text())["stage"] == "build"

@@ -47,13 +47,13 @@ def _in_fp32(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def _softmax_precision():
-    model = graphs.denoiser()
+    model = graphs.step()
     _first(model, "Attention").attribute.append(helper.make_attribute("softmax_precision", 1))
     return model
 
 
 def _softcap():
-    model = graphs.denoiser()
+    model = graphs.step()
     old = _first(model, "Attention")
     new = helper.make_node("Attention", list(old.input), old.output, name="capped", scale=1.0, softcap=30.0)
     return _replace(model, old, [new])
@@ -61,7 +61,7 @@ def _softcap():
 
 def _three_d_attention():
     """Q/K/V as [B, T, heads*D] (q_num_heads/kv_num_heads), the output reshaped back to [B, heads, T, D]."""
-    model = graphs.denoiser()
+    model = graphs.step()
     old = _first(model, "Attention")
     producers = {out: node for node in model.graph.node for out in node.output}
     flat = [producers[producers[name].input[0]].input[0] for name in old.input[:1]]  # Transpose <- Reshape <- [B,T,HD]
@@ -83,20 +83,20 @@ def _three_d_attention():
 
 
 def _unknown_custom_op():
-    model = graphs.denoiser()
+    model = graphs.step()
     model.graph.node.append(helper.make_node("FancyOp", ["canvas_ids"], ["fancy"], name="fancy", domain="acme"))
     model.graph.output.append(helper.make_tensor_value_info("fancy", TensorProto.INT64, None))
     return model
 
 
 def _unsupported_op():
-    model = graphs.denoiser()
+    model = graphs.step()
     old = _first(model, "Neg")
     return _replace(model, old, [helper.make_node("Unique", old.input, old.output, name="bad_op")])
 
 
 def _int32_matmul():
-    model = graphs.denoiser()
+    model = graphs.step()
     model.graph.node.append(helper.make_node("MatMul", ["ids_a", "ids_b"], ["ids_c"], name="int_matmul"))
     model.graph.input.extend([helper.make_tensor_value_info(n, TensorProto.INT32, [2, 2]) for n in ("ids_a", "ids_b")])
     model.graph.output.append(helper.make_tensor_value_info("ids_c", TensorProto.INT32, [2, 2]))
@@ -104,9 +104,9 @@ def _int32_matmul():
 
 
 CORPUS = {
-    "contract": (lambda: graphs.denoiser(), {}, True),
-    "fp32 attention": (lambda: _in_fp32(graphs.denoiser()), {"precision": "fp32"}, True),
-    "opset 25": (lambda: graphs.denoiser(opset=25), {}, True),
+    "contract": (lambda: graphs.step(), {}, True),
+    "fp32 attention": (lambda: _in_fp32(graphs.step()), {"precision": "fp32"}, True),
+    "opset 25": (lambda: graphs.step(opset=25), {}, True),
     "3-D Q/K/V attention": (_three_d_attention, {}, True),
     "softmax_precision": (_softmax_precision, {}, False),
     "softcap": (_softcap, {}, False),
@@ -119,7 +119,7 @@ CORPUS = {
 @pytest.mark.parametrize("case", CORPUS)
 def test_the_table_and_the_real_parser_agree(case, tmp_path):
     make, overrides, should_pass = CORPUS[case]
-    optimized = graphs.write_optimized(tmp_path / "opt", denoiser_model=make(), **overrides)
+    optimized = graphs.write_optimized(tmp_path / "opt", step_model=make(), **overrides)
     table = lint.run(lint.LintOptions(optimized, table_only=True))
     real = lint.run(lint.LintOptions(optimized))
     assert real.judged_by.startswith("tensorrt-rtx") and "builder" in real.judged_by

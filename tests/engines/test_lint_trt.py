@@ -17,7 +17,7 @@ def optimized(tmp_path_factory):
     return graphs.write_optimized(tmp_path_factory.mktemp("lint") / "opt")
 
 
-def _lint(model, graph="denoiser", version="11.x"):
+def _lint(model, graph="step", version="11.x"):
     _, findings = lint_graph(model, graph, load_support(version), graphs.FACTS)
     return findings
 
@@ -33,7 +33,7 @@ def test_the_contract_graphs_pass_for_10_15_and_11(optimized):
         # the full layers' head dim 512 has no fused kernel: said, with what the build does about it
         assert {f.op for f in report.warnings} == {"Attention"}
         assert all("head size 512" in f.message and "decomposed" in f.message for f in report.warnings)
-        assert report.ops[("denoiser", "dllm_trt::DllmMoE")].count == 2
+        assert report.ops[("step", "dllm_trt::DllmMoE")].count == 2
 
 
 def test_cli_prints_the_table_and_exits_0(optimized, capsys):
@@ -45,7 +45,7 @@ def test_cli_prints_the_table_and_exits_0(optimized, capsys):
 def test_10_14_has_no_rmsnormalization_and_the_cli_exits_1_naming_the_node(optimized, capsys):
     assert main(["lint-trt", str(optimized), "--trt-version", "10.14", "--table-only"]) == 1
     out = capsys.readouterr().out
-    assert "error: encoder: RMSNormalization 'RMSNormalization_" in out and "10.15" in out
+    assert "error: step: RMSNormalization 'RMSNormalization_" in out and "10.15" in out
 
 
 def _replace(model, node_name, new_node):
@@ -60,7 +60,7 @@ def _first(model, op_type):
 
 
 def test_an_unsupported_op_is_named():
-    model = graphs.denoiser()
+    model = graphs.step()
     neg = _first(model, "Neg")
     model = _replace(model, neg.name, helper.make_node("Unique", neg.input, neg.output, name="bad_op"))
     errors = _errors(_lint(model))
@@ -69,7 +69,7 @@ def test_an_unsupported_op_is_named():
 
 
 def test_an_unsupported_dtype_is_named():
-    model = graphs.denoiser()
+    model = graphs.step()
     mm = helper.make_node("MatMul", ["ids_a", "ids_b"], ["ids_c"], name="int_matmul")
     model.graph.node.append(mm)
     model.graph.input.extend([helper.make_tensor_value_info(n, TensorProto.INT32, [2, 2]) for n in ("ids_a", "ids_b")])
@@ -80,7 +80,7 @@ def test_an_unsupported_dtype_is_named():
 
 
 def test_an_unsupported_attribute_and_past_inputs_on_attention_are_named():
-    model = graphs.denoiser()
+    model = graphs.step()
     attn = _first(model, "Attention")
     bad = helper.make_node(
         "Attention", list(attn.input) + ["", ""], attn.output, name="capped", scale=1.0, softcap=30.0
@@ -90,7 +90,7 @@ def test_an_unsupported_attribute_and_past_inputs_on_attention_are_named():
 
 
 def test_softmax_precision_which_the_parser_rejects_fails():
-    model = graphs.denoiser()
+    model = graphs.step()
     attention = _first(model, "Attention")
     attention.attribute.append(helper.make_attribute("softmax_precision", 1))
     errors = _errors(_lint(model))
@@ -99,7 +99,7 @@ def test_softmax_precision_which_the_parser_rejects_fails():
 
 
 def test_custom_ops_must_be_registered_plugins():
-    model = graphs.denoiser()
+    model = graphs.step()
     model.graph.node.append(helper.make_node("FancyMoE", ["canvas_ids"], ["fancy"], name="fancy", domain="acme"))
     moe = _first(model, "DllmMoE")
     moe.attribute[[a.name for a in moe.attribute].index("plugin_namespace")].s = b"other"
@@ -110,7 +110,7 @@ def test_custom_ops_must_be_registered_plugins():
 
 
 def test_a_dynamic_canvas_and_vocab_are_refused():
-    model = graphs.denoiser()
+    model = graphs.step()
     noise = next(v for v in model.graph.input if v.name == "sampling_noise")
     noise.type.tensor_type.shape.dim[2].dim_param = "vocab"
     errors = _errors(_lint(model))
@@ -119,7 +119,7 @@ def test_a_dynamic_canvas_and_vocab_are_refused():
 
 
 def test_an_opset_beyond_the_version_is_refused():
-    errors = _errors(_lint(graphs.denoiser(opset=25), version="10.15"))
+    errors = _errors(_lint(graphs.step(opset=25), version="10.15"))
     assert errors and errors[0].op == "opset" and "9..24" in errors[0].message
 
 
@@ -153,5 +153,5 @@ def test_the_support_table_names_its_sources():
 
 
 def test_graph_fixture_is_valid_onnx():
-    for model in (graphs.encoder(), graphs.denoiser()):
+    for model in (graphs.step(), graphs.step(opset=25)):
         onnx.checker.check_model(model)

@@ -8,7 +8,6 @@ the GPU check script runs; the kernels' arithmetic is the plan that tests/kernel
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -20,6 +19,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from dllm_trt.engines.moe_plugin import kernels_in_engine
 from dllm_trt.engines.trt_library import TENSORRT_RTX, installed
 from dllm_trt.kernels.moe_launches import MoEShape, kernel_specs, workspace_layout
 
@@ -87,9 +87,9 @@ def _build(model: onnx.ModelProto, sm: tuple[int, int]) -> bytes:
 
 def stored_kernels(engine: bytes) -> dict:
     """The plugin's kernel field as the engine stores it (TensorRT keeps plugin fields verbatim)."""
-    start = engine.index(b'{"shape": ')
-    end = engine.index(b"}}}", start) + 3
-    return json.loads(engine[start:end])
+    sets = kernels_in_engine(engine)
+    assert sets and all(s == sets[0] for s in sets)
+    return sets[0]
 
 
 @needs_rtx
@@ -107,6 +107,7 @@ def test_the_engine_carries_the_plans_kernels_compiled_for_its_target(dtype, sm)
     for stage, kernel in stored["kernels"].items():
         cubin = base64.b64decode(kernel["cubin"])
         assert cubin[:4] == b"\x7fELF" and kernel["name"].encode() in cubin  # a loadable image with its entry
+        assert b"debug_line" not in cubin  # no line tables: the engine stores every cubin several times
         assert kernel["arch"] == arch
         own = tuple("ptr" if kind.startswith("*") else "i32" for _, kind in specs[stage].signature)
         assert tuple(kernel["params"][: len(own)]) == own  # the launcher's argument order is the plan's

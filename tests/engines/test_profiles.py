@@ -53,19 +53,28 @@ def test_inconsistent_profiles_are_refused(override, message):
         prof.resolve_ranges(get_preset("h100"), MODEL, prof.parse_overrides([override]))
 
 
-def test_input_shapes_per_graph_and_the_denoiser_never_sees_an_empty_cache():
+def test_one_profile_for_both_phases_or_one_per_phase_where_a_denoise_step_never_sees_an_empty_cache():
     ranges = prof.resolve_ranges(get_preset("h100"), MODEL)
     io = {"inputs": [
-        {"name": "canvas_ids", "shape": ["batch", 256]},
+        {"name": "input_ids", "shape": ["batch", "new_tokens"]},
+        {"name": "self_conditioning", "shape": ["batch", "rows", 2816]},
         {"name": "past_key.0", "shape": ["batch", 8, "cache_sliding", 256]},
         {"name": "temperature", "shape": []},
     ]}  # fmt: skip
-    shapes = prof.input_shapes(io, prof.graph_ranges(ranges, "denoiser"))
-    assert "temperature" not in shapes  # static inputs need no profile
-    assert shapes["canvas_ids"] == ([1, 256], [1, 256], [8, 256])
-    assert shapes["past_key.0"] == ([1, 8, 1, 256], [1, 8, 1023, 256], [8, 8, 1023, 256])
-    encoder = prof.input_shapes(io, prof.graph_ranges(ranges, "encoder"))
-    assert encoder["past_key.0"][0] == [1, 8, 0, 256]  # the prompt's encoder call has no cache yet
+    (both,) = prof.step_profiles(io, ranges, MODEL["canvas_length"]).values()
+    assert "temperature" not in both  # static inputs need no profile
+    assert both["input_ids"] == ([1, 1], [1, 256], [8, 4096])  # a prompt up to new_tokens max, opt a canvas
+    assert both["self_conditioning"] == ([1, 0, 2816], [1, 256, 2816], [8, 256, 2816])  # no rows up to a canvas
+    assert both["past_key.0"] == ([1, 8, 0, 256], [1, 8, 1023, 256], [8, 8, 1023, 256])
+    per_phase = prof.step_profiles(io, ranges, MODEL["canvas_length"], per_phase=True)
+    prompt, canvas = per_phase["prompt"], per_phase["canvas"]
+    assert list(per_phase) == list(prof.PHASES) == ["prompt", "canvas"]
+    assert prompt["input_ids"] == both["input_ids"]
+    assert prompt["self_conditioning"] == ([1, 0, 2816], [1, 0, 2816], [8, 0, 2816])  # an encoder pass: no rows
+    assert prompt["past_key.0"][0] == [1, 8, 0, 256]  # the prompt's encoder pass has no cache yet
+    assert canvas["input_ids"] == ([1, 256], [1, 256], [8, 256])  # a denoise step: the canvas, every row
+    assert canvas["self_conditioning"] == ([1, 256, 2816], [1, 256, 2816], [8, 256, 2816])
+    assert canvas["past_key.0"] == ([1, 8, 1, 256], [1, 8, 1023, 256], [8, 8, 1023, 256])
 
 
 def test_an_unnamed_dynamic_axis_is_refused_naming_the_input():

@@ -9,6 +9,8 @@ tests read it back. Running the engines needs the GPU itself (not here).
 import importlib.util
 import json
 
+import onnx
+import onnx.numpy_helper
 import pytest
 import trt_graphs as graphs
 
@@ -52,11 +54,16 @@ def test_dry_run_plan_resolves_presets_profiles_and_memory(optimized):
     assert plan["precision"] == "bf16" and plan["compute_capability"] == [9, 0]
     assert plan["library"] == "tensorrt" and plan["gpu_needed_to_build"]
     assert plan["profiles"]["batch"] == [1, 2, 4] and plan["profiles"]["cache_sliding"] == [0, 7, 7]
-    denoiser = plan["graphs"]["denoiser"]
+    step = plan["graphs"]["step"]
     # two layers: head 16 fuses, head 512 has no fused kernel in bf16
-    assert denoiser["expected"] == dict(moe=2, attention=2, attention_decomposable=1, attention_fused_live=1)
-    assert denoiser["shapes"]["past_key.1"] == ([1, 1, 1, 512], [2, 1, 4096, 512], [4, 1, 65536, 512])
-    assert "temperature" not in denoiser["shapes"]
+    assert step["expected"] == dict(moe=2, attention=2, attention_decomposable=1, attention_fused_live=1, profiles=1)
+    assert list(step["profiles"]) == ["step"]  # one profile for both phases unless asked
+    assert step["profiles"]["step"]["past_key.1"] == ([1, 1, 0, 512], [2, 1, 4096, 512], [4, 1, 65536, 512])
+    assert "temperature" not in step["profiles"]["step"]
+    options = BuildOptions(optimized, optimized.parent / "e", gpu="h200", profile_per_phase=True)
+    per_phase = plan_build(options)["graphs"]["step"]
+    assert list(per_phase["profiles"]) == ["prompt", "canvas"] and per_phase["expected"]["profiles"] == 2
+    assert per_phase["profiles"]["canvas"]["past_key.1"][0] == [1, 1, 1, 512]  # a denoise step has a cache
     assert plan["memory_estimate"]["kv_cache"] > 0
     assert "h200-trtunknown.cache" in plan["timing_cache"]
     text = format_plan(plan)
@@ -97,9 +104,9 @@ def test_wrong_stage_or_target_is_refused(tmp_path):
 
 
 def test_lint_errors_stop_the_plan_naming_the_node(tmp_path):
-    model = graphs.denoiser()
+    model = graphs.step()
     model.graph.node.append(graphs.helper.make_node("Unique", ["entropy"], ["u"], name="uniq"))
-    opt = graphs.write_optimized(tmp_path / "bad", denoiser_model=model)
+    opt = graphs.write_optimized(tmp_path / "bad", step_model=model)
     with pytest.raises(DllmError, match="lint-trt found 1 error.*Unique 'uniq'.*dllm-trt lint-trt"):
         plan_build(BuildOptions(opt, tmp_path / "e", gpu="h100"))
 
@@ -137,11 +144,11 @@ def test_memory_warning_when_the_profiles_do_not_fit(optimized):
 
 
 def test_an_engine_missing_what_the_graph_holds_is_judged():
-    expected = dict(moe=2, attention=2, attention_decomposable=1, attention_fused_live=1)
+    expected = dict(moe=2, attention=2, attention_decomposable=1, attention_fused_live=1, profiles=2)
     whole = dict(plugins={"DllmMoE": 2}, attention=2, attention_decomposable=1)
-    assert judge_engine("denoiser", expected, whole, fused_kernels=1, stored_kernels=4) == []
-    problems = judge_engine("denoiser", expected, dict(whole, plugins={}), fused_kernels=0, stored_kernels=0)
-    assert len(problems) == 3 and "stored kernel sets" in problems[0] and "must fuse" in problems[2]
+    assert judge_engine("step", expected, whole, fused_kernels=2, stored_kernels=4) == []
+    problems = judge_engine("step", expected, dict(whole, plugins={}), fused_kernels=1, stored_kernels=0)
+    assert len(problems) == 3 and "stored kernel sets" in problems[0] and "each of 2 profile(s)" in problems[2]
 
 
 @needs_rtx
@@ -153,8 +160,9 @@ def test_tensorrt_for_rtx_builds_the_tiny_preset_with_the_moe_plugin(tiny_trt, p
     assert info["library"] == "tensorrt-rtx" and info["gpu"]["built_on"] is None  # ahead of time, no GPU
     assert info["runtime_requirements"]["python_plugins"] == ["dllm_trt::DllmMoE"]
     layers = len(json.loads((tiny_trt[precision] / "manifest.json").read_text())["model"]["layers"])
-    for graph, engine in info["engines"].items():
-        moe_layers = layers - (graph == "encoder")  # the encoder's last layer computes K/V only
+    assert list(info["engines"]) == ["step"]  # one engine: one copy of the weights
+    for engine in info["engines"].values():
+        moe_layers = layers
         assert engine["network"]["plugins"] == {"DllmMoE": moe_layers}
         assert engine["network"]["attention"] == moe_layers
         assert (out / engine["file"]).stat().st_size == engine["bytes"] > 0
@@ -168,3 +176,23 @@ def test_tensorrt_for_rtx_builds_the_tiny_preset_with_the_moe_plugin(tiny_trt, p
         f"{precision} {gpu}: "
         + ", ".join(f"{g} {e['bytes']} B in {e['seconds']} s" for g, e in info["engines"].items())
     )
+
+
+@needs_rtx
+def test_a_profile_per_phase_builds_and_costs_bytes_not_weights(tiny_trt, tmp_path):
+    """Two profiles: the attention kernels are listed once per profile, the weights stored once."""
+    one = build_engines(BuildOptions(tiny_trt["bf16"], tmp_path / "one", "dgx-spark", quiet=True))[1]["engines"]["step"]
+    two = build_engines(BuildOptions(tiny_trt["bf16"], tmp_path / "two", "dgx-spark", quiet=True,
+                                     profile_per_phase=True))[1]["engines"]["step"]  # fmt: skip
+    assert two["fused_attention_kernels"] == 2 * one["fused_attention_kernels"] > 0
+    engine = (tmp_path / "two" / "step.engine").read_bytes()
+    graph = onnx.load(str(tiny_trt["bf16"] / "step.onnx")).graph  # with its external data
+    probed = 0
+    for init in graph.initializer:
+        raw = onnx.numpy_helper.to_array(init).tobytes()
+        if len(raw) >= 4096:  # a 64-byte window from the middle of each weight: found exactly once
+            middle = len(raw) // 2
+            assert engine.count(raw[middle : middle + 64]) == 1, init.name
+            probed += 1
+    assert probed >= 10
+    print(f"one profile {one['bytes']} B, two {two['bytes']} B; each of {probed} weights stored once in both")

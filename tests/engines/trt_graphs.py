@@ -2,7 +2,7 @@
 
 Not runnable in onnxruntime (DllmMoE is a TensorRT plugin); they are what lint-trt and the build's
 graph rewrites read: opset 23, bf16 weights, fp32 router/softmax/entropy, opset-23 Attention with
-the KV concatenation outside, RMSNormalization, DllmMoE, and the denoiser's sampling head.
+the KV concatenation outside, RMSNormalization, DllmMoE, and the step's sampling head over its rows.
 """
 
 from __future__ import annotations
@@ -35,6 +35,24 @@ FACTS = dict(
     pad_token_id=0,
 )
 Q_HEADS, WIDTH = 2, 16
+# The transformers config these graphs stand for (what `plan` and build's memory estimate read)
+FACTS["text_config"] = dict(
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=Q_HEADS,
+    layer_types=["sliding_attention", "full_attention"],
+    num_key_value_heads=2,
+    head_dim=16,
+    global_head_dim=512,
+    num_global_key_value_heads=1,
+    sliding_window=8,
+    num_experts=4,
+    top_k_experts=2,
+    moe_intermediate_size=WIDTH,
+    max_position_embeddings=4096,
+)
 
 
 class _Builder:
@@ -123,40 +141,32 @@ def _mask(b: _Builder, cache_mask: str, new_mask: str) -> str:
     return b.op("Unsqueeze", [additive, b.const([1, 2])])
 
 
-def encoder(opset: int = 23) -> onnx.ModelProto:
+def _rows(b: _Builder, x: str, rows: str, first: bool) -> str:
+    """x[:, :rows] (first) or x[:, rows:] along the token axis, rows a [1] int64 tensor."""
+    start, end = (b.const([0]), rows) if first else (rows, b.const([2**62]))
+    return b.op("Slice", [x, start, end, b.const([1])])
+
+
+def step(opset: int = 23) -> onnx.ModelProto:
+    """The step graph: self_conditioning's rows choose the phase (R = 0 encode, R = T denoise)."""
     b = _Builder()
+    h, v = FACTS["hidden_size"], FACTS["vocab_size"]
     cache_inputs, past = _cache_inputs()
-    x = b.op("Gather", [b.weight("embed", [FACTS["vocab_size"], FACTS["hidden_size"]]), "input_ids"])
+    embed = b.weight("embed", [v, h])
+    embeds = b.op("Gather", [embed, "input_ids"])
+    rows = b.op("Slice", [b.op("Shape", ["self_conditioning"]), b.const([1]), b.const([2])])
+    conditioned = b.op("Add", [_rows(b, embeds, rows, True), "self_conditioning"])
+    x = b.op("Concat", [conditioned, _rows(b, embeds, rows, False)], axis=1)
     mask = _mask(b, "cache_mask", "input_mask")
     outputs = []
     for spec in FACTS["layers"]:
         i = spec["index"]
-        x, k, v = _layer(b, x, spec, past[("key", i)], past[("value", i)], mask)
-        for kind, tensor in (("key", k), ("value", v)):
+        x, k, val = _layer(b, x, spec, past[("key", i)], past[("value", i)], mask)
+        for kind, tensor in (("key", k), ("value", val)):
             b.nodes.append(helper.make_node("Identity", [tensor], [f"{kind}.{i}"], name=f"out_{kind}_{i}"))
             shape = ["batch", spec["num_kv_heads"], "new_tokens", spec["head_dim"]]
             outputs.append(helper.make_tensor_value_info(f"{kind}.{i}", BF16, shape))
-    inputs = [
-        helper.make_tensor_value_info("input_ids", I64, ["batch", "new_tokens"]),
-        helper.make_tensor_value_info("position_ids", I64, ["batch", "new_tokens"]),
-        helper.make_tensor_value_info("input_mask", BOOL, ["batch", "new_tokens"]),
-        helper.make_tensor_value_info("cache_mask", BOOL, ["batch", "cache_full"]),
-        *cache_inputs,
-    ]
-    return _model(b, "encoder", inputs, outputs, opset)
-
-
-def denoiser(opset: int = 23) -> onnx.ModelProto:
-    b = _Builder()
-    c, h, v = FACTS["canvas_length"], FACTS["hidden_size"], FACTS["vocab_size"]
-    cache_inputs, past = _cache_inputs()
-    embed = b.weight("embed", [v, h])
-    x = b.op("Add", [b.op("Gather", [embed, "canvas_ids"]), "self_conditioning"])
-    canvas_valid = b.op("Cast", [b.op("Greater", ["position_ids", b.scalar(-1, I64)])], to=BOOL)
-    mask = _mask(b, "cache_mask", canvas_valid)
-    for spec in FACTS["layers"]:
-        i = spec["index"]
-        x, _, _ = _layer(b, x, spec, past[("key", i)], past[("value", i)], mask)
+    x = _rows(b, x, rows, True)
     logits = b.op("Cast", [b.op("MatMul", [x, b.op("Transpose", [embed], perm=[1, 0])])], to=F32)
     processed = b.op("Div", [logits, "temperature"])
     probs = b.op("Softmax", [processed], axis=-1)
@@ -177,21 +187,22 @@ def denoiser(opset: int = 23) -> onnx.ModelProto:
     )
     b.nodes += nodes_out
     inputs = [
-        helper.make_tensor_value_info("canvas_ids", I64, ["batch", c]),
-        helper.make_tensor_value_info("self_conditioning", BF16, ["batch", c, h]),
-        helper.make_tensor_value_info("position_ids", I64, ["batch", c]),
+        helper.make_tensor_value_info("input_ids", I64, ["batch", "new_tokens"]),
+        helper.make_tensor_value_info("position_ids", I64, ["batch", "new_tokens"]),
+        helper.make_tensor_value_info("input_mask", BOOL, ["batch", "new_tokens"]),
         helper.make_tensor_value_info("cache_mask", BOOL, ["batch", "cache_full"]),
+        helper.make_tensor_value_info("self_conditioning", BF16, ["batch", "rows", h]),
         *cache_inputs,
         helper.make_tensor_value_info("temperature", F32, []),
-        helper.make_tensor_value_info("sampling_noise", F32, ["batch", c, v]),
+        helper.make_tensor_value_info("sampling_noise", F32, ["batch", "rows", v]),
     ]
-    outputs = [
-        helper.make_tensor_value_info("sampled_ids", I64, ["batch", c]),
-        helper.make_tensor_value_info("argmax_ids", I64, ["batch", c]),
-        helper.make_tensor_value_info("entropy", F32, ["batch", c]),
-        helper.make_tensor_value_info("next_self_conditioning", BF16, ["batch", c, h]),
+    outputs += [
+        helper.make_tensor_value_info("sampled_ids", I64, ["batch", "rows"]),
+        helper.make_tensor_value_info("argmax_ids", I64, ["batch", "rows"]),
+        helper.make_tensor_value_info("entropy", F32, ["batch", "rows"]),
+        helper.make_tensor_value_info("next_self_conditioning", BF16, ["batch", "rows", h]),
     ]
-    return _model(b, "denoiser", inputs, outputs, opset)
+    return _model(b, "step", inputs, outputs, opset)
 
 
 def _model(b: _Builder, name: str, inputs: list, outputs: list, opset: int) -> onnx.ModelProto:
@@ -202,21 +213,13 @@ def _model(b: _Builder, name: str, inputs: list, outputs: list, opset: int) -> o
     return model
 
 
-def write_optimized(
-    out: Path,
-    encoder_model: onnx.ModelProto | None = None,
-    denoiser_model: onnx.ModelProto | None = None,
-    **manifest_overrides,
-) -> Path:
-    """An `optimize --target trt` output directory: encoder.onnx, denoiser.onnx, manifest.json."""
+def write_optimized(out: Path, step_model: onnx.ModelProto | None = None, **manifest_overrides) -> Path:
+    """An `optimize --target trt` output directory: step.onnx, manifest.json, generation_config.json."""
     out.mkdir(parents=True, exist_ok=True)
-    graphs = {}
-    for graph, model in (("encoder", encoder_model or encoder()), ("denoiser", denoiser_model or denoiser())):
-        path = out / f"{graph}.onnx"
-        onnx.save(model, str(path))
-        graphs[graph] = describe_graph(path, [])
+    path = out / "step.onnx"
+    onnx.save(step_model or step(), str(path))
     manifest = dict(
-        stage="optimize", target="trt", precision="bf16", model=FACTS, graphs=graphs,
+        stage="optimize", target="trt", precision="bf16", model=FACTS, graphs={"step": describe_graph(path, [])},
         checkpoint=dict(path="/nowhere", hash="sha256:" + "0" * 64), opset=23,
     ) | manifest_overrides  # fmt: skip
     write_manifest(out, manifest)

@@ -19,24 +19,25 @@ def test_manifest_describes_every_graph_input_and_output(tiny_export):
     manifest = json.loads((tiny_export / "manifest.json").read_text())
     assert manifest["stage"] == "export" and manifest["opset"] == 23
     assert manifest["checkpoint"]["hash"].startswith("sha256:")
-    encoder = manifest["graphs"]["encoder"]
-    inputs = {i["name"]: i for i in encoder["inputs"]}
+    step = manifest["graphs"]["step"]
+    inputs = {i["name"]: i for i in step["inputs"]}
     assert inputs["input_ids"]["dynamic_axes"] == {"0": "batch", "1": "new_tokens"}
     assert inputs["past_key.0"]["dynamic_axes"] == {"0": "batch", "2": "cache_sliding"}
     assert inputs["past_key.1"]["dynamic_axes"] == {"0": "batch", "2": "cache_full"}
     assert inputs["input_mask"]["dtype"] == "bool"
-    denoiser = manifest["graphs"]["denoiser"]
-    logits = denoiser["outputs"][0]
+    assert inputs["self_conditioning"]["shape"] == ["batch", "rows", 64]  # the rows choose the phase
+    logits = step["outputs"][-1]
     assert logits["name"] == "logits" and logits["dtype"] == "float32"
-    assert logits["shape"] == ["batch", 8, 512]  # canvas static, vocab static
-    for graph in (encoder, denoiser):
+    assert logits["shape"] == ["batch", "rows", 512]  # vocab static
+    assert [o["name"] for o in step["outputs"][:2]] == ["key.0", "value.0"]
+    for graph in (step,):
         assert graph["external_data"], "weights must be external data"
         for entry in graph["external_data"]:
             assert (tiny_export / entry["file"]).stat().st_size == entry["bytes"]
 
 
 def test_graphs_hold_every_expert(tiny_export):
-    model = onnx.load(str(tiny_export / "denoiser.onnx"), load_external_data=False)
+    model = onnx.load(str(tiny_export / "step.onnx"), load_external_data=False)
     shapes = [tuple(init.dims) for init in model.graph.initializer]
     experts = [s for s in shapes if len(s) == 3 and s[0] == 8]
     assert len(experts) == 2 * 2  # gate_up and down, two MoE layers
@@ -119,3 +120,23 @@ def test_existing_output_with_content_is_refused(tiny_ckpt, tmp_path):
     with pytest.raises(DllmError, match="not empty"):
         export_run(ExportOptions(tiny_ckpt, out, parity=False, quiet=True))
     assert (out / "keep.txt").read_text() == "user data"
+
+
+def test_every_weight_carries_its_checkpoint_name_and_holds_that_tensor(tiny_ckpt, tiny_export):
+    """Named `X` the graph holds checkpoint tensor X; `X.T` holds it with its last two axes swapped."""
+    from onnx import numpy_helper
+    from safetensors.numpy import load_file
+
+    checkpoint = {}
+    for path in tiny_ckpt.glob("*.safetensors"):
+        checkpoint |= load_file(path)
+    model = onnx.load(str(tiny_export / "step.onnx"))  # with its external data
+    weights = [init for init in model.graph.initializer if len(init.dims) >= 2]
+    assert weights and len({init.name for init in weights}) == len(weights)
+    for init in weights:
+        name = init.name.removesuffix(".T")
+        assert name in checkpoint, f"{init.name} is not named after a checkpoint tensor"
+        expected = checkpoint[name].swapaxes(-1, -2) if init.name.endswith(".T") else checkpoint[name]
+        assert (numpy_helper.to_array(init) == expected).all(), init.name
+    # the tied embedding is one tensor: the Gather and the LM head read the same initializer
+    assert sum(init.name.startswith("model.decoder.embed_tokens.weight") for init in weights) == 1

@@ -21,7 +21,7 @@ def artifacts(tiny_export, tmp_path):
 def test_inspect_verifies_and_summarizes(capsys, artifacts):
     code, out, err = run_cli(capsys, "inspect", artifacts)
     assert code == 0, err
-    assert "checksums: 6/6 file(s) verified" in out
+    assert "checksums: 3/3 file(s) verified" in out
     assert "checkpoint sha256:" in out
     assert "input_ids" in out and "dynamic 0: batch, 1: new_tokens" in out  # inputs with their dynamic axes
     assert "ops    " in out and "MatMul" in out  # node counts by op type
@@ -29,20 +29,20 @@ def test_inspect_verifies_and_summarizes(capsys, artifacts):
 
 
 def test_inspect_names_a_corrupted_file(capsys, artifacts):
-    data = artifacts / "denoiser.onnx.data"
+    data = artifacts / "step.onnx.data"
     raw = bytearray(data.read_bytes())
     raw[len(raw) // 2] ^= 0xFF
     data.write_bytes(bytes(raw))
     code, out, err = run_cli(capsys, "inspect", artifacts)
     assert code == 1
-    assert "checksum mismatch: denoiser.onnx.data" in err
-    assert "encoder.onnx.data" not in err
+    assert "checksum mismatch: step.onnx.data" in err
+    assert "self_conditioning.onnx" not in err
 
 
 def test_inspect_names_a_missing_file(capsys, artifacts):
-    (artifacts / "encoder.onnx.data").unlink()
+    (artifacts / "step.onnx.data").unlink()
     code, _, err = run_cli(capsys, "inspect", artifacts)
-    assert code == 1 and "encoder.onnx.data: missing" in err
+    assert code == 1 and "step.onnx.data: missing" in err
 
 
 def test_inspect_refuses_a_directory_without_manifest(capsys, tmp_path):

@@ -1,6 +1,6 @@
 """The streaming export: a weightless trace, weights streamed from safetensors shards, resumable writes.
 
-The reference is the in-memory path (`export_encoder` and friends on a model loaded by
+The reference is the in-memory path (`export_step` and `export_self_conditioning` on a model loaded by
 transformers): the streaming export must produce the same nodes and byte-identical weights.
 """
 
@@ -14,13 +14,13 @@ from dllm_trt.export import ExportOptions
 from dllm_trt.export import run as export_run
 from dllm_trt.export import writer as writer_module
 from dllm_trt.export.journal import JOURNAL, partial_dir
-from dllm_trt.export.onnx_export import export_denoiser, export_encoder, export_self_conditioning
+from dllm_trt.export.onnx_export import export_self_conditioning, export_step
 from dllm_trt.export.skeleton import CheckpointSources, build_skeleton
 from dllm_trt.export.weights import WeightRecipe, tensor_bytes
 from dllm_trt.models.checkpoint import load_model, safetensors_files, tensor_index
 from dllm_trt.models.presets import write_streamed_checkpoint
 
-GRAPHS = ("encoder", "denoiser", "self_conditioning")
+GRAPHS = ("step", "self_conditioning")
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +90,7 @@ def test_interrupted_export_resumes_and_matches_the_in_memory_export(bf16_sharde
     work = partial_dir(out)
     assert not out.exists()
     journal = json.loads((work / JOURNAL).read_text())
-    assert sorted(journal["graphs"]["encoder"]["files"]) == sorted(written)
+    assert sorted(journal["graphs"]["step"]["files"]) == sorted(written)
     finished = {name: (work / name).stat().st_mtime_ns for name in written}
 
     # 2. the same command again: finished files are kept, the rest is written
@@ -114,7 +114,8 @@ def test_interrupted_export_resumes_and_matches_the_in_memory_export(bf16_sharde
     model = load_model(bf16_sharded_ckpt)
     reference = tmp_path / "in-memory"
     reference.mkdir()
-    for name, export in zip(GRAPHS, (export_encoder, export_denoiser, export_self_conditioning)):
+    index = tensor_index(safetensors_files(bf16_sharded_ckpt))
+    for name, export in zip(GRAPHS, (export_step, export_self_conditioning)):
         torch.manual_seed(0)
-        export(model, reference / f"{name}.onnx")
+        export(model, reference / f"{name}.onnx", index)
         assert graph_differences(out / f"{name}.onnx", reference / f"{name}.onnx") == []

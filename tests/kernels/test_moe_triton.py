@@ -80,9 +80,7 @@ def test_matches_transformers_router_and_experts(impl, n_tokens, hf_router_and_e
     torch.testing.assert_close(weights, hf_weights, atol=1e-6, rtol=1e-5)
 
     with torch.no_grad():
-        out = IMPLS[impl](
-            expert_input, logits, router.per_expert_scale, experts.gate_up_proj, experts.down_proj, TOP_K
-        )
+        out = IMPLS[impl](expert_input, logits, router.per_expert_scale, experts.gate_up_proj, experts.down_proj, TOP_K)
     max_abs, max_rel = _errors(out, hf_out)
     print(f"\n[{impl} N={n_tokens} vs transformers] max abs err {max_abs:.3e}  max rel err {max_rel:.3e}")
     torch.testing.assert_close(out, hf_out, atol=2e-5, rtol=1e-4)

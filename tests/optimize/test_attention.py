@@ -17,7 +17,7 @@ from dllm_trt.optimize.context import PassContext
 from dllm_trt.optimize.rms_norm import fuse_rms_norm
 from dllm_trt.optimize.rotary import fuse_rotary_embedding
 
-CTX = PassContext("ort-cpu", "fp32", "denoiser", {})
+CTX = PassContext("ort-cpu", "fp32", "step", {})
 B, T, P, D = 2, 5, 7, 8
 S = P + T
 NP_TYPES = {TensorProto.FLOAT: np.float32, TensorProto.FLOAT16: np.float16}
@@ -199,7 +199,7 @@ def test_a_head_repeat_other_than_repeat_kv_stays_outside_the_node():
 
 def test_unknown_target_is_refused():
     with pytest.raises(DllmError, match="unknown target"):
-        fuse_attention(_model(), PassContext("tpu", "fp32", "denoiser", {}))
+        fuse_attention(_model(), PassContext("tpu", "fp32", "step", {}))
 
 
 @pytest.mark.parametrize("target, after_norms_and_rotary", [("ort-cpu", False), ("trt", True)])
@@ -210,7 +210,7 @@ def test_every_attention_of_the_exported_graphs_fuses_and_parity_holds(
     shutil.copytree(tiny_export, out)
     facts = json.loads((out / "manifest.json").read_text())["model"]
     layers = facts["num_layers"]
-    expected = {"encoder": layers - 1, "denoiser": layers}  # the encoder's last layer only computes K/V
+    expected = {"step": layers}
     for name, count in expected.items():
         model = ir.load(tiny_export / f"{name}.onnx")  # the copy is overwritten below: read the original
         ctx = PassContext(target, "fp32", name, facts)

@@ -30,7 +30,7 @@ E, H, I, K = 8, 16, 8, 2  # noqa: E741  experts, hidden, expert width, active ex
 
 
 def _ctx(target: str, top_k: int = K, num_experts: int = E) -> PassContext:
-    return PassContext(target, "fp32", "denoiser", {"num_experts": num_experts, "top_k_experts": top_k})
+    return PassContext(target, "fp32", "step", {"num_experts": num_experts, "top_k_experts": top_k})
 
 
 def moe_block(
@@ -323,7 +323,7 @@ def _fuse_artifacts(src, dst, target: str, standins: bool) -> dict[str, int]:
     shutil.copytree(src, dst)
     manifest = json.loads((dst / "manifest.json").read_text())
     counts = {}
-    for graph in ("encoder", "denoiser"):
+    for graph in ("step",):
         model = ir.load(dst / f"{graph}.onnx")
         counts[graph] = fuse_moe(model, PassContext(target, "fp32", graph, manifest["model"]))
         if standins:
@@ -341,8 +341,8 @@ def test_tiny_export_fused_keeps_parity(target, tiny_export, tiny_ckpt, tmp_path
     layers = len(json.loads((tiny_export / "manifest.json").read_text())["model"]["layers"])
     standins = target != "ort-cpu"
     counts = _fuse_artifacts(tiny_export, tmp_path / "fused", target, standins)
-    assert counts == {"encoder": layers - 1, "denoiser": layers}  # the encoder's last FFN is unused
-    for graph in ("encoder", "denoiser"):
+    assert counts == {"step": layers}
+    for graph in ("step",):
         ops = ops_of(ir.load(tmp_path / "fused" / f"{graph}.onnx"))
         assert not [op for op in ops if op[1] in ("TopK", "ScatterElements", "GatherND")], graph
     # OnnxRuntimeStep's sessions register the stand-ins' library when a graph uses them

@@ -2,6 +2,7 @@
 
 import json
 
+import onnx
 import pytest
 import torch
 
@@ -31,19 +32,16 @@ def test_every_layer_fused_and_every_pass_proven(optimized, target):
     report = json.loads((optimized[target] / "fusion_report.json").read_text())
     layers = len(manifest["model"]["layers"])
     matched = {p["name"]: p["matched"] for p in manifest["passes"]}
-    # the encoder's last layer only computes K/V: no attention, no FFN
-    assert matched["fuse_attention"] == {"encoder": layers - 1, "denoiser": layers}
-    assert matched["fuse_moe"] == {"encoder": layers - 1, "denoiser": layers}
-    assert matched["add_sampling_head"] == {"denoiser": 1}
+    assert matched["fuse_attention"] == matched["fuse_moe"] == {"step": layers}
+    assert matched["add_sampling_head"] == {"step": 1}
     for entry in report["passes"]:
         assert entry["parity"]["measured"] and entry["parity"]["passed"], (entry["name"], entry["parity"])
-    denoiser_ops = next(e["graphs"]["denoiser"]["ops_after"] for e in reversed(report["passes"])
-                        if "denoiser" in e["graphs"])  # fmt: skip
-    assert denoiser_ops["Attention"] == layers and denoiser_ops[FUSED_OPS[target]] == layers
-    assert "ReduceMean" not in denoiser_ops  # norms all fused
+    step_ops = report["passes"][-1]["graphs"]["step"]["ops_after"]
+    assert step_ops["Attention"] == layers and step_ops[FUSED_OPS[target]] == layers
+    assert "ReduceMean" not in step_ops  # norms all fused
     # routers all fused: the only TopKs left are the ort-cpu sampling head's two argmaxes
-    assert denoiser_ops.get("TopK", 0) == (2 if target == "ort-cpu" else 0)
-    assert "logits" not in {o["name"] for o in manifest["graphs"]["denoiser"]["outputs"]}
+    assert step_ops.get("TopK", 0) == (2 if target == "ort-cpu" else 0)
+    assert "logits" not in {o["name"] for o in manifest["graphs"]["step"]["outputs"]}
     assert (optimized[target] / "fusion_report.md").read_text().startswith("# dllm-trt optimize")
 
 
@@ -67,7 +65,7 @@ def test_reduced_precision_is_measured_and_reported(tiny_export, tmp_path):
     last = manifest["passes"][-1]
     assert last["name"] == "convert_precision" and last["parity"]["measured"] and not last["parity"]["judged"]
     assert manifest["model"]["dtype"] == "float16"
-    inputs = {i["name"]: i["dtype"] for i in manifest["graphs"]["denoiser"]["inputs"]}
+    inputs = {i["name"]: i["dtype"] for i in manifest["graphs"]["step"]["inputs"]}
     assert inputs["self_conditioning"] == "float16" and inputs["sampling_noise"] == "float32"
 
 
@@ -88,3 +86,43 @@ def test_not_an_export_directory(capsys, tmp_path):
     (tmp_path / "x").mkdir()
     code = main(["optimize", str(tmp_path / "x"), "-o", str(tmp_path / "o"), "--target", "trt"])
     assert code == 2 and "no manifest.json" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("target", ["trt", "ort-cuda", "ort-cpu"])
+def test_every_weight_keeps_its_checkpoint_name(optimized, tiny_ckpt, target):
+    """Through every pass: a weight's name is its checkpoint tensor's, with a suffix where the layout or the
+    dtype changed (`.T`, `.bfloat16`, a layout a fused op wants)."""
+    import re
+
+    from safetensors import safe_open
+
+    names = set()
+    for path in tiny_ckpt.glob("*.safetensors"):
+        with safe_open(path, "np") as f:
+            names |= set(f.keys())
+    model = onnx.load(str(optimized[target] / "step.onnx"), load_external_data=False)
+    weights = [init.name for init in model.graph.initializer if len(init.dims) >= 2]
+    unnamed = [w for w in weights if not any(re.fullmatch(re.escape(n) + r"(\.[A-Za-z0-9_]+)*", w) for n in names)]
+    assert weights and not unnamed, unnamed
+
+
+def test_a_step_left_in_logits_form_keeps_a_self_conditioning_graph_of_its_own(tiny_export, tiny_ckpt, tmp_path):
+    """Without the sampling head the runtime needs the export's self-conditioning graph; the export's reads the
+    embedding from the step's data file, which the optimized step replaces, so it gets its own, and stays exact."""
+    from dllm_trt.optimize.pipeline import PIPELINE
+
+    passes = tuple(p for p in PIPELINE if p.name != "add_sampling_head")
+    out = tmp_path / "logits-form"
+    optimize.run(
+        optimize.OptimizeOptions(tiny_export, out, "ort-cpu", "fp32", parity="none", quiet=True, passes=passes)
+    )
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [e["file"] for e in manifest["graphs"]["self_conditioning"]["external_data"]] == [
+        "self_conditioning.onnx.data"
+    ]
+    model = load_model(tiny_ckpt)
+    settings = GenerationSettings.from_generation_config(model.generation_config.to_dict(), max_new_tokens=16)
+    ids, mask = left_pad([[5, 17, 42, 8, 9], [7, 8]], 0)
+    expected, _ = reference_generate(model, ids, mask, settings, 1)
+    ours = generate(OnnxRuntimeStep.from_artifacts(out), settings, ids, mask, seed=1)
+    assert torch.equal(ours.sequences, expected.sequences)

@@ -57,7 +57,7 @@ def run(model: onnx.ModelProto, feeds: dict) -> list[np.ndarray]:
 
 def convert(precision: str) -> ir.Model:
     model = ir.from_proto(block())
-    ctx = PassContext("trt", precision, "denoiser", {"num_experts": E, "top_k_experts": 2, "vocab_size": 1000})
+    ctx = PassContext("trt", precision, "step", {"num_experts": E, "top_k_experts": 2, "vocab_size": 1000})
     assert convert_precision(model, ctx) > 0
     return model
 
@@ -111,5 +111,59 @@ def test_bf16_through_the_emulation():
 
 def test_fp32_is_left_alone():
     model = ir.from_proto(block())
-    ctx = PassContext("trt", "fp32", "denoiser", {"num_experts": E, "top_k_experts": 2, "vocab_size": 1000})
+    ctx = PassContext("trt", "fp32", "step", {"num_experts": E, "top_k_experts": 2, "vocab_size": 1000})
     assert convert_precision(model, ctx) == 0
+
+
+def test_the_tied_lm_head_reads_the_one_low_precision_embedding_and_its_logits_are_fp32():
+    """Gather(E) for the embedding and MatMul(h, Transpose(E)) for the LM head, as the exporter writes a tied
+    head: one bf16 copy of E (no fp32 one left behind for the Transpose), the logits upcast before the softcap."""
+    v, h = 32, 8
+    rng = np.random.default_rng(1)
+    nodes = [
+        helper.make_node("Gather", ["E", "ids"], ["x"]),
+        helper.make_node("Transpose", ["E"], ["Et"], perm=[1, 0]),
+        helper.make_node("MatMul", ["x", "Et"], ["raw"]),
+        helper.make_node("Div", ["raw", "cap"], ["d"]),
+        helper.make_node("Tanh", ["d"], ["t"]),
+        helper.make_node("Mul", ["t", "cap"], ["logits"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("ids", TensorProto.INT64, [N])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [N, v])],
+        initializer=[numpy_helper.from_array(rng.standard_normal((v, h)).astype(np.float32), "E"),
+                     numpy_helper.from_array(np.array(30.0, dtype=np.float32), "cap")],
+    )  # fmt: skip
+    original = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23)])
+    model = ir.from_proto(original)
+    ctx = PassContext("trt", "bf16", "step", {"num_experts": E, "top_k_experts": 2, "vocab_size": v})
+    convert_precision(model, ctx)
+    from dllm_trt.optimize.pipeline import clean_up
+
+    clean_up(model)
+    proto = ir.to_proto(model)
+    tables = [i for i in proto.graph.initializer if list(i.dims) == [v, h]]
+    assert [(t.name, t.data_type) for t in tables] == [("E.bfloat16", TensorProto.BFLOAT16)]
+    after_matmul = next(n for n in proto.graph.node if n.input and n.input[0] == "raw")
+    assert after_matmul.op_type == "Cast" and after_matmul.attribute[0].i == TensorProto.FLOAT
+    ids = rng.integers(0, v, N).astype(np.int64)
+    (want,) = run(original, {"ids": ids})
+    emulated = ir.from_proto(proto)
+    emulate_bfloat16(emulated)
+    (got,) = run(ir.to_proto(emulated), {"ids": ids})
+    error = np.abs(got - want).max()
+    print(f"logits max abs error in bf16: {error:.3e}")
+    assert error < 0.5  # bf16 weights: about 3 significant digits of logits up to 30
+
+
+def test_large_weights_are_converted_when_saved_to_the_same_bytes(monkeypatch):
+    from dllm_trt.optimize import precision
+
+    eager = ir.to_proto(convert("bf16"))
+    monkeypatch.setattr(precision, "LAZY_ELEMENTS", 0)  # every constant lazy, as a released-size weight is
+    lazy_model = convert("bf16")
+    converted = [v for v in lazy_model.graph.initializers.values() if v.name.endswith(".bfloat16")]
+    assert converted and all(isinstance(v.const_value, ir.LazyTensor) for v in converted)
+    lazy = ir.to_proto(lazy_model)
+    tables = lambda m: {i.name: numpy_helper.to_array(i).tobytes() for i in m.graph.initializer}  # noqa: E731
+    assert tables(lazy) == tables(eager)

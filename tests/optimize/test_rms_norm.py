@@ -13,7 +13,7 @@ from onnx import TensorProto, helper, numpy_helper
 from dllm_trt.optimize.context import PassContext
 from dllm_trt.optimize.rms_norm import fuse_rms_norm
 
-CTX = PassContext("ort-cpu", "fp32", "encoder", {})
+CTX = PassContext("ort-cpu", "fp32", "step", {})
 HIDDEN = 16
 
 
@@ -169,9 +169,8 @@ def test_every_norm_of_the_exported_graphs_fuses_and_parity_holds(tiny_export, t
     facts = json.loads((out / "manifest.json").read_text())["model"]
     layers = facts["num_layers"]
     # Per full layer: input, q, k, v, post-attention, pre-FFN, post-FFN-1, router, pre-FFN-2, post-FFN-2,
-    # post-FFN norms. The encoder's last layer only feeds K/V (input, k, v); the denoiser adds the
-    # self-conditioning pre/post norms and the final norm.
-    expected = {"encoder": 11 * (layers - 1) + 3, "denoiser": 2 + 11 * layers + 1}
+    # post-FFN norms; the step adds the self-conditioning pre/post norms and the final norm.
+    expected = {"step": 2 + 11 * layers + 1}
     for name, count in expected.items():
         model = ir.load(tiny_export / f"{name}.onnx")  # the copy is overwritten below: read the original
         assert fuse_rms_norm(model, PassContext("ort-cpu", "fp32", name, facts)) == count

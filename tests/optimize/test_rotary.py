@@ -17,7 +17,7 @@ from dllm_trt.models.presets import PRESETS
 from dllm_trt.optimize.context import PassContext
 from dllm_trt.optimize.rotary import fuse_rotary_embedding
 
-CTX = PassContext("ort-cpu", "fp32", "denoiser", {})
+CTX = PassContext("ort-cpu", "fp32", "step", {})
 B, T, HQ, HKV = 2, 6, 4, 2
 
 
@@ -129,8 +129,7 @@ def test_every_rope_of_the_exported_graphs_fuses_and_parity_holds(tiny_export, t
     shutil.copytree(tiny_export, out)
     facts = json.loads((out / "manifest.json").read_text())["model"]
     layers = facts["num_layers"]
-    # Q and K in every layer; the encoder's last layer computes only K (its output is the cache).
-    expected = {"encoder": 2 * (layers - 1) + 1, "denoiser": 2 * layers}
+    expected = {"step": 2 * layers}  # Q and K in every layer
     kinds = len({spec["sliding"] for spec in facts["layers"]})
     for name, count in expected.items():
         model = ir.load(tiny_export / f"{name}.onnx")  # the copy is overwritten below: read the original

@@ -13,12 +13,12 @@ from dllm_trt.optimize.sampling_head import add_sampling_head
 from dllm_trt.runtime.sampler import sampling_head, sampling_noise
 
 B, C, V, H = 2, 5, 37, 8
-CTX_REST = ("fp32", "denoiser", {"num_experts": 4, "top_k_experts": 2, "vocab_size": V})
+CTX_REST = ("fp32", "step", {"num_experts": 4, "top_k_experts": 2, "vocab_size": V})
 CTX = PassContext("ort-cpu", *CTX_REST)
 
 
-def denoiser_like(output_name: str = "logits", all_tied: bool = False) -> onnx.ModelProto:
-    """canvas_ids -> Gather(E) * scale -> MatMul(W) -> Tanh*30 (softcap) -> logits [B, C, V].
+def step_like(output_name: str = "logits", all_tied: bool = False) -> onnx.ModelProto:
+    """input_ids -> Gather(E) * scale -> MatMul(W) -> Tanh*30 (softcap) -> logits [B, C, V].
 
     `all_tied`: every column of W the same, so every logit of a row ties."""
     rng = np.random.default_rng(0)
@@ -28,7 +28,7 @@ def denoiser_like(output_name: str = "logits", all_tied: bool = False) -> onnx.M
     head = numpy_helper.from_array(np.ascontiguousarray(np.broadcast_to(weights, (H, V))), "head")
     cap = numpy_helper.from_array(np.array(30.0, dtype=np.float32), "cap")
     nodes = [
-        helper.make_node("Gather", ["embed", "canvas_ids"], ["e"]),
+        helper.make_node("Gather", ["embed", "input_ids"], ["e"]),
         helper.make_node("Mul", ["e", "embed_scale"], ["h"]),
         helper.make_node("MatMul", ["h", "head"], ["raw"]),
         helper.make_node("Div", ["raw", "cap"], ["d"]),
@@ -36,7 +36,7 @@ def denoiser_like(output_name: str = "logits", all_tied: bool = False) -> onnx.M
         helper.make_node("Mul", ["t", "cap"], [output_name]),
     ]
     graph = helper.make_graph(
-        nodes, "g", [helper.make_tensor_value_info("canvas_ids", TensorProto.INT64, ["batch", C])],
+        nodes, "g", [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", C])],
         [helper.make_tensor_value_info(output_name, TensorProto.FLOAT, ["batch", C, V])],
         initializer=[embed, scale, head, cap],
     )  # fmt: skip
@@ -51,7 +51,7 @@ def session(model: onnx.ModelProto) -> ort.InferenceSession:
 
 @pytest.mark.parametrize("target", ["ort-cpu", "trt"])
 def test_head_equals_the_torch_sampler_head(target: str):
-    original = denoiser_like()
+    original = step_like()
     model = ir.from_proto(original)
     assert add_sampling_head(model, PassContext(target, *CTX_REST)) == 1
     rewritten = ir.to_proto(model)
@@ -64,7 +64,7 @@ def test_head_equals_the_torch_sampler_head(target: str):
     assert ops.count(argmax_op) == 2 and other not in ops and "LogSoftmax" in ops
 
     canvas = np.random.default_rng(1).integers(0, V, (B, C)).astype(np.int64)
-    (logits,) = session(original).run(None, {"canvas_ids": canvas})
+    (logits,) = session(original).run(None, {"input_ids": canvas})
     generator = torch.Generator().manual_seed(3)
     noise = sampling_noise(B, C, V, generator)
     temperature = torch.tensor(0.55)
@@ -73,7 +73,7 @@ def test_head_equals_the_torch_sampler_head(target: str):
     embed = torch.from_numpy(numpy_helper.to_array(original.graph.initializer[0]).copy())
     expected_sc = torch.softmax(processed, -1) @ embed * float(np.sqrt(H))
     sampled, argmax, entropy, sc = session(rewritten).run(
-        None, {"canvas_ids": canvas, "temperature": temperature.numpy(), "sampling_noise": noise.view(B, C, V).numpy()}
+        None, {"input_ids": canvas, "temperature": temperature.numpy(), "sampling_noise": noise.view(B, C, V).numpy()}
     )
     assert np.array_equal(sampled, expected.sampled.numpy())
     assert np.array_equal(argmax, expected.argmax.numpy())
@@ -86,10 +86,10 @@ def test_head_equals_the_torch_sampler_head(target: str):
 @pytest.mark.parametrize("target", ["ort-cpu", "trt"])
 def test_ties_take_the_first_index_as_torch_does(target: str):
     """Every logit of a row equal and the noise all ones: torch's argmax takes index 0, so must the graph."""
-    model = ir.from_proto(denoiser_like(all_tied=True))
+    model = ir.from_proto(step_like(all_tied=True))
     add_sampling_head(model, PassContext(target, *CTX_REST))
     canvas = np.random.default_rng(2).integers(0, V, (B, C)).astype(np.int64)
-    feeds = {"canvas_ids": canvas, "temperature": np.array(0.7, np.float32),
+    feeds = {"input_ids": canvas, "temperature": np.array(0.7, np.float32),
              "sampling_noise": np.ones((B, C, V), np.float32)}  # fmt: skip
     sampled, argmax, _, _ = session(ir.to_proto(model)).run(None, feeds)
     reference = sampling_head(torch.zeros(B, C, V), torch.ones(B * C, V))
@@ -98,7 +98,7 @@ def test_ties_take_the_first_index_as_torch_does(target: str):
 
 
 def test_graph_without_logits_is_left_alone():
-    model = ir.from_proto(denoiser_like(output_name="hidden"))
+    model = ir.from_proto(step_like(output_name="hidden"))
     before = len(list(model.graph))
     assert add_sampling_head(model, CTX) == 0
     assert len(list(model.graph)) == before

@@ -60,7 +60,7 @@ class FakeDenoiser:
         self.bound = dict(feeds)
 
     def new_outputs(self):
-        b, c = self.bound["canvas_ids"].shape
+        b, c = self.bound["input_ids"].shape
         self.out = dict(
             sampled_ids=torch.empty(b, c, dtype=torch.int64, device="cuda"),
             argmax_ids=torch.empty(b, c, dtype=torch.int64, device="cuda"),
@@ -72,8 +72,8 @@ class FakeDenoiser:
     def enqueue(self, stream):
         self.enqueues += 1
         x = self.bound
-        self.out["sampled_ids"].copy_(x["canvas_ids"] + 1)
-        self.out["argmax_ids"].copy_(x["canvas_ids"])
+        self.out["sampled_ids"].copy_(x["input_ids"] + 1)
+        self.out["argmax_ids"].copy_(x["input_ids"])
         self.out["entropy"].copy_(
             x["temperature"] + x["past_key.0"].float().sum() + torch.zeros_like(self.out["entropy"])
         )
@@ -83,7 +83,7 @@ class FakeDenoiser:
 def _step_feeds(batch, canvas, hidden, seed, temperature=0.5):
     gen = torch.Generator(device="cuda").manual_seed(seed)
     return dict(
-        canvas_ids=torch.randint(0, 100, (batch, canvas), device="cuda", generator=gen),
+        input_ids=torch.randint(0, 100, (batch, canvas), device="cuda", generator=gen),
         self_conditioning=torch.randn(batch, canvas, hidden, device="cuda", generator=gen, dtype=torch.bfloat16),
         temperature=torch.tensor(temperature, device="cuda"),
     )
@@ -101,7 +101,7 @@ def test_denoise_graph_replays_new_inputs_and_recaptures_when_the_cache_grows():
         for seed in range(3):
             feeds = _step_feeds(2, 4, 8, seed, temperature=0.1 * (seed + 1))
             out = {k: v.clone() for k, v in graphs.run(feeds, cache).items()}
-            torch.testing.assert_close(out["sampled_ids"], feeds["canvas_ids"] + 1)
+            torch.testing.assert_close(out["sampled_ids"], feeds["input_ids"] + 1)
             torch.testing.assert_close(out["next_self_conditioning"], 2 * feeds["self_conditioning"])
             expected = 0.1 * (seed + 1) + float(cache["past_key.0"].float().sum())
             torch.testing.assert_close(out["entropy"], torch.full((2, 4), expected, device="cuda"))
@@ -123,7 +123,7 @@ def test_an_engine_that_cannot_be_captured_runs_eagerly(capsys):
     cache = {"past_key.0": torch.zeros(1, 2, 4, 8, dtype=torch.bfloat16, device="cuda")}
     feeds = _step_feeds(1, 4, 8, 0)
     out = graphs.run(feeds, cache)
-    torch.testing.assert_close(out["argmax_ids"], feeds["canvas_ids"])
+    torch.testing.assert_close(out["argmax_ids"], feeds["input_ids"])
     assert graphs.runner.capturable is False and "running it eagerly" in capsys.readouterr().err
     out = graphs.run(_step_feeds(1, 4, 8, 1), cache)  # and stays eager
     assert graphs.captures == 0
@@ -153,7 +153,7 @@ def test_engines_built_from_the_contract_graphs_run_with_and_without_cuda_graphs
     engines = tmp_path / "engines"
     profiles = ("batch=1:1:2", "new_tokens=1:8:16", "cache_full=0:16:64")
     build_engines(BuildOptions(opt, engines, gpu=gpu, profiles=profiles, timing_cache=tmp_path / "t.cache", quiet=True))
-    assert json.loads((engines / "build_info.json").read_text())["engines"]["denoiser"]["network"]["plugins"] == {
+    assert json.loads((engines / "build_info.json").read_text())["engines"]["step"]["network"]["plugins"] == {
         "DllmMoE": 2
     }
     from dllm_trt.manifest import read_manifest

@@ -26,15 +26,15 @@ def test_validate_passes_and_writes_reports(capsys, tiny_ckpt, tiny_export, tmp_
 def test_validate_fails_on_a_tampered_graph(capsys, tiny_ckpt, tiny_export, tmp_path):
     tampered = tmp_path / "tampered"
     shutil.copytree(tiny_export, tampered)
-    model = onnx.load(str(tampered / "denoiser.onnx"))
+    model = onnx.load(str(tampered / "step.onnx"))
     # one expert's down projection in the last layer, 2% larger: a plausible silent corruption
     down = next(init for init in model.graph.initializer if tuple(init.dims) in {(8, 64, 32), (8, 32, 64)})
     array = numpy_helper.to_array(down).copy()
     array[3] *= np.float32(1.02)
     down.CopyFrom(numpy_helper.from_array(array, down.name))
-    for path in tampered.glob("denoiser.onnx*"):
+    for path in tampered.glob("step*.onnx*"):
         path.unlink()
-    onnx.save(model, str(tampered / "denoiser.onnx"), save_as_external_data=True, location="denoiser.onnx.data")
+    onnx.save(model, str(tampered / "step.onnx"), save_as_external_data=True, location="step.onnx.data")
     code = main(["validate", str(tampered), "--reference", str(tiny_ckpt), "--seeds", "0"])
     err = capsys.readouterr().err
     assert code == 1

@@ -132,22 +132,24 @@ def summarize_network(lib: TrtLibrary, network: object) -> NetworkSummary:
 def build_serialized(
     lib: TrtLibrary,
     parsed: tuple,
-    shapes: dict[str, tuple[list[int], list[int], list[int]]],
+    profiles: list[dict[str, tuple[list[int], list[int], list[int]]]],
     compute_capability: tuple[int, int],
     opt_level: int,
     timing_cache: Path | None,
 ) -> tuple[bytes, list[str]]:
-    """One engine with one optimization profile; returns it and the builder's layer list (DETAILED)."""
+    """One engine with one optimization profile per entry of `profiles` (input name -> min, opt, max
+    shapes); returns it and the builder's layer list (DETAILED). The profiles share the weights."""
     trt = lib.trt
     builder, network, _, messages = parsed
     config = builder.create_builder_config()
     lib.configure_target(config, compute_capability)
     config.builder_optimization_level = opt_level
     config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED  # layer names and kernels in the log
-    profile = builder.create_optimization_profile()
-    for name, (lo, opt, hi) in shapes.items():
-        profile.set_shape(name, lo, opt, hi)
-    config.add_optimization_profile(profile)
+    for shapes in profiles:
+        profile = builder.create_optimization_profile()
+        for name, (lo, opt, hi) in shapes.items():
+            profile.set_shape(name, lo, opt, hi)
+        config.add_optimization_profile(profile)
     cache = None
     if timing_cache is not None and not lib.ahead_of_time:  # no tactic timing without the GPU
         data = timing_cache.read_bytes() if timing_cache.is_file() else b""

@@ -22,7 +22,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from dllm_trt.contract import STAGE_OPTIMIZE
+from dllm_trt.contract import SAMPLING_OUTPUTS, STAGE_OPTIMIZE, STEP
 from dllm_trt.engines import profiles as prof
 from dllm_trt.engines.gpu_presets import get_preset
 from dllm_trt.engines.plugins import FLOATS, PLUGIN_NAMESPACE, PLUGIN_VERSION, PLUGINS
@@ -30,7 +30,7 @@ from dllm_trt.engines.support import ONNX_TO_TRT, Support, fuses_attention, load
 from dllm_trt.errors import DllmError
 from dllm_trt.manifest import describe_value
 
-GRAPHS = ("encoder", "denoiser")
+GRAPHS = (STEP,)
 TOPK_MAX = 3840  # onnx-tensorrt: "K input must be less than 3840"
 
 
@@ -464,20 +464,20 @@ def _check_custom(node: onnx.NodeProto, g: GraphInfo, support: Support) -> list[
 
 
 def expected_static_dims(graph: str, facts: dict) -> dict[str, dict[int, int]]:
-    """Axes TensorRT needs static, per graph input/output name: canvas, vocab, hidden, heads, head dims."""
+    """Axes TensorRT needs static, per graph input/output name: vocab, hidden, heads, head dims.
+
+    The step graph's token and row axes are dynamic (the two phases differ in them); the profiles
+    bound them."""
     expected: dict[str, dict[int, int]] = {}
     for spec in facts["layers"]:
         heads = {1: spec["num_kv_heads"], 3: spec["head_dim"]}
         for kind in ("key", "value"):
-            expected[f"past_{kind}.{spec['index']}"] = heads
-            if graph == "encoder":
-                expected[f"{kind}.{spec['index']}"] = heads
-    if graph == "denoiser":
-        c, h, v = facts["canvas_length"], facts["hidden_size"], facts["vocab_size"]
-        for name in ("canvas_ids", "position_ids", "sampled_ids", "argmax_ids", "entropy"):
-            expected[name] = {1: c}
-        expected["self_conditioning"] = expected["next_self_conditioning"] = {1: c, 2: h}
-        expected["sampling_noise"] = {1: c, 2: v}
+            expected[f"past_{kind}.{spec['index']}"] = expected[f"{kind}.{spec['index']}"] = heads
+    h, v = facts["hidden_size"], facts["vocab_size"]
+    expected["self_conditioning"] = expected["next_self_conditioning"] = {2: h}
+    expected["sampling_noise"] = {2: v}
+    for name in SAMPLING_OUTPUTS[:3]:
+        expected[name] = {}
     return expected
 
 
@@ -616,7 +616,7 @@ def lint_artifacts(
         findings += graph_findings
         if ranges is not None:
             try:
-                prof.input_shapes(io, prof.graph_ranges(ranges, graph))
+                prof.step_profiles(io, ranges, manifest["model"]["canvas_length"])
             except DllmError as exc:
                 findings.append(Finding("error", graph, "profile", "profile", str(exc)))
     return LintReport(support.version, support.sources, ops, findings, ranges)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -78,6 +79,36 @@ def graph_shapes(model) -> set[MoEShape]:  # noqa: ANN001 (an onnx.ModelProto wi
     return shapes
 
 
+# The plugin's `kernels` field: this marker, the length of what follows (8 bytes, little-endian), then the
+# zlib-compressed JSON of the shape, the tile and the cubins. TensorRT stores plugin fields verbatim, twice
+# per layer and profile, so the compression is paid back many times (a cubin set: 371 KB as JSON, about
+# a quarter compressed); the marker lets a reader find every stored set in an engine.
+KERNELS_MAGIC = b"dllm_trt.DllmMoE.kernels/1\0"
+
+
+def pack_kernels(stored: dict) -> bytes:
+    data = zlib.compress(json.dumps(stored).encode(), 9)
+    return KERNELS_MAGIC + len(data).to_bytes(8, "little") + data
+
+
+def unpack_kernels(blob: bytes, offset: int = 0) -> dict:
+    """The kernel set packed at `offset` of `blob` (a field, or a whole engine)."""
+    if blob[offset : offset + len(KERNELS_MAGIC)] != KERNELS_MAGIC:
+        raise ValueError("not a DllmMoE kernel set (rebuild the engine with this dllm-trt)")
+    start = offset + len(KERNELS_MAGIC) + 8
+    size = int.from_bytes(blob[start - 8 : start], "little")
+    return json.loads(zlib.decompress(blob[start : start + size]))
+
+
+def kernels_in_engine(engine: bytes) -> list[dict]:
+    """Every kernel set an engine stores (one per plugin layer and copy TensorRT keeps)."""
+    sets, offset = [], engine.find(KERNELS_MAGIC)
+    while offset >= 0:
+        sets.append(unpack_kernels(engine, offset))
+        offset = engine.find(KERNELS_MAGIC, offset + 1)
+    return sets
+
+
 def _fields_of(trt, collection) -> dict:  # noqa: ANN001
     fields = {}
     for field in collection:
@@ -125,7 +156,7 @@ def plugin_classes(trt) -> tuple[type, type]:  # noqa: ANN001
             self.loaded: dict = {}
             self.serialized = None  # the field collection, once asked for
             if kernels:
-                stored = json.loads(kernels)
+                stored = unpack_kernels(kernels)
                 self.shape, self.bm = MoEShape(**stored["shape"]), stored["bm"]
                 self.compiled = {stage: CompiledKernel.from_dict(k) for stage, k in stored["kernels"].items()}
 
@@ -180,9 +211,9 @@ def plugin_classes(trt) -> tuple[type, type]:  # noqa: ANN001
             if self.shape is not None and self.arch is not None:
                 if not self.compiled:
                     self.compiled = kernels_for(self.shape, self.bm, self.arch, self.ptx_version)
-                blob = json.dumps(
+                blob = pack_kernels(
                     dict(shape=vars(self.shape), bm=self.bm, kernels={s: k.to_dict() for s, k in self.compiled.items()})
-                ).encode()
+                )
                 self.arrays["kernels"] = (np.frombuffer(blob, np.uint8).copy(), trt.PluginFieldType.UNKNOWN)
             self.fields = [trt.PluginField(name, array, kind) for name, (array, kind) in self.arrays.items()]
             self.serialized = trt.PluginFieldCollection(self.fields)

@@ -1,7 +1,7 @@
 """lint-trt's verdict where a TensorRT library is installed: its own parser and builder judge the graphs.
 
 Each graph is parsed with the MoE plugin registered and built for the preset's target with the
-profile `build` would use (TensorRT for RTX builds ahead of time anywhere; TensorRT proper needs its
+profiles `build` would use (TensorRT for RTX builds ahead of time anywhere; TensorRT proper needs its
 GPU to build, so without one only its parser speaks). Every parser error becomes a finding naming
 the node; a failed build becomes one finding with the builder's last error. Nothing is written.
 """
@@ -42,9 +42,9 @@ def parser_findings(directory: Path, manifest: dict, preset: GpuPreset, ranges: 
         if not build:
             continue
         engine.allow_decomposition(lib, parsed[1])
-        shapes = prof.input_shapes(io, prof.graph_ranges(ranges, graph))
+        profiles = prof.step_profiles(io, ranges, manifest["model"]["canvas_length"])
         try:
-            engine.build_serialized(lib, parsed, shapes, preset.compute_capability, 3, None)
+            engine.build_serialized(lib, parsed, list(profiles.values()), preset.compute_capability, 3, None)
         except DllmError as exc:
             findings.append(Finding("error", graph, "-", "build", str(exc)))
     target = f"{preset.sm}, ahead of time" if lib.ahead_of_time else ("this GPU" if build else "parser only: no GPU")

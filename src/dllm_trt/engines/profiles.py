@@ -1,9 +1,15 @@
-"""Optimization profiles: one (min, opt, max) range per dynamic dimension, resolved in one place.
+"""Optimization profiles: one (min, opt, max) range per dynamic dimension.
 
-The graphs name their dynamic axes (manifest `dynamic_axes`): batch, new_tokens, cache_full and
-cache_sliding. Defaults come from the GPU preset; `--profile name=min:opt:max` (or `name=N` for a
-fixed size) overrides one dimension for both graphs. The denoiser never runs on an empty cache (the
-prompt is encoded first), so its cache ranges start at 1 even when the encoder's start at 0.
+The step graph names its dynamic axes (manifest `dynamic_axes`): batch, new_tokens, rows,
+cache_full and cache_sliding. Its two phases differ only in shapes: `prompt` (an encoder pass over
+the prompt or a committed canvas: new_tokens up to the longest prompt, no rows) and `canvas` (a
+denoise step: new_tokens = rows = the canvas, never an empty cache, since the prompt is encoded
+first). By default the engine has one profile covering both (`step`: rows 0..canvas, opt at the
+canvas); `per_phase` gives it one profile per phase instead, which costs engine bytes (TensorRT
+keeps each profile's kernels: +13 MiB for the 6-layer `small` preset on SM121) and a second
+execution context, for tactics tuned to prompt shapes. Defaults come from the GPU preset;
+`--profile name=min:opt:max` (or `name=N` for a fixed size) overrides batch, new_tokens (the
+prompt phase) or a cache length.
 """
 
 from __future__ import annotations
@@ -13,9 +19,10 @@ from dataclasses import dataclass
 from dllm_trt.engines.gpu_presets import GpuPreset
 from dllm_trt.errors import DllmError
 
-DIMS = ("batch", "new_tokens", "cache_full", "cache_sliding")
-GRAPHS = ("encoder", "denoiser")
-_GRAPH_MIN = {"denoiser": {"cache_full": 1, "cache_sliding": 1}}
+DIMS = ("batch", "new_tokens", "rows", "cache_full", "cache_sliding")
+USER_DIMS = ("batch", "new_tokens", "cache_full", "cache_sliding")  # what --profile may set
+PHASES = ("prompt", "canvas")  # the optimization profiles of a per-phase engine, in this order
+BOTH = "step"  # the one profile of a default engine
 
 
 @dataclass(frozen=True)
@@ -37,8 +44,8 @@ def parse_overrides(texts: list[str] | None) -> dict[str, DimRange]:
     for text in texts or []:
         name, sep, value = text.partition("=")
         name = name.strip()
-        if not sep or name not in DIMS:
-            raise DllmError(f"--profile takes NAME=MIN:OPT:MAX with NAME one of {', '.join(DIMS)}; got '{text}'")
+        if not sep or name not in USER_DIMS:
+            raise DllmError(f"--profile takes NAME=MIN:OPT:MAX with NAME one of {', '.join(USER_DIMS)}; got '{text}'")
         try:
             parts = [int(v) for v in value.split(":")]
         except ValueError:
@@ -91,12 +98,20 @@ def resolve_ranges(preset: GpuPreset, model: dict, overrides: dict[str, DimRange
     return ranges
 
 
-def graph_ranges(ranges: dict[str, DimRange], graph: str) -> dict[str, DimRange]:
-    """The ranges one graph is built with (the denoiser's cache minimums raised to 1)."""
+def phase_ranges(ranges: dict[str, DimRange], phase: str, canvas: int) -> dict[str, DimRange]:
+    """Every dimension's range in one phase, or in both (BOTH; see the module docstring)."""
     out = dict(ranges)
-    for name, low in _GRAPH_MIN.get(graph, {}).items():
+    if phase == BOTH:
+        out["rows"] = DimRange(0, canvas, canvas)
+        return out
+    if phase == "prompt":
+        out["rows"] = DimRange(0, 0, 0)
+        return out
+    fixed = DimRange(canvas, canvas, canvas)
+    out["new_tokens"] = out["rows"] = fixed
+    for name in ("cache_full", "cache_sliding"):
         dim = out[name]
-        lo = max(dim.min, low)
+        lo = max(dim.min, 1)
         out[name] = DimRange(lo, max(dim.opt, lo), max(dim.max, lo))
     return out
 
@@ -130,3 +145,9 @@ def input_shapes(graph_io: dict, ranges: dict[str, DimRange]) -> dict[str, tuple
 
 def dynamic_dims(graph_io: dict) -> set[str]:
     return {d for value in graph_io["inputs"] for d in value["shape"] if not isinstance(d, int)}
+
+
+def step_profiles(graph_io: dict, ranges: dict[str, DimRange], canvas: int, per_phase: bool = False) -> dict:
+    """The step engine's optimization profiles in order: profile name -> input name -> (min, opt, max)."""
+    phases = PHASES if per_phase else (BOTH,)
+    return {phase: input_shapes(graph_io, phase_ranges(ranges, phase, canvas)) for phase in phases}

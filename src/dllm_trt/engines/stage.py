@@ -1,11 +1,15 @@
-"""`dllm-trt build`: `run(BuildOptions) -> BuildResult`; optimized graphs in; encoder.engine,
-denoiser.engine, build_info.json, manifest.json out.
+"""`dllm-trt build`: `run(BuildOptions) -> BuildResult`; the optimized step graph in; step.engine,
+build_info.json, manifest.json out.
+
+One engine, one copy of the weights, for the encoder pass (no rows) and the denoise step (a row per
+canvas token): one optimization profile covering both, or with `profile_per_phase` one per phase
+(engines.profiles says what each costs).
 
 `plan_build` resolves and checks everything no TensorRT is needed for (manifest, preset, library,
 precision, profiles, lint-trt's pre-flight, a memory estimate); `dry_run` stops there.
 `build_engines` then loads the preset's library (TensorRT on the GPU itself, TensorRT for RTX ahead
 of time on any machine), registers the MoE plugin for the target architecture, parses each graph as
-it is (optimize wrote it for TensorRT), builds it, checks what was built, and writes everything into
+it is (optimize wrote it for TensorRT), builds it with its profiles, checks what was built, and writes everything into
 a temporary directory renamed into place at the end. The engines' precision is the graphs' own
 (strongly typed networks): `optimize --precision` decides it.
 
@@ -50,6 +54,7 @@ class BuildOptions:
     ptx_version: int | None = None  # cap the PTX ISA of the MoE plugin's kernels (e.g. 88)
     force: bool = False  # replace a non-empty output directory
     dry_run: bool = False  # check and return the plan; needs no TensorRT or GPU
+    profile_per_phase: bool = False  # two optimization profiles (prompt, canvas) instead of one (engines.profiles)
     quiet: bool = False
 
 
@@ -65,8 +70,11 @@ def default_timing_cache(preset: GpuPreset, trt_version: str | None) -> Path:
     return root / f"{preset.name}-trt{trt_version or 'unknown'}.cache"
 
 
-def _memory_estimate(manifest: dict, ranges: dict[str, prof.DimRange], precision: str) -> dict:
-    """Device memory at the profiles' maxima: both engines' weights, the KV cache, the sampling noise."""
+def _memory_estimate(directory: Path, manifest: dict, ranges: dict[str, prof.DimRange], precision: str) -> dict:
+    """Device memory at the profiles' maxima: the engine's weights (once), the KV cache, and the larger
+    phase's activations as `dllm-trt plan` estimates them (engines.memory_plan)."""
+    from dllm_trt.engines import memory_plan
+
     model = manifest["model"]
     weights = {
         g: manifest["graphs"][g]["bytes"] + sum(f["bytes"] for f in manifest["graphs"][g].get("external_data", []))
@@ -82,9 +90,11 @@ def _memory_estimate(manifest: dict, ranges: dict[str, prof.DimRange], precision
         * (ranges["cache_sliding"].max if spec["sliding"] else ranges["cache_full"].max)
         for spec in model["layers"]
     )
-    noise = batch * model["canvas_length"] * model["vocab_size"] * 4
-    total = sum(weights.values()) + kv + noise
-    return dict(weights=weights, kv_cache=kv, sampling_noise=noise, total=total)
+    meta = memory_plan.meta_model(memory_plan.load_config(str(directory))[1])
+    context, chunk = ranges["cache_full"].max, ranges["new_tokens"].max
+    activations = memory_plan.activation_bytes(meta, batch, context, chunk, precision)
+    total = sum(weights.values()) + kv + activations
+    return dict(weights=weights, kv_cache=kv, activations=activations, total=total)
 
 
 def _graph_counts(model: onnx.ModelProto, precision: str) -> dict[str, int]:
@@ -140,17 +150,18 @@ def plan_build(options: BuildOptions, trt_version: str | None = None) -> dict:
     for graph, engine_file in ENGINE_FILES.items():
         io = manifest["graphs"][graph]
         model = onnx.load(str(directory / io["file"]), load_external_data=False)
-        shapes = prof.input_shapes(io, prof.graph_ranges(ranges, graph))
-        expected = _graph_counts(model, precision)
-        graphs[graph] = dict(file=io["file"], engine=engine_file, expected=expected, shapes=shapes)
-    memory = _memory_estimate(manifest, ranges, precision)
+        profiles = prof.step_profiles(io, ranges, manifest["model"]["canvas_length"], options.profile_per_phase)
+        expected = _graph_counts(model, precision) | dict(profiles=len(profiles))
+        graphs[graph] = dict(file=io["file"], engine=engine_file, expected=expected, profiles=profiles)
+    memory = _memory_estimate(directory, manifest, ranges, precision)
     warnings = [f"{f.graph}: {f.op} '{f.node}': {f.message}" for f in lint.warnings]
     if memory["total"] > preset.memory_gib * 2**30 * 0.9:
         warnings.append(
-            f"estimated device memory {human_bytes(memory['total'])} (two engines' weights "
-            f"{human_bytes(sum(memory['weights'].values()))}, KV cache {human_bytes(memory['kv_cache'])} at the "
-            f"profile maxima) exceeds 90% of the {preset.memory_gib} GB of a {preset.name}: shrink the profiles "
-            "(--profile batch=..., cache_full=...) or share weights between the engines"
+            f"estimated device memory {human_bytes(memory['total'])} (weights "
+            f"{human_bytes(sum(memory['weights'].values()))}, KV cache {human_bytes(memory['kv_cache'])}, "
+            f"activations {human_bytes(memory['activations'])} at the profile maxima) exceeds 90% of the "
+            f"{preset.memory_gib} GB of a {preset.name}: shrink the profiles (--profile batch=..., "
+            "new_tokens=..., cache_full=...) or quantize the experts"
         )
     return dict(
         optimized=str(directory),
@@ -181,13 +192,14 @@ def format_plan(plan: dict) -> str:
         lines.append(
             f"{graph}: {info['file']} -> {info['engine']} ({want['moe']} MoE plugin layers, {want['attention']} "
             f"attention layers of which {want['attention_decomposable']} decomposed (no fused kernel for the dtype and "
-            f"head size); {len(info['shapes'])} dynamic inputs)"
+            f"head size); profiles {', '.join(info['profiles'])} over {len(next(iter(info['profiles'].values())))} "
+            "dynamic inputs)"
         )
     mem = plan["memory_estimate"]
     lines.append(
         f"device memory estimate: {human_bytes(mem['total'])} (weights "
         f"{human_bytes(sum(mem['weights'].values()))}, KV {human_bytes(mem['kv_cache'])}, "
-        f"noise {human_bytes(mem['sampling_noise'])})"
+        f"activations {human_bytes(mem['activations'])}, as 'dllm-trt plan' estimates them)"
     )
     lines += [f"warning: {w}" for w in plan["warnings"]]
     return "\n".join(lines)
@@ -207,14 +219,11 @@ def _aux_files(directory: Path, manifest: dict) -> list[Path]:
 
 
 def run(options: BuildOptions) -> BuildResult:
-    """The plan, and unless `dry_run` both engines built into `options.output`."""
+    """The plan, and unless `dry_run` the engine built into `options.output`."""
     if options.dry_run:
         return BuildResult(plan_build(options), None)
     plan, info = build_engines(options)
     return BuildResult(plan, info)
-
-
-KERNELS_FIELD = b'{"shape": '  # the start of a DllmMoE plugin's stored kernels (engines.moe_plugin)
 
 
 def judge_engine(graph: str, expected: dict, network: dict, fused_kernels: int, stored_kernels: int) -> list[str]:
@@ -237,19 +246,20 @@ def judge_engine(graph: str, expected: dict, network: dict, fused_kernels: int, 
             f"{graph}: {expected['attention_decomposable']} attention nodes without a fused kernel but "
             f"{network['attention_decomposable']} decomposable attention layers"
         )
-    if fused_kernels < expected["attention_fused_live"]:
+    profiles = expected.get("profiles", 1)  # the builder lists every profile's kernels
+    if fused_kernels < expected["attention_fused_live"] * profiles:
         problems.append(
-            f"{graph}: {expected['attention_fused_live']} attention nodes must fuse, but the engine "
-            f"lists {fused_kernels} fused attention kernel(s)"
+            f"{graph}: {expected['attention_fused_live']} attention nodes must fuse in each of {profiles} "
+            f"profile(s), but the engine lists {fused_kernels} fused attention kernel(s)"
         )
     return problems
 
 
 def build_engines(options: BuildOptions) -> tuple[dict, dict]:
-    """Build both engines into `options.output`; returns the plan and the build_info written there."""
+    """Build the engine into `options.output`; returns the plan and the build_info written there."""
     from dllm_trt.engines import engine as trt_engine
     from dllm_trt.engines.gpu import check_gpu, detect_gpu
-    from dllm_trt.engines.moe_plugin import RUNTIME_REQUIREMENT, compile_for_graphs, register_moe_plugin
+    from dllm_trt.engines.moe_plugin import KERNELS_MAGIC, RUNTIME_REQUIREMENT, compile_for_graphs, register_moe_plugin
     from dllm_trt.engines.trt_library import load_library
 
     directory, out = options.optimized, options.output
@@ -289,10 +299,15 @@ def build_engines(options: BuildOptions) -> tuple[dict, dict]:
                 start = time.perf_counter()
                 timing_cache = Path(plan["timing_cache"]) if not lib.ahead_of_time else None
                 serialized, layers = trt_engine.build_serialized(
-                    lib, parsed, info["shapes"], preset.compute_capability, options.opt_level, timing_cache
+                    lib,
+                    parsed,
+                    list(info["profiles"].values()),
+                    preset.compute_capability,
+                    options.opt_level,
+                    timing_cache,
                 )
                 fused = trt_engine.fused_attention_kernels(layers)
-                problems = judge_engine(graph, info["expected"], network, fused, serialized.count(KERNELS_FIELD))
+                problems = judge_engine(graph, info["expected"], network, fused, serialized.count(KERNELS_MAGIC))
                 if problems:
                     raise DllmError("the built engine is not the graph: " + "; ".join(problems))
                 path = tmp / info["engine"]
@@ -321,7 +336,7 @@ def build_engines(options: BuildOptions) -> tuple[dict, dict]:
                 ),
                 precision=plan["precision"],
                 profiles=plan["profiles"],
-                graph_profiles={g: plan["graphs"][g]["shapes"] for g in ENGINE_FILES},
+                graph_profiles={g: plan["graphs"][g]["profiles"] for g in ENGINE_FILES},
                 optimized_manifest_sha256=file_sha256(directory / MANIFEST),
                 checkpoint_hash=manifest.get("checkpoint", {}).get("hash"),
                 opt_level=options.opt_level,

@@ -100,7 +100,11 @@ def _compile(spec: KernelSpec, arch: int, ptx_version: int | None) -> CompiledKe
     compiled = None
     for num_stages in range(spec.num_stages, 0, -1):  # fewer pipeline stages, less shared memory
         options = {"num_warps": spec.num_warps, "num_stages": num_stages} | isa
-        compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
+        with triton.knobs.compilation.scope():
+            # no source-line tables: the cubins are stored in every engine, twice per plugin layer, and
+            # the line info is two thirds of a cubin (87 KB -> about 30 KB for `route`)
+            triton.knobs.compilation.disable_line_info = True
+            compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
         if compiled.metadata.shared <= DEFAULT_SMEM_LIMIT:
             break
     else:

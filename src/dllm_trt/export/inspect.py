@@ -30,11 +30,13 @@ class Inspection:
 
 
 def _listed_files(manifest: dict) -> list[dict]:
-    files = []
+    """Every file the graphs list, once (graphs share external data files)."""
+    files: dict[str, dict] = {}
     for graph in manifest.get("graphs", {}).values():
-        files.append(dict(file=graph["file"], bytes=graph.get("bytes"), sha256=graph.get("sha256")))
-        files += graph.get("external_data", [])
-    return files
+        files.setdefault(graph["file"], dict(file=graph["file"], bytes=graph.get("bytes"), sha256=graph.get("sha256")))
+        for entry in graph.get("external_data", []):
+            files.setdefault(entry["file"], entry)
+    return list(files.values())
 
 
 def verify_checksums(directory: Path, manifest: dict, quiet: bool = False) -> list[str]:

@@ -1,9 +1,10 @@
-"""torch -> ONNX for the encoder step and the denoise step (torch.onnx, dynamo), weights as external data.
+"""torch -> ONNX for the step (the encoder pass and the denoise step in one graph; torch.onnx, dynamo),
+weights as external data, and the small self-conditioning graph for backends that sample in torch.
 
-Batch, new-token count and both cache lengths are dynamic; the canvas length comes from the
-config and is static, as every engine built later wants it. `export_encoder` and friends are the
-in-memory path (a loaded model in, a saved graph out); the streaming path (`streaming.py`) traces
-the same `TraceSpec`s over a model without weights.
+Batch, new tokens, rows (T to denoise, 0 to encode) and both cache lengths are dynamic; the model's
+widths are static, as every engine built later wants them. `export_step` and `export_self_conditioning`
+are the in-memory path (a loaded model in, a saved graph out); the streaming path (`stage.py`)
+traces the same `TraceSpec`s over a model without weights.
 """
 
 from __future__ import annotations
@@ -20,21 +21,15 @@ import onnx
 import torch
 from torch.export import Dim
 
-from dllm_trt.contract import (
-    DENOISER_INPUTS,
-    ENCODER_INPUTS,
-    LOGITS,
-    SOFT_EMBEDDING_INPUT,
-    SOFT_EMBEDDING_OUTPUT,
-    cache_names,
-)
+from dllm_trt.contract import LOGITS, ROWS_AXIS, SOFT_EMBEDDING_INPUT, SOFT_EMBEDDING_OUTPUT, STEP_INPUTS, cache_names
 from dllm_trt.errors import DllmError
-from dllm_trt.models.diffusion_gemma import DenoiseStep, EncoderStep, LayerSpec, SoftEmbedding, layer_specs
+from dllm_trt.models.diffusion_gemma import LayerSpec, SoftEmbedding, Step, layer_specs
 
 OPSET = 23
 
-# Example sizes for tracing: distinct values so that no two dynamic axes get unified by accident.
-_EXAMPLE = dict(batch=2, new_tokens=5, cache_full=11, cache_sliding=7)
+# Example sizes for tracing: distinct values so that no two dynamic axes get unified by accident
+# (rows < new_tokens: the trace must not learn rows == new_tokens, which only the canvas has).
+_EXAMPLE = dict(batch=2, new_tokens=5, rows=3, cache_full=11, cache_sliding=7)
 
 
 @dataclass(frozen=True)
@@ -45,18 +40,8 @@ class GraphIO:
     outputs: list[str]
 
 
-def encoder_io(specs: list[LayerSpec]) -> GraphIO:
-    return GraphIO(
-        inputs=[*ENCODER_INPUTS, *cache_names(specs, "past_")],
-        outputs=cache_names(specs, ""),
-    )
-
-
-def denoiser_io(specs: list[LayerSpec]) -> GraphIO:
-    return GraphIO(
-        inputs=[*DENOISER_INPUTS, *cache_names(specs, "past_")],
-        outputs=[LOGITS],
-    )
+def step_io(specs: list[LayerSpec]) -> GraphIO:
+    return GraphIO(inputs=[*STEP_INPUTS, *cache_names(specs, "past_")], outputs=[*cache_names(specs, ""), LOGITS])
 
 
 def example_cache(
@@ -105,41 +90,25 @@ def trace(spec: TraceSpec, optimize: bool):  # noqa: ANN201 (torch.onnx.ONNXProg
             )
 
 
-def encoder_spec(model) -> TraceSpec:  # noqa: ANN001
+def step_spec(model) -> TraceSpec:  # noqa: ANN001
     specs = layer_specs(model)
     dtype = model.dtype
-    b, t, c = _EXAMPLE["batch"], _EXAMPLE["new_tokens"], _EXAMPLE["cache_full"]
-    vocab = model.config.text_config.vocab_size
+    b, t, r, c = _EXAMPLE["batch"], _EXAMPLE["new_tokens"], _EXAMPLE["rows"], _EXAMPLE["cache_full"]
+    text = model.config.text_config
     args = (
-        torch.randint(0, vocab, (b, t)),
+        torch.randint(0, text.vocab_size, (b, t)),
         torch.arange(c, c + t).expand(b, t).contiguous(),
         torch.ones(b, t, dtype=torch.bool),
         torch.ones(b, c, dtype=torch.bool),
+        torch.randn(b, r, text.hidden_size).to(dtype),
         *example_cache(specs, b, c, _EXAMPLE["cache_sliding"], dtype),
     )
-    batch, tokens = Dim("batch"), Dim("new_tokens")
+    batch, tokens, rows = Dim("batch"), Dim("new_tokens"), Dim(ROWS_AXIS)
     full, sliding = Dim("cache_full"), Dim("cache_sliding")
     per_token = {0: batch, 1: tokens}
-    shapes = (per_token, per_token, per_token, {0: batch, 1: full}, _cache_dims(specs, batch, full, sliding))
-    return TraceSpec(EncoderStep(model), args, shapes, encoder_io(specs))
-
-
-def denoiser_spec(model) -> TraceSpec:  # noqa: ANN001
-    specs = layer_specs(model)
-    dtype = model.dtype
-    b, c = _EXAMPLE["batch"], _EXAMPLE["cache_full"]
-    canvas = model.config.canvas_length
-    text = model.config.text_config
-    args = (
-        torch.randint(0, text.vocab_size, (b, canvas)),
-        torch.randn(b, canvas, text.hidden_size).to(dtype),
-        torch.arange(c, c + canvas).expand(b, canvas).contiguous(),
-        torch.ones(b, c, dtype=torch.bool),
-        *example_cache(specs, b, c, _EXAMPLE["cache_sliding"], dtype),
-    )
-    batch, full, sliding = Dim("batch"), Dim("cache_full"), Dim("cache_sliding")
-    shapes = ({0: batch}, {0: batch}, {0: batch}, {0: batch, 1: full}, _cache_dims(specs, batch, full, sliding))
-    return TraceSpec(DenoiseStep(model), args, shapes, denoiser_io(specs))
+    shapes = (per_token, per_token, per_token, {0: batch, 1: full}, {0: batch, 1: rows},
+              _cache_dims(specs, batch, full, sliding))  # fmt: skip
+    return TraceSpec(Step(model), args, shapes, step_io(specs))
 
 
 def self_conditioning_spec(model) -> TraceSpec:  # noqa: ANN001
@@ -150,22 +119,24 @@ def self_conditioning_spec(model) -> TraceSpec:  # noqa: ANN001
     return TraceSpec(SoftEmbedding(model), args, ({0: Dim("batch")},), io_names)
 
 
-def _export_spec(spec: TraceSpec, path: Path) -> GraphIO:
-    """The in-memory path: trace the loaded model, let torch.onnx optimize and save it with its weights."""
-    trace(spec, optimize=True).save(str(path), external_data=True)
+def _export_spec(spec: TraceSpec, path: Path, model, index: dict | None) -> GraphIO:  # noqa: ANN001
+    """The in-memory path: trace the loaded model, let torch.onnx optimize and save it with its weights
+    (named after the checkpoint's tensors when its `index` is given, as the streaming path names them)."""
+    from dllm_trt.export.weights import name_after_checkpoint
+
+    program = trace(spec, optimize=True)
+    if index is not None:
+        name_after_checkpoint(program.model.graph, spec.module, model, index)
+    program.save(str(path), external_data=True)
     return spec.io_names
 
 
-def export_encoder(model, path: Path) -> GraphIO:  # noqa: ANN001
-    return _export_spec(encoder_spec(model), path)
+def export_step(model, path: Path, index: dict | None = None) -> GraphIO:  # noqa: ANN001
+    return _export_spec(step_spec(model), path, model, index)
 
 
-def export_denoiser(model, path: Path) -> GraphIO:  # noqa: ANN001
-    return _export_spec(denoiser_spec(model), path)
-
-
-def export_self_conditioning(model, path: Path) -> GraphIO:  # noqa: ANN001
-    return _export_spec(self_conditioning_spec(model), path)
+def export_self_conditioning(model, path: Path, index: dict | None = None) -> GraphIO:  # noqa: ANN001
+    return _export_spec(self_conditioning_spec(model), path, model, index)
 
 
 def check_experts(path: Path, num_experts: int, gate_up_shape: tuple, down_shape: tuple, layers: int) -> None:

@@ -1,12 +1,12 @@
-"""`dllm-trt export`: checkpoint directory -> encoder.onnx, denoiser.onnx, self_conditioning.onnx and
-manifest.json.
+"""`dllm-trt export`: checkpoint directory -> step.onnx (the encoder pass and the denoise step in one
+graph, one copy of every weight), self_conditioning.onnx (sharing the step's embedding) and manifest.json.
 
 `run(ExportOptions) -> ExportResult`. Streaming, so that peak memory does not grow with the
 checkpoint: the graphs are traced over a model without weights (`skeleton.py`, `lazy_graph.py`),
 then every weight is read from the safetensors shards and written to external-data shards one
 chunk at a time, transposed and cast as the graph expects (`weights.py`, `writer.py`). Finished
 shards are journaled, so an interrupted export resumes (`journal.py`). The parity check loads one
-layer and one onnxruntime session at a time (`offload.py`). `onnx_export.export_encoder` and
+layer and one onnxruntime session at a time (`offload.py`). `onnx_export.export_step` and
 friends remain the in-memory path; both paths produce the same nodes and byte-identical weights.
 """
 
@@ -21,12 +21,12 @@ from pathlib import Path
 import onnx_ir as ir
 import torch
 
-from dllm_trt.contract import CARRIED_FILES, DENOISER_FILE, ENCODER_FILE, SELF_CONDITIONING_FILE, STAGE_EXPORT
+from dllm_trt.contract import CARRIED_FILES, SELF_CONDITIONING_FILE, STAGE_EXPORT, STEP, STEP_FILE
 from dllm_trt.export.journal import Journal, resumable_output
 from dllm_trt.export.lazy_graph import lazy_graph
-from dllm_trt.export.onnx_export import OPSET, check_experts, denoiser_spec, encoder_spec, self_conditioning_spec
+from dllm_trt.export.onnx_export import OPSET, check_experts, self_conditioning_spec, step_spec
 from dllm_trt.export.skeleton import build_skeleton, checkpoint_dtype, parse_dtype
-from dllm_trt.export.weights import FOLD_INPUT_LIMIT
+from dllm_trt.export.weights import FOLD_INPUT_LIMIT, CheckpointWeight
 from dllm_trt.export.writer import DEFAULT_SHARD_BYTES, WrittenFile, plan_shards, write_shards
 from dllm_trt.manifest import MANIFEST, check_external_data, describe_graph, tool_versions, write_manifest
 from dllm_trt.models.checkpoint import checkpoint_hash, read_config, safetensors_files, tensor_index
@@ -35,8 +35,7 @@ from dllm_trt.progress import Progress, human_bytes
 from dllm_trt.validate.compare import summary_lines
 
 GRAPHS = (
-    ("encoder", ENCODER_FILE, encoder_spec),
-    ("denoiser", DENOISER_FILE, denoiser_spec),
+    (STEP, STEP_FILE, step_spec),
     ("self_conditioning", SELF_CONDITIONING_FILE, self_conditioning_spec),
 )
 
@@ -97,7 +96,7 @@ def run(options: ExportOptions) -> ExportResult:
     ckpt, out, dtype, quiet = options.checkpoint, options.output, options.dtype, options.quiet
     parity, seed, force = options.parity, options.seed, options.force
     max_shard_bytes, eager_max_elements = options.max_shard_bytes, options.eager_max_elements
-    progress = Progress(total=7 if parity else 6, quiet=quiet)
+    progress = Progress(total=3 + len(GRAPHS) + parity, quiet=quiet)
     with progress.stage("checking checkpoint") as notes:
         config = read_config(ckpt)
         files = safetensors_files(ckpt)
@@ -121,12 +120,13 @@ def run(options: ExportOptions) -> ExportResult:
             text = model.config.text_config
             notes.append(f"{text.num_hidden_layers} layers, {_name(export_dtype)}, nothing read but config.json")
         journal = Journal(work, key)
-        graphs = {}
+        graphs, on_disk = {}, {}
         for name, file, spec in GRAPHS:
             with progress.stage(f"exporting {file}") as notes:
                 graphs[name] = _export_graph(
-                    name, file, spec, model, index, work, journal, progress, max_shard_bytes, eager_max_elements
-                )
+                    name, file, spec, model, index, work, journal, progress, max_shard_bytes, eager_max_elements,
+                    on_disk,
+                )  # fmt: skip
                 external = graphs[name]["external_data"]
                 size = graphs[name]["bytes"] + sum(e["bytes"] for e in external)
                 resumed = graphs[name].pop("resumed")
@@ -182,24 +182,43 @@ def _export_graph(
     progress: Progress,
     max_shard_bytes: int,
     eager_max_elements: int,
+    on_disk: dict[str, tuple[ir.ExternalTensor, WrittenFile]],
 ) -> dict:
     """Trace one graph without weights, write its weights (resumably), save and check it; its manifest entry.
 
     One graph at a time, traced then written, so that an interruption loses at most one trace.
+    `on_disk` (checkpoint recipe -> where an earlier graph wrote it) makes a weight two graphs share
+    (the embedding of the step and of the self-conditioning graph) one copy on disk.
     """
     graph = lazy_graph(spec(model), model, index, eager_max_elements)
+    shared: list[WrittenFile] = []
+    recipes = {}
+    for value in graph.graph.initializers.values():
+        if isinstance(value.const_value, CheckpointWeight):
+            key = value.const_value.recipe.describe()
+            if key in on_disk:
+                value.const_value, written_file = on_disk[key]
+                shared.append(written_file)
+            else:
+                recipes[value.name] = key
     shards = plan_shards(graph.graph, Path(file).stem, max_shard_bytes)
     written = write_shards(graph.graph, name, shards, work, journal, progress)
+    by_file = {w.file: w for w in written}
+    for value_name, key in recipes.items():
+        tensor = graph.graph.initializers[value_name].const_value
+        if isinstance(tensor, ir.ExternalTensor):
+            on_disk[key] = (tensor, by_file[tensor.location])
     ir.save(graph, str(work / file))  # tensors are external already: only the graph is written
+    files = {w.file: w for w in [*written, *shared]}
     external = check_external_data(work / file)
-    if sorted(p.name for p in external) != sorted(w.file for w in written):
-        raise RuntimeError(f"{file} refers to {external}, the writer wrote {written}")
-    if name != "self_conditioning":
+    if sorted(p.name for p in external) != sorted(files):
+        raise RuntimeError(f"{file} refers to {external}, the writer wrote {sorted(files)}")
+    if name == STEP:
         text = model.config.text_config
-        moe_layers = text.num_hidden_layers - (1 if name == "encoder" else 0)  # encoder: last FFN unused
         hidden, width, experts = text.hidden_size, text.moe_intermediate_size, text.num_experts
-        check_experts(work / file, experts, (experts, 2 * width, hidden), (experts, hidden, width), moe_layers)
-    return describe_exported_graph(work / file, written) | dict(resumed=sum(w.resumed for w in written))
+        check_experts(work / file, experts, (experts, 2 * width, hidden), (experts, hidden, width),
+                      text.num_hidden_layers)  # fmt: skip
+    return describe_exported_graph(work / file, list(files.values())) | dict(resumed=sum(w.resumed for w in written))
 
 
 def _measure_parity(

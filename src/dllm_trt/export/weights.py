@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import numpy as np
 import onnx_ir as ir
 import torch
 from onnx_ir.tensor_adapters import TorchTensor
@@ -184,3 +185,50 @@ def fold_lazy_transposes(graph: ir.Graph, large: int = FOLD_INPUT_LIMIT) -> int:
 
 def lazy_weights(graph: ir.Graph) -> list[ir.Value]:
     return [v for v in graph.initializers.values() if isinstance(v.const_value, CheckpointWeight)]
+
+
+def name_after_checkpoint(graph: ir.Graph, module: torch.nn.Module, model, index: dict[str, TensorEntry]) -> int:  # noqa: ANN001
+    """Every initializer holding a checkpoint tensor takes that tensor's name (`model.decoder.layers.0.
+    mlp.gate_proj.weight`), with `.T` where the graph holds it transposed, so that refit by name,
+    polygraphy and per-layer tools find it. The exporter's own names (`val_105`, `transpose_5`)
+    say nothing; derived buffers (RoPE frequencies) and computed constants keep theirs. Returns the count.
+    """
+    named = dict(module.named_parameters(remove_duplicate=False)) | dict(module.named_buffers(remove_duplicate=False))
+    sources = CheckpointSources(model, index)
+    renamed = 0
+    for value in list(graph.initializers.values()):
+        tensor = value.const_value
+        permuted = None  # whether the graph holds the tensor with its axes permuted; None: tell by shape
+        if isinstance(tensor, CheckpointWeight):
+            source, shape = tensor.recipe.source, tensor.recipe.shape
+            permuted = tensor.recipe.perm not in (None, tuple(range(len(source.shape))))
+        else:
+            origin = value.name
+            folded = value.meta.get(FOLDED_FROM_KEY)
+            if origin not in named and folded and len(folded) == 1:
+                origin = next(iter(folded))
+            source = sources.entry(named[origin]) if origin in named else None
+            if source is None:
+                continue
+            shape = tuple(value.shape.dims) if value.shape is not None else ()
+            if origin != value.name and shape == tuple(source.shape) and len(set(shape)) < len(shape):
+                # a small weight the optimizer folded, with equal axes (a square matrix; gate_up [E, 2I, H]
+                # with 2I = H): the shape cannot tell a transpose, the values can
+                held = np.asarray(tensor.numpy()).astype(np.float32)
+                original = WeightRecipe(source, named[origin].dtype).materialize().float().numpy()
+                permuted = not np.array_equal(held, original)
+        if shape == tuple(source.shape) and not permuted:
+            name = source.name
+        elif sorted(shape) == sorted(source.shape):
+            name = f"{source.name}.T"
+        else:
+            name = f"{source.name}.folded"
+        if name == value.name:
+            continue
+        unique, count = name, 1
+        while unique in graph.initializers:
+            count += 1
+            unique = f"{name}.{count}"
+        value.name = unique
+        renamed += 1
+    return renamed

@@ -48,8 +48,8 @@ def plan_shards(graph: ir.Graph, stem: str, max_shard_bytes: int = DEFAULT_SHARD
     shards: list[Shard] = []
     for value in graph.initializers.values():
         size = value.const_value.nbytes
-        if size <= INLINE_MAX_BYTES:
-            continue
+        if size <= INLINE_MAX_BYTES or isinstance(value.const_value, ir.ExternalTensor):
+            continue  # inline, or already on disk (a weight another graph of the export wrote)
         if not shards or (shards[-1].values and shards[-1].nbytes + size > max_shard_bytes):
             shards.append(Shard(file=""))
         shard = shards[-1]

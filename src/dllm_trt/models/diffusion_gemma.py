@@ -1,4 +1,4 @@
-"""DiffusionGemma's two compiled steps as export-friendly modules over the reference weights.
+"""DiffusionGemma's compiled step (encoder pass and denoise step in one) as an export-friendly module.
 
 transformers' `DiffusionGemmaForBlockDiffusion` is the source of truth. These modules call its own
 submodules (projections, norms, rotary embedding, router, MLPs) and re-state only what does not
@@ -7,9 +7,9 @@ export: the `Cache` object (replaced by plain K/V tensors the caller owns), the 
 `nonzero()` (replaced by every expert on every token, weighted by a dense routing matrix, which
 is exact because unrouted experts get weight zero).
 
-Letters: B batch, T new tokens, C canvas, P cache length (Pf full layers, Ps sliding layers),
-H hidden, Q query heads, G key/value heads, D head dim, N tokens (B*T), E experts, K active
-experts, I expert width, V vocab.
+Letters: B batch, T new tokens, R rows denoised (T or 0), C canvas, P cache length (Pf full
+layers, Ps sliding layers), H hidden, Q query heads, G key/value heads, D head dim, N tokens (B*T),
+E experts, K active experts, I expert width, V vocab.
 """
 
 from __future__ import annotations
@@ -135,18 +135,15 @@ def layer_forward(
     past_key: torch.Tensor,
     past_value: torch.Tensor,
     bias: torch.Tensor,
-    need_output: bool = True,
     dense_moe: bool = True,
-) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
-    """One decoder/encoder layer in the reference's order; skips the FFN when only K/V are wanted.
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One decoder/encoder layer in the reference's order.
 
     `dense_moe` picks the exportable every-expert form; False calls transformers' own experts
     (faster in eager torch, but data-dependent, so not exportable).
     """
     residual = hidden
     attn_out, key, value = attend(layer.self_attn, layer.input_layernorm(hidden), cos, sin, past_key, past_value, bias)
-    if not need_output:
-        return None, key, value
     hidden = residual + layer.post_attention_layernorm(attn_out)
 
     residual = hidden
@@ -184,84 +181,60 @@ class _StepBase(nn.Module):
         return valid
 
 
-class EncoderStep(_StepBase):
-    """New tokens + the existing cache -> the K/V of the new tokens for every layer (causal).
+class Step(_StepBase):
+    """The encoder step and the denoise step as one module over one copy of the weights.
+
+    The rows of `self_conditioning` say which: R = T rows denoise the T canvas tokens
+    (bidirectional over cache and canvas, the self-conditioning block on every row, logits for every
+    row), R = 0 encodes T new tokens (causal, a sliding window on sliding layers, no
+    self-conditioning, no logits: the LM head runs over no row). Both return the K/V of the T new
+    tokens; the runtime appends them to its cache after an encoder pass and ignores them after a
+    denoise step. The phase comes from a shape, not a flag, so one graph (one engine, one profile
+    per phase) serves both, and nothing can disagree with it.
 
     Inputs: input_ids [B, T] int64, position_ids [B, T] int64, input_mask [B, T] bool (False at
-    padding), cache_mask [B, Pf] bool (validity of the full layers' cache; sliding layers hold its
-    last Ps positions), then past_key.i / past_value.i [B, G, P, D] for every layer i.
-    Outputs: key.i / value.i [B, G, T, D] for every layer i.
+    padding; all True for a canvas), cache_mask [B, Pf] bool (validity of the full layers' cache;
+    sliding layers hold its last Ps positions), self_conditioning [B, R, H] (the soft embedding of
+    the previous step's processed logits, zeros on a canvas's first step, as the reference does; R
+    is T or 0), then past_key.i / past_value.i [B, G, P, D] for every layer i.
+    Outputs: key.i / value.i [B, G, T, D] for every layer i, then logits [B, R, V] float32.
     """
 
     def __init__(self, model: DiffusionGemmaForBlockDiffusion, dense_moe: bool = True) -> None:
-        text_model = model.model.encoder.language_model
-        super().__init__(text_model, model.config.text_config.sliding_window, dense_moe)
-
-    def forward(self, input_ids, position_ids, input_mask, cache_mask, *past):  # noqa: ANN001, ANN201
-        hidden = self.embed_tokens(input_ids)  # [B, T, H]
-        rope = self._rope(hidden, position_ids)
-        tokens = input_ids.shape[1]
-        biases = {
-            sliding: attention_bias(
-                torch.cat([valid, input_mask], dim=1), tokens, True, self.window if sliding else None, hidden.dtype
-            )
-            for sliding, valid in self._cache_valid(cache_mask, past).items()
-        }
-        outputs = []
-        last = len(self.layers) - 1
-        for spec, layer in zip(self.specs, self.layers):
-            cos, sin = rope[spec.sliding]
-            hidden, key, value = layer_forward(
-                layer,
-                hidden,
-                cos,
-                sin,
-                past[2 * spec.index],
-                past[2 * spec.index + 1],
-                biases[spec.sliding],
-                need_output=spec.index != last,
-                dense_moe=self.dense_moe,
-            )
-            outputs += [key, value]
-        return tuple(outputs)
-
-
-class DenoiseStep(_StepBase):
-    """Canvas + self-conditioning + read-only cache -> softcapped fp32 logits over the canvas.
-
-    Inputs: canvas_ids [B, C] int64, self_conditioning [B, C, H] (the soft embedding of the
-    previous step's processed logits, zeros on the first step, as the reference does),
-    position_ids [B, C] int64, cache_mask [B, Pf] bool, then past_key.i / past_value.i.
-    Output: logits [B, C, V] float32.
-    """
-
-    def __init__(self, model: DiffusionGemmaForBlockDiffusion, dense_moe: bool = True) -> None:
-        decoder = model.model.decoder
+        decoder = model.model.decoder  # its layers and embedding are the encoder's (tied in the checkpoint)
         super().__init__(decoder, model.config.text_config.sliding_window, dense_moe)
         self.self_conditioning = decoder.self_conditioning
         self.norm = decoder.norm
         self.lm_head = model.lm_head
         self.softcap = model.final_logit_softcapping
 
-    def forward(self, canvas_ids, self_conditioning, position_ids, cache_mask, *past):  # noqa: ANN001, ANN201
-        hidden = self.self_conditioning(self.embed_tokens(canvas_ids), self_conditioning)  # [B, C, H]
+    def forward(self, input_ids, position_ids, input_mask, cache_mask, self_conditioning, *past):  # noqa: ANN001, ANN201
+        tokens, rows = input_ids.shape[1], self_conditioning.shape[1]  # T, R
+        torch._check(rows <= tokens)
+        embeds = self.embed_tokens(input_ids)  # [B, T, H]
+        conditioned = self.self_conditioning(embeds[:, :rows], self_conditioning)  # [B, R, H]
+        hidden = torch.cat([conditioned, embeds[:, rows:]], dim=1)  # [B, T, H]
+        # The phase as a tensor computed from the row count (a Python bool would be traced as a guard).
+        denoise = torch.ones_like(self_conditioning[:, :, 0]).sum(dim=1) > 0  # [B]
         rope = self._rope(hidden, position_ids)
-        canvas = canvas_ids.shape[1]
-        canvas_valid = torch.ones_like(canvas_ids, dtype=torch.bool)
-        # The canvas attends bidirectionally to every valid cached key and to itself, sliding or not:
-        # sliding layers see only what their cache holds (the last Ps positions).
-        biases = {
-            sliding: attention_bias(torch.cat([valid, canvas_valid], dim=1), canvas, False, None, hidden.dtype)
-            for sliding, valid in self._cache_valid(cache_mask, past).items()
-        }
+        biases = {}
+        for sliding, valid in self._cache_valid(cache_mask, past).items():
+            keys = torch.cat([valid, input_mask], dim=1)  # [B, P + T]
+            causal = attention_bias(keys, tokens, True, self.window if sliding else None, hidden.dtype)
+            # The canvas attends bidirectionally to every valid cached key and to itself, sliding or not:
+            # sliding layers see only what their cache holds (the last Ps positions).
+            bidirectional = attention_bias(keys, tokens, False, None, hidden.dtype)
+            biases[sliding] = torch.where(denoise[:, None, None, None], bidirectional, causal)  # [B, 1, T, P + T]
+        outputs = []
         for spec, layer in zip(self.specs, self.layers):
             cos, sin = rope[spec.sliding]
-            hidden, _, _ = layer_forward(
+            hidden, key, value = layer_forward(
                 layer, hidden, cos, sin, past[2 * spec.index], past[2 * spec.index + 1], biases[spec.sliding],
                 dense_moe=self.dense_moe,
-            )
-        logits = self.lm_head(self.norm(hidden)).to(torch.float32)  # [B, C, V]
-        return torch.tanh(logits / self.softcap) * self.softcap
+            )  # fmt: skip
+            outputs += [key, value]
+        logits = self.lm_head(self.norm(hidden[:, :rows])).to(torch.float32)  # [B, R, V]
+        return (*outputs, torch.tanh(logits / self.softcap) * self.softcap)
 
 
 class SoftEmbedding(nn.Module):

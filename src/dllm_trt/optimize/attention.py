@@ -17,7 +17,7 @@ Concat outputs [B, Hkv, S, D]: grouped-query attention inside the node, no repea
 [B, Hq, T, D]; `softmax_precision=1` when the softmax ran in float32 behind casts (not for TensorRT, whose
 parser rejects the attribute). The causal, sliding
 window and padding structure stays in the additive bias, built once per layer type, so one node form serves
-the causal encoder and the bidirectional denoiser. The KV concatenation stays outside: TensorRT's parser takes
+the causal encoder pass and the bidirectional denoise step. The KV concatenation stays outside: TensorRT's parser takes
 only Attention's first output and rejects past_key/past_value inputs. The transpose/reshape to [B, T, Hq*D]
 and o_proj after the node are untouched.
 
@@ -25,7 +25,7 @@ The op per target (measured on onnxruntime 1.32 CPU, small preset, canvas 64, ca
 - "trt": opset-23 Attention, parsed into IAttention (TensorRT >= 10.14).
 - "ort-cpu": opset-23 Attention: the fastest of the candidates in every shape measured (it is GQA-aware, the
   contrib MultiHeadAttention needs the repeated K/V and was no faster than the eager ops), and correct.
-  One denoiser layer at batch 2, median CPU ms eager / Attention / MultiHeadAttention: sliding (4 query heads,
+  One denoise-step layer at batch 2, median CPU ms eager / Attention / MultiHeadAttention: sliding (4 query heads,
   2 KV heads, D 64, 255 + 64 keys) 0.68 / 0.58 / 0.71; full (1 KV head, D 128, 300 + 64 keys) 1.19 / 0.98 / 1.24.
   com.microsoft GroupQueryAttention is not usable here: with past context and more than one query token
   it requires batch 1 ("batch_size must be 1 when sequence_length > 1 and past context is given").

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 class PassContext:
     target: str  # one of contract.TARGETS
     precision: str  # one of contract.PRECISIONS
-    graph: str  # "encoder" | "denoiser" | "self_conditioning"
+    graph: str  # a key of contract.GRAPH_FILES ("step")
     model: dict  # manifest["model"]: num_experts, top_k_experts, hidden_size, layers, vocab_size, ...
 
     @property

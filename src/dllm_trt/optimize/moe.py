@@ -282,7 +282,7 @@ class MoEFusion(pattern.RewriteRuleClassBase):
             down = dn_src.numpy().transpose(0, 2, 1).astype(np.float32)  # [E, H, I]
             return (down * scale_src.numpy().astype(np.float32)[:, None, None]).astype(dn_src.numpy().dtype)
 
-        fc2 = weight("down_proj_scaled", (num_experts, hidden, width), scaled_down)
+        fc2 = weight("down_proj.scaled", (num_experts, hidden, width), scaled_down)
         router = logits if x.dtype in (None, ir.DataType.FLOAT) else op.Cast(logits, to=x.dtype)
         return op.op(
             "MoE", x, router, gate_up_proj, None, fc2, _domain=ORT_DOMAIN,
@@ -399,7 +399,7 @@ def _add_routed_functions(model: ir.Model) -> None:
 def fuse_moe(model: ir.Model, ctx: PassContext) -> int:
     """Fuse every MoE layer of ``model`` (in place) into ``ctx.target``'s node; returns how many.
 
-    The caller compares the count with the graph's MoE layers (encoder L-1, denoiser L). The
+    The caller compares the count with the graph's MoE layers (L: one per layer). The
     replaced weights and dead shape arithmetic are removed; new weights are computed lazily when
     the model is saved.
     """

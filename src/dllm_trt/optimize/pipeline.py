@@ -1,10 +1,12 @@
 """The optimize pipeline: one explicit, ordered list of passes, each counted and proven.
 
 Every pass maps an onnx_ir Model to itself in place and returns how many patterns it rewrote.
-The order matters: norms first (the attention and MoE patterns then see RMSNormalization
-nodes), attention before the MoE (independent, but it keeps counts readable), the sampling head
-after every fusion (it extends the final graph), precision last (it decides dtypes per region of
-the finished graph), and a clean-up after every pass.
+The order matters: a reduced-precision export seen in fp32 first (the patterns are fp32's), static
+head counts next (every later pattern, and TensorRT, sees them), norms
+(the attention and MoE patterns then see RMSNormalization nodes), attention before the MoE
+(independent, but it keeps counts readable), the sampling head after every fusion (it extends the
+final graph), precision last (it decides dtypes per region of the finished graph), and a clean-up
+after every pass.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from dataclasses import dataclass
 import onnx_ir as ir
 from onnx_ir.passes import common as common_passes
 
+from dllm_trt.contract import GRAPH_FILES
 from dllm_trt.optimize.context import PassContext
 
 PassFn = Callable[[ir.Model, PassContext], int]
@@ -25,7 +28,7 @@ PassFn = Callable[[ir.Model, PassContext], int]
 class Pass:
     name: str
     run: PassFn
-    graphs: tuple[str, ...] = ("encoder", "denoiser")
+    graphs: tuple[str, ...] = tuple(GRAPH_FILES)
     precisions: tuple[str, ...] = ("fp32", "fp16", "bf16")
     targets: tuple[str, ...] = ("trt", "ort-cuda", "ort-cpu")
 
@@ -43,11 +46,13 @@ def _lazy(module: str, function: str) -> PassFn:
 
 
 PIPELINE: list[Pass] = [
+    Pass("upcast_export", _lazy("upcast", "upcast_export")),
+    Pass("resolve_reshape_wildcards", _lazy("static_reshape", "resolve_reshape_wildcards")),
     Pass("fuse_rms_norm", _lazy("rms_norm", "fuse_rms_norm")),
     Pass("fuse_rotary_embedding", _lazy("rotary", "fuse_rotary_embedding")),
     Pass("fuse_attention", _lazy("attention", "fuse_attention")),
     Pass("fuse_moe", _lazy("moe", "fuse_moe")),
-    Pass("add_sampling_head", _lazy("sampling_head", "add_sampling_head"), graphs=("denoiser",)),
+    Pass("add_sampling_head", _lazy("sampling_head", "add_sampling_head")),
     Pass("convert_precision", _lazy("precision", "convert_precision"), precisions=("fp16", "bf16")),
 ]
 

@@ -29,12 +29,18 @@ from onnx_ir.passes import common as common_passes
 
 from dllm_trt.optimize.context import PassContext
 
+LAZY_ELEMENTS = 1 << 20  # constants larger than this are converted when saved, not when the pass runs
 LOW_DTYPES = {"fp16": ir.DataType.FLOAT16, "bf16": ir.DataType.BFLOAT16}
 FP32_INPUTS = ("temperature", "sampling_noise")
 # Ops whose activation inputs must be in the low precision (they carry their own fp32 internals).
 LOW_ANCHORS = {"RMSNormalization", "Attention", "RotaryEmbedding"}
 # Ops that start an fp32 region: the reference upcasts before them.
 FP32_STARTS = {"Softmax", "LogSoftmax", "TopK"}
+
+
+# Ops that only lay a weight out (the tied LM head reads Transpose(E)): the weight stays one tensor, in the
+# low precision, shared with the embedding's Gather; the layout op runs in the low precision too.
+WEIGHT_LAYOUT_OPS = {"Transpose", "Reshape", "Identity", "Unsqueeze", "Squeeze"}
 
 
 class Tag(enum.Enum):
@@ -49,6 +55,16 @@ def _is_float(value: ir.Value | None) -> bool:
 
 def _is_constant(value: ir.Value) -> bool:
     return value.const_value is not None or (value.producer() is not None and value.producer().op_type == "Constant")
+
+
+def _is_weight(value: ir.Value | None) -> bool:
+    """A float constant of rank >= 2, or one laid out by WEIGHT_LAYOUT_OPS."""
+    if value is None or not _is_float(value):
+        return False
+    if _is_constant(value):
+        return value.shape is not None and len(value.shape) >= 2
+    producer = value.producer()
+    return producer is not None and producer.op_type in WEIGHT_LAYOUT_OPS and _is_weight(producer.inputs[0])
 
 
 def _constant_array(value: ir.Value) -> np.ndarray:
@@ -84,10 +100,19 @@ class _Converter:
             return value
         key = (value, dtype)
         if key not in self.converted:
-            array = _constant_array(value).astype(np.float32)
             finfo = ml_dtypes.finfo(dtype.numpy())
-            array = np.clip(array, float(finfo.min), float(finfo.max))
-            tensor = ir.tensor(array.astype(dtype.numpy()), dtype=dtype, name=f"{value.name}.{dtype.name.lower()}")
+            name = f"{value.name}.{dtype.name.lower()}"
+
+            def convert(value: ir.Value = value) -> ir.Tensor:
+                array = np.clip(_constant_array(value).astype(np.float32), float(finfo.min), float(finfo.max))
+                return ir.tensor(array.astype(dtype.numpy()), dtype=dtype, name=name)
+
+            source = value.const_value
+            if source is not None and source.size > LAZY_ELEMENTS:
+                # converted when saved, one tensor at a time: a large model is never held in memory
+                tensor = ir.LazyTensor(convert, dtype, source.shape, name=name)
+            else:
+                tensor = convert()
             new = ir.Value(name=tensor.name, shape=value.shape, type=ir.TensorType(dtype), const_value=tensor)
             self.graph.register_initializer(new)
             self.converted[key] = new
@@ -155,9 +180,11 @@ class _Converter:
                 node.attributes["softmax_precision"] = ir.AttrInt64("softmax_precision", ir.DataType.FLOAT)
             self.set_outputs(node, self.low, Tag.LOW)
             return
-        if op in ("MatMul", "Gemm") and any(
-            v is not None and _is_constant(v) and len(v.shape) >= 2 for v in node.inputs
-        ):
+        if op in WEIGHT_LAYOUT_OPS and _is_weight(node.inputs[0]):
+            self.set_input(node, 0, self.low)
+            self.set_outputs(node, self.low, Tag.LOW)
+            return
+        if op in ("MatMul", "Gemm") and any(_is_weight(v) for v in node.inputs):
             for index in range(len(node.inputs)):
                 self.set_input(node, index, self.low)
             logits = node.outputs[0].shape is not None and node.outputs[0].shape[-1] == self.vocab

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from dllm_trt.contract import GRAPH_FILES
+
 
 def write_fusion_report(stem: Path, manifest: dict, entries: list[dict]) -> None:
     """`stem`.json and `stem`.md."""
@@ -27,7 +29,7 @@ def markdown(manifest: dict, entries: list[dict]) -> str:
             added = ", ".join(f"{op} +{n}" for op, n in result["changed"].items() if n > 0) or "-"
             lines.append(f"| {entry['name']} | {graph} | {result['matched']} | {removed} | {added} | {parity} |")
     lines += ["", "Final op counts:", ""]
-    for graph in ("encoder", "denoiser"):
+    for graph in GRAPH_FILES:
         for entry in reversed(entries):
             if graph in entry["graphs"]:
                 counts = entry["graphs"][graph]["ops_after"]

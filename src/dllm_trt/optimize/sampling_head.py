@@ -1,14 +1,14 @@
-"""add_sampling_head: the logits never leave the denoise graph.
+"""add_sampling_head: the logits never leave the step graph.
 
-Matches: the denoiser's `logits` output [B, C, V] (softcapped fp32) and the token-embedding
-Gather fed by `canvas_ids` (its data is the tied embedding E [V, H], followed by a Mul by the
-embedding scale sqrt(H)).
+Matches: the step's `logits` output [B, R, V] (softcapped fp32, over the R rows a denoise step
+samples; R = 0 in an encoder pass) and the token-embedding Gather fed by `input_ids` (its data is
+the tied embedding E [V, H], followed by a Mul by the embedding scale sqrt(H)).
 
 Emits, inside the graph, everything the sampler needs from one denoise step, computed as
 runtime.sampler.sampling_head and the reference do:
     processed = logits / temperature                         (temperature: new input, [] fp32)
     probs     = Softmax(processed)
-    sampled_ids = ArgMax(probs / sampling_noise)              (sampling_noise: new input [B, C, V],
+    sampled_ids = ArgMax(probs / sampling_noise)              (sampling_noise: new input [B, R, V],
                                                                the Exp(1) noise torch.multinomial draws)
     argmax_ids  = ArgMax(processed)
     entropy     = -ReduceSum(Max(LogSoftmax(processed), fmin) * probs)   (Categorical(logits).entropy)
@@ -16,9 +16,9 @@ runtime.sampler.sampling_head and the reference do:
 For `ort-cpu` each ArgMax is emitted as Squeeze(TopK(x, 1) indices): the same index (ONNX TopK
 puts the lower index first on a tie, as ArgMax returns the first maximum) and faster on
 onnxruntime's CPU kernels (two [64, 8192] ArgMax 0.55 ms, TopK 0.37 ms; measured on this machine).
-It replaces the `logits` output by sampled_ids, argmax_ids [B, C] int64, entropy [B, C] fp32 and
-next_self_conditioning [B, C, H]. Outputs 93x smaller than the logits (at the released sizes)
-leave the device. Letters: B batch, C canvas, V vocab, H hidden.
+It replaces the `logits` output by sampled_ids, argmax_ids [B, R] int64, entropy [B, R] fp32 and
+next_self_conditioning [B, R, H]. Outputs 93x smaller than the logits (at the released sizes)
+leave the device. Letters: B batch, R rows (the canvas, or none), V vocab, H hidden.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
+from dllm_trt.contract import STEP_INPUTS
 from dllm_trt.optimize.context import PassContext
 
 NEW_INPUTS = ("temperature", "sampling_noise")
@@ -33,8 +34,8 @@ NEW_OUTPUTS = ("sampled_ids", "argmax_ids", "entropy", "next_self_conditioning")
 
 
 def _embedding(graph: ir.Graph) -> tuple[ir.Value, ir.Value]:
-    """The embedding matrix E and the embedding scale, found from the Gather of canvas_ids."""
-    canvas = next(v for v in graph.inputs if v.name == "canvas_ids")
+    """The embedding matrix E and the embedding scale, found from the Gather of the input ids."""
+    canvas = next(v for v in graph.inputs if v.name == STEP_INPUTS[0])
     gather = next(use.node for use in canvas.uses() if use.node.op_type == "Gather")
     embed = gather.inputs[0]
     scale_mul = next(use.node for use in gather.outputs[0].uses() if use.node.op_type == "Mul")
@@ -53,7 +54,7 @@ def add_sampling_head(model: ir.Model, ctx: PassContext) -> int:
     graph = model.graph
     logits = next((v for v in graph.outputs if v.name == "logits"), None)
     if logits is None:
-        return 0  # not a denoiser in logits form (already has a head, or another graph)
+        return 0  # not a step in logits form (already has a head, or another graph)
     embed, embed_scale = _embedding(graph)
     batch, canvas, vocab = logits.shape.dims
     hidden = embed.shape.dims[1]

@@ -1,7 +1,7 @@
 """`dllm-trt optimize`: `run(OptimizeOptions) -> OptimizeResult`; exported graphs -> fused graphs per target.
 
-Reads an export directory, runs the ordered pipeline (optimize/pipeline.py) over the encoder and
-denoiser graphs, measures parity against transformers after each pass (or only at the end), and
+Reads an export directory, runs the ordered pipeline (optimize/pipeline.py) over the step graph,
+measures parity against transformers after each pass (or only at the end), and
 writes the rewritten graphs, an updated manifest and `fusion_report.json`/`.md`.
 """
 
@@ -23,6 +23,7 @@ from dllm_trt.contract import (
     SELF_CONDITIONING_FILE,
     STAGE_EXPORT,
     STAGE_OPTIMIZE,
+    STEP,
     TARGETS,
 )
 from dllm_trt.errors import DllmError
@@ -176,13 +177,15 @@ def run(options: OptimizeOptions) -> OptimizeResult:
 
 
 def _save(graphs: dict[str, ir.Model], source: Path, directory: Path) -> dict[str, dict]:
-    """The graphs, and beside a denoiser still in logits form (no sampling head) the export's
-    self-conditioning graph, which the runtime then needs; all described for the manifest."""
+    """The graphs, and beside a step still in logits form (no sampling head) the export's
+    self-conditioning graph, which the runtime then needs; all described for the manifest.
+
+    The export's self-conditioning graph reads the embedding from the step's external data, which
+    this directory's step replaces: it is saved with a data file of its own."""
     described = save_graphs(graphs, directory, GRAPH_FILES)
-    if SAMPLING_OUTPUTS[0] not in {o["name"] for o in described["denoiser"]["outputs"]}:
-        for file in source.glob(f"{SELF_CONDITIONING_FILE}*"):
-            shutil.copy2(file, directory / file.name)
+    if SAMPLING_OUTPUTS[0] not in {o["name"] for o in described[STEP]["outputs"]}:
         path = directory / SELF_CONDITIONING_FILE
+        ir.save(ir.load(source / SELF_CONDITIONING_FILE), path, external_data=f"{SELF_CONDITIONING_FILE}.data")
         described["self_conditioning"] = describe_graph(path, external_data_entries(check_external_data(path)))
     return described
 

@@ -1,6 +1,7 @@
-"""One Step interface over every backend: the encoder step and the denoise step, plain tensors in and out.
+"""One Step interface over every backend: the encoder pass and the denoise step, plain tensors in and out.
 
-Backends differ only in how they run the graphs; the block-diffusion loop never changes.
+Backends differ only in how they run the step graph (one graph for both, models.diffusion_gemma.Step:
+zero rows of self-conditioning encode, a canvas's rows denoise); the block-diffusion loop never changes.
 Letters: B batch, T new tokens, C canvas, H hidden, V vocab, P cached positions.
 """
 
@@ -14,20 +15,19 @@ from typing import Protocol
 import torch
 
 from dllm_trt.contract import (
-    DENOISER_FILE,
-    DENOISER_INPUTS,
-    ENCODER_FILE,
-    ENCODER_INPUTS,
     LOGITS,
     SAMPLING_INPUTS,
     SAMPLING_OUTPUTS,
     SELF_CONDITIONING_FILE,
     SOFT_EMBEDDING_INPUT,
     SOFT_EMBEDDING_OUTPUT,
+    STEP_FILE,
+    STEP_INPUTS,
     cache_names,
 )
 from dllm_trt.errors import DllmError
-from dllm_trt.models.diffusion_gemma import DenoiseStep, EncoderStep, LayerSpec, SoftEmbedding, layer_specs
+from dllm_trt.models.diffusion_gemma import LayerSpec, SoftEmbedding, layer_specs
+from dllm_trt.models.diffusion_gemma import Step as StepGraph
 from dllm_trt.runtime.sampler import sampling_head
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -124,8 +124,7 @@ class TorchStep(LogitsStep):
     def __init__(self, model, dense_moe: bool = False) -> None:  # noqa: ANN001
         self.specs = layer_specs(model)
         self.info = StepInfo.from_model(model)
-        self.encoder = EncoderStep(model, dense_moe=dense_moe)
-        self.denoiser = DenoiseStep(model, dense_moe=dense_moe)
+        self.step = StepGraph(model, dense_moe=dense_moe)
         self.soft = SoftEmbedding(model)
 
     def _cast(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -135,27 +134,45 @@ class TorchStep(LogitsStep):
 
     @torch.no_grad()
     def encode(self, input_ids, position_ids, input_mask, cache_mask, past):  # noqa: ANN001, ANN201
-        return list(self.encoder(input_ids, position_ids, input_mask, cache_mask, *self._cast(past)))
+        no_rows = no_self_conditioning(input_ids, self.info)
+        return list(self.step(input_ids, position_ids, input_mask, cache_mask, no_rows, *self._cast(past))[:-1])
 
     @torch.no_grad()
     def denoise(self, canvas_ids, self_conditioning, position_ids, cache_mask, past):  # noqa: ANN001, ANN201
         self_conditioning, *past = self._cast([self_conditioning, *past])
-        return self.denoiser(canvas_ids, self_conditioning, position_ids, cache_mask, *past)
+        valid = torch.ones_like(canvas_ids, dtype=torch.bool)
+        return self.step(canvas_ids, position_ids, valid, cache_mask, self_conditioning, *past)[-1]
 
     @torch.no_grad()
     def soft_embedding(self, processed_logits):  # noqa: ANN001, ANN201
         return self.soft(*self._cast([processed_logits]))
 
 
-def encoder_feeds(past_names: list[str], input_ids, position_ids, input_mask, cache_mask, past) -> dict:  # noqa: ANN001
-    """The encoder graph's inputs by name (contract.ENCODER_INPUTS, then the cache)."""
-    return dict(zip(ENCODER_INPUTS, (input_ids, position_ids, input_mask, cache_mask))) | dict(zip(past_names, past))
+def no_self_conditioning(input_ids: torch.Tensor, info: StepInfo) -> torch.Tensor:
+    """The self-conditioning input of an encoder pass: zero rows [B, 0, H] (what selects the phase)."""
+    return torch.zeros(input_ids.shape[0], 0, info.hidden_size, dtype=info.dtype, device=input_ids.device)
 
 
-def denoiser_feeds(past_names: list[str], canvas_ids, self_conditioning, position_ids, cache_mask, past) -> dict:  # noqa: ANN001
-    """The denoiser graph's inputs by name (contract.DENOISER_INPUTS, then the cache)."""
-    values = (canvas_ids, self_conditioning, position_ids, cache_mask)
-    return dict(zip(DENOISER_INPUTS, values)) | dict(zip(past_names, past))
+def step_feeds(past_names: list[str], input_ids, position_ids, input_mask, cache_mask, self_conditioning, past) -> dict:  # noqa: ANN001
+    """The step graph's inputs by name (contract.STEP_INPUTS, then the cache)."""
+    values = (input_ids, position_ids, input_mask, cache_mask, self_conditioning)
+    return dict(zip(STEP_INPUTS, values)) | dict(zip(past_names, past))
+
+
+def encoder_feeds(step, input_ids, position_ids, input_mask, cache_mask, past) -> dict:  # noqa: ANN001
+    """An encoder pass: the new tokens, zero rows of self-conditioning (and of sampling noise)."""
+    feeds = step_feeds(step.past_names, input_ids, position_ids, input_mask, cache_mask,
+                       no_self_conditioning(input_ids, step.info), past)  # fmt: skip
+    temperature, noise = SAMPLING_INPUTS
+    feeds[temperature] = torch.ones((), dtype=torch.float32)
+    feeds[noise] = torch.zeros(input_ids.shape[0], 0, step.info.vocab_size, dtype=torch.float32)
+    return feeds
+
+
+def denoiser_feeds(step, canvas_ids, self_conditioning, position_ids, cache_mask, past) -> dict:  # noqa: ANN001
+    """A denoise step: the canvas, every position valid, self-conditioning on every row."""
+    valid = torch.ones_like(canvas_ids, dtype=torch.bool)
+    return step_feeds(step.past_names, canvas_ids, position_ids, valid, cache_mask, self_conditioning, past)
 
 
 class _OnnxRuntimeBase:
@@ -191,20 +208,18 @@ class _OnnxRuntimeBase:
         return run(session, feeds)
 
     def encode(self, input_ids, position_ids, input_mask, cache_mask, past):  # noqa: ANN001, ANN201
-        out = self._run(
-            ENCODER_FILE, encoder_feeds(self.past_names, input_ids, position_ids, input_mask, cache_mask, past)
-        )
+        out = self._run(STEP_FILE, encoder_feeds(self, input_ids, position_ids, input_mask, cache_mask, past))
         return [out[name] for name in self.new_names]
 
 
 class OnnxRuntimeStep(_OnnxRuntimeBase, LogitsStep):
-    """Exported graphs in onnxruntime: the denoiser hands out logits, the sampling head runs in torch."""
+    """Exported graphs in onnxruntime: the step hands out logits, the sampling head runs in torch."""
 
-    files = (ENCODER_FILE, DENOISER_FILE, SELF_CONDITIONING_FILE)
+    files = (STEP_FILE, SELF_CONDITIONING_FILE)
 
     @classmethod
     def from_artifacts(cls, artifacts: Path, device: str = "cpu", threads: int = 0) -> LogitsStep | OnnxRuntimeHeadStep:
-        """The step for an export or optimize directory; optimized denoisers carry the sampling head.
+        """The step for an export or optimize directory; optimized steps carry the sampling head.
 
         On CPU, graphs onnxruntime cannot run as they are (fused MoE nodes without a CPU kernel,
         bf16 math) run from a runnable copy in a temporary directory that lives as long as the step
@@ -225,7 +240,7 @@ class OnnxRuntimeStep(_OnnxRuntimeBase, LogitsStep):
             manifest = read_manifest(artifacts)
         specs = [LayerSpec(**spec) for spec in manifest["model"]["layers"]]
         info = StepInfo.from_manifest(manifest)
-        outputs = {o["name"] for o in manifest["graphs"]["denoiser"]["outputs"]}
+        outputs = {o["name"] for o in manifest["graphs"]["step"]["outputs"]}
         kind = OnnxRuntimeHeadStep if SAMPLING_OUTPUTS[0] in outputs else cls
         step = kind(artifacts, specs, info, device, threads)
         step.execution = manifest.get("cpu_execution", "native") if device == "cpu" else f"onnxruntime {device}"
@@ -233,23 +248,23 @@ class OnnxRuntimeStep(_OnnxRuntimeBase, LogitsStep):
         return step
 
     def denoise(self, canvas_ids, self_conditioning, position_ids, cache_mask, past):  # noqa: ANN001, ANN201
-        feeds = denoiser_feeds(self.past_names, canvas_ids, self_conditioning, position_ids, cache_mask, past)
-        return self._run(DENOISER_FILE, feeds)[LOGITS]
+        feeds = denoiser_feeds(self, canvas_ids, self_conditioning, position_ids, cache_mask, past)
+        return self._run(STEP_FILE, feeds)[LOGITS]
 
     def soft_embedding(self, processed_logits):  # noqa: ANN001, ANN201
         return self._run(SELF_CONDITIONING_FILE, {SOFT_EMBEDDING_INPUT: processed_logits})[SOFT_EMBEDDING_OUTPUT]
 
 
 class OnnxRuntimeHeadStep(_OnnxRuntimeBase):
-    """Optimized graphs in onnxruntime: the denoiser samples inside; only [B, C]-sized results come out."""
+    """Optimized graphs in onnxruntime: the step samples inside; only [B, C]-sized results come out."""
 
-    files = (ENCODER_FILE, DENOISER_FILE)
+    files = (STEP_FILE,)
     spin = True
 
     def denoise_and_sample(self, canvas_ids, self_conditioning, position_ids, cache_mask, past, temperature, noise):  # noqa: ANN001, ANN201
-        feeds = denoiser_feeds(self.past_names, canvas_ids, self_conditioning, position_ids, cache_mask, past)
+        feeds = denoiser_feeds(self, canvas_ids, self_conditioning, position_ids, cache_mask, past)
         temperature_name, noise_name = SAMPLING_INPUTS
         feeds[temperature_name] = torch.as_tensor(temperature, dtype=torch.float32)
         feeds[noise_name] = noise.view(canvas_ids.shape[0], canvas_ids.shape[1], -1)
-        out = self._run(DENOISER_FILE, feeds)
+        out = self._run(STEP_FILE, feeds)
         return DenoiseSample(*(out[name] for name in SAMPLING_OUTPUTS))

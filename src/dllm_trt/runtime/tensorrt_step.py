@@ -1,20 +1,26 @@
 """The tensorrt backend: the engines of `dllm-trt build` behind the Step interface.
 
 Loading checks build_info.json against this process's TensorRT library, version and GPU, registers
-the MoE plugin (engines.moe_plugin: its compiled kernels are inside the engines), then deserializes
-both engines. I/O is bound by name with shapes set per call. Inputs that already are contiguous CUDA
-tensors of the engine's dtype are bound by address: the KV cache's tensors are (runtime.kv_cache
-lays each layer's current [B, G, P, D] tensor out at the start of its storage), so the cache is
-never copied. Every set_input_shape, set_tensor_address and execute_async_v3 result is checked.
+the MoE plugin (engines.moe_plugin: its compiled kernels are inside the engine), then deserializes
+the one step engine: one copy of the weights, for both phases. An engine with one optimization
+profile (the default) runs both phases in one execution context: every encoder pass grows the
+cache, so the denoise step's CUDA graph is captured anew after it anyway. An engine with a profile
+per phase (engines.profiles.PHASES) gets an execution context per phase, each fixed to its profile
+so that no call switches profiles; the two never run at once, so they share one activation buffer,
+sized for the larger profile. I/O is bound by name with shapes set per call.
+Inputs that already are contiguous CUDA tensors of the engine's dtype are bound by address: the KV
+cache's tensors are (runtime.kv_cache lays each layer's current [B, G, P, D] tensor out at the
+start of its storage), so the cache is never copied. Every set_input_shape, set_tensor_address and
+execute_async_v3 result is checked.
 
 CUDA graphs, for the denoise step (12-48 calls per canvas with the same shapes):
-* one graph per engine, keyed by every input shape and the cache's addresses; a new key (the cache
+* one graph for the canvas context, keyed by every input shape and the cache's addresses; a new key (the cache
   grew by a canvas, another batch) drops the old graph and captures a new one: set shapes, bind, one
   eager execute_async_v3 (TensorRT's deferred per-shape setup), then capture one enqueue;
 * the per-step inputs (canvas, self-conditioning, positions, mask, temperature, noise) are copied
   into static buffers the graph was captured with; outputs are cloned out of its static buffers;
 * an engine whose enqueue cannot be captured runs eagerly from then on (said once on stderr).
-The encoder step runs eagerly: its token count changes every call and it runs once per canvas.
+The encoder pass runs eagerly: its token count changes every call and it runs once per canvas.
 
 Letters: B batch, T new tokens, C canvas, H hidden, V vocab, P cached positions.
 What has never run: all of it (no GPU where this was written; TensorRT for RTX builds engines here but
@@ -28,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from dllm_trt.contract import DENOISER_INPUTS, ENCODER_INPUTS, SAMPLING_INPUTS, SAMPLING_OUTPUTS, cache_names
+from dllm_trt.contract import ENGINE_FILES, SAMPLING_INPUTS, SAMPLING_OUTPUTS, STEP, STEP_INPUTS, cache_names
 from dllm_trt.errors import DllmError
 
 # runtime.step (and through it transformers and onnx) is imported where it is used, so that the engine
@@ -41,20 +47,24 @@ _TORCH_DTYPES = {
 
 
 class EngineRunner:
-    """One deserialized engine and its execution context: bind by name, set shapes, enqueue, checked."""
+    """One execution context of an engine, fixed to one optimization profile: bind by name, set
+    shapes, enqueue, each checked. Its activations live in `scratch`, which contexts may share."""
 
-    def __init__(self, trt, runtime, path: Path) -> None:  # noqa: ANN001
-        self.name = path.name
-        self.engine = runtime.deserialize_cuda_engine(path.read_bytes())
-        if self.engine is None:
-            raise DllmError(f"TensorRT could not deserialize {path}; rebuild it with 'dllm-trt build' on this machine")
-        self.context = self.engine.create_execution_context()
+    def __init__(self, trt, engine, name: str, profile: int, scratch: torch.Tensor) -> None:  # noqa: ANN001
+        self.name = f"{name} (profile {profile})"
+        self.engine, self.profile_index = engine, profile
+        self.context = engine.create_execution_context(trt.ExecutionContextAllocationStrategy.USER_MANAGED)
         if self.context is None:
-            raise DllmError(f"TensorRT could not create an execution context for {path} (out of GPU memory?)")
-        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
-        self.inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+            raise DllmError(f"TensorRT could not create an execution context for {name} (out of GPU memory?)")
+        stream = torch.cuda.current_stream()
+        if not self.context.set_optimization_profile_async(profile, stream.cuda_stream):
+            raise DllmError(f"{name}: TensorRT refused optimization profile {profile}")
+        stream.synchronize()
+        self.context.set_device_memory(scratch.data_ptr(), scratch.numel())
+        names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+        self.inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         self.outputs = [n for n in names if n not in self.inputs]
-        self.dtypes = {n: _TORCH_DTYPES[self.engine.get_tensor_dtype(n).name] for n in names}
+        self.dtypes = {n: _TORCH_DTYPES[engine.get_tensor_dtype(n).name] for n in names}
         self.capturable = True
         self._profiles: dict[str, tuple] = {}
         self._dummy = torch.zeros(16, dtype=torch.uint8, device="cuda")  # an address for empty tensors
@@ -76,7 +86,8 @@ class EngineRunner:
         if name not in self._profiles:
             dims = tuple(self.engine.get_tensor_shape(name))
             static = all(d >= 0 for d in dims)
-            self._profiles[name] = (dims, dims, dims) if static else self.engine.get_tensor_profile_shape(name, 0)
+            shapes = (dims, dims, dims) if static else self.engine.get_tensor_profile_shape(name, self.profile_index)
+            self._profiles[name] = shapes
         return self._profiles[name]
 
     def set_inputs(self, feeds: dict[str, torch.Tensor]) -> None:
@@ -110,7 +121,7 @@ class EngineRunner:
 
 
 class CapturedDenoise:
-    """One CUDA graph of the denoiser at one shape key, with its static input and output buffers."""
+    """One CUDA graph of the denoise step at one shape key, with its static input and output buffers."""
 
     def __init__(self, runner: EngineRunner, feeds: dict[str, torch.Tensor], past: dict[str, torch.Tensor]) -> None:
         self.static = {name: torch.empty_like(t) for name, t in feeds.items()}  # per-step inputs
@@ -133,7 +144,7 @@ class CapturedDenoise:
 
 
 class DenoiseGraphs:
-    """The denoiser's one CUDA graph: replayed while the shapes and cache addresses stay, re-captured when not."""
+    """The denoise step's one CUDA graph: replayed while the shapes and cache addresses stay, re-captured when not."""
 
     def __init__(self, runner: EngineRunner, enabled: bool = True) -> None:
         self.runner = runner
@@ -160,6 +171,10 @@ class DenoiseGraphs:
             self.captures += 1
         return self.graph.run(step_feeds)
 
+    def drop(self) -> None:
+        """Forget the captured graph (its context was re-shaped for another call)."""
+        self.graph, self.key = None, None
+
     def _eager(self, step_feeds: dict[str, torch.Tensor], cache: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         self.runner.set_inputs(step_feeds | cache)
         outputs = self.runner.new_outputs()
@@ -167,13 +182,26 @@ class DenoiseGraphs:
         return outputs
 
 
+def open_step_engine(trt, runtime, path: Path) -> tuple:  # noqa: ANN001
+    """(engine, scratch): the deserialized step engine and one activation buffer for all its profiles."""
+    engine = runtime.deserialize_cuda_engine(path.read_bytes())
+    if engine is None:
+        raise DllmError(f"TensorRT could not deserialize {path}; rebuild it with 'dllm-trt build' on this machine")
+    if engine.num_optimization_profiles not in (1, 2):
+        raise DllmError(f"{path} has {engine.num_optimization_profiles} optimization profiles, not 1 (both phases) "
+                        "or 2 (prompt, canvas); rebuild it with this dllm-trt")  # fmt: skip
+    scratch = torch.empty(max(int(engine.device_memory_size_v2), 1), dtype=torch.uint8, device="cuda")
+    return engine, scratch
+
+
 class TensorRTStep:
-    """encode and denoise_and_sample over the two engines of an engine directory."""
+    """encode and denoise_and_sample over the one step engine of an engine directory."""
 
     def __init__(self, artifacts: Path, manifest: dict, use_cuda_graphs: bool = True) -> None:
         from dllm_trt.engines.build_info import check_compatible, read_build_info
         from dllm_trt.engines.gpu import detect_gpu
         from dllm_trt.engines.moe_plugin import register_moe_plugin
+        from dllm_trt.engines.profiles import PHASES
         from dllm_trt.engines.trt_library import TENSORRT, load_library
         from dllm_trt.models.diffusion_gemma import LayerSpec
         from dllm_trt.runtime.step import StepInfo
@@ -184,20 +212,26 @@ class TensorRTStep:
         if not torch.cuda.is_available():
             raise DllmError("the tensorrt backend needs a CUDA GPU and a CUDA build of torch; torch sees none")
         check_compatible(info, lib.version, detect_gpu())
-        register_moe_plugin(trt)  # the engines' MoE layers: their kernels are inside the engines
+        register_moe_plugin(trt)  # the engine's MoE layers: their kernels are inside the engine
         self.specs = [LayerSpec(**spec) for spec in manifest["model"]["layers"]]
         self.past_names = cache_names(self.specs, "past_")
         self.new_names = cache_names(self.specs, "")
         self.logger = trt.Logger(trt.Logger.WARNING)
         runtime = trt.Runtime(self.logger)
-        engines = info["engines"]
-        self.encoder = EngineRunner(trt, runtime, artifacts / engines["encoder"]["file"])
-        self.denoiser = EngineRunner(trt, runtime, artifacts / engines["denoiser"]["file"])
-        self.encoder.check_names([*ENCODER_INPUTS, *self.past_names], self.new_names)
-        self.denoiser.check_names([*DENOISER_INPUTS, *SAMPLING_INPUTS, *self.past_names], list(SAMPLING_OUTPUTS))
-        self.denoise_graphs = DenoiseGraphs(self.denoiser, use_cuda_graphs)
+        file = info["engines"][STEP]["file"] if STEP in info["engines"] else ENGINE_FILES[STEP]
+        self.engine, self.scratch = open_step_engine(trt, runtime, artifacts / file)
+        if self.engine.num_optimization_profiles == 1:
+            self.prompt = self.canvas = EngineRunner(trt, self.engine, file, 0, self.scratch)
+        else:
+            self.prompt, self.canvas = (
+                EngineRunner(trt, self.engine, file, PHASES.index(phase), self.scratch) for phase in PHASES
+            )
+        self.canvas.check_names(
+            [*STEP_INPUTS, *SAMPLING_INPUTS, *self.past_names], [*self.new_names, *SAMPLING_OUTPUTS]
+        )
+        self.denoise_graphs = DenoiseGraphs(self.canvas, use_cuda_graphs)
         model = manifest["model"]
-        cache_dtype = self.denoiser.dtypes[self.past_names[0]]
+        cache_dtype = self.canvas.dtypes[self.past_names[0]]
         self.info = StepInfo(
             model["canvas_length"], model["vocab_size"], model["hidden_size"], model["sliding_window"], cache_dtype,
             "cuda",
@@ -213,9 +247,12 @@ class TensorRTStep:
 
     @torch.no_grad()
     def encode(self, input_ids, position_ids, input_mask, cache_mask, past):  # noqa: ANN001, ANN201
-        runner = self.encoder
-        feeds = dict(zip(ENCODER_INPUTS, (input_ids, position_ids, input_mask, cache_mask)))
-        feeds |= dict(zip(self.past_names, past))
+        from dllm_trt.runtime.step import encoder_feeds
+
+        runner = self.prompt
+        if runner is self.canvas:  # one context for both phases: this call re-shapes it
+            self.denoise_graphs.drop()
+        feeds = encoder_feeds(self, input_ids, position_ids, input_mask, cache_mask, past)
         feeds = {name: runner.as_input(name, tensor) for name, tensor in feeds.items()}
         runner.set_inputs(feeds)
         outputs = runner.new_outputs()
@@ -224,20 +261,15 @@ class TensorRTStep:
 
     @torch.no_grad()
     def denoise_and_sample(self, canvas_ids, self_conditioning, position_ids, cache_mask, past, temperature, noise):  # noqa: ANN001, ANN201
-        from dllm_trt.runtime.step import DenoiseSample
+        from dllm_trt.runtime.step import DenoiseSample, denoiser_feeds
 
-        runner = self.denoiser
-        values = (
-            canvas_ids,
-            self_conditioning,
-            position_ids,
-            cache_mask,
-            torch.as_tensor(temperature).reshape(()),
-            noise,
-        )
-        step_feeds = dict(zip((*DENOISER_INPUTS, *SAMPLING_INPUTS), values))
-        step_feeds = {name: runner.as_input(name, tensor) for name, tensor in step_feeds.items()}
-        cache = {name: runner.as_input(name, tensor) for name, tensor in zip(self.past_names, past)}
-        outputs = self.denoise_graphs.run(step_feeds, cache)
+        runner = self.canvas
+        feeds = denoiser_feeds(self, canvas_ids, self_conditioning, position_ids, cache_mask, past)
+        temperature_name, noise_name = SAMPLING_INPUTS
+        feeds[temperature_name] = torch.as_tensor(temperature).reshape(())
+        feeds[noise_name] = noise.view(canvas_ids.shape[0], canvas_ids.shape[1], -1)
+        feeds = {name: runner.as_input(name, tensor) for name, tensor in feeds.items()}
+        cache = {name: feeds.pop(name) for name in self.past_names}
+        outputs = self.denoise_graphs.run(feeds, cache)
         # graph outputs are overwritten by the next replay: the loop keeps the previous step's
         return DenoiseSample(*(outputs[name].clone() for name in SAMPLING_OUTPUTS))

@@ -187,19 +187,16 @@ def weight_bytes(shapes: dict[str, list[tuple[int, ...]]], precision: str) -> in
     return int(total)
 
 
-def kv_cache_bytes(model, batch: int, context: int, precision: str = "bf16") -> int:  # noqa: ANN001
-    """K and V of every layer; a sliding layer keeps at most sliding_window - 1 positions."""
+def kv_cache_bytes(model, batch: int, context: int, precision: str = "bf16", sliding: int | None = None) -> int:  # noqa: ANN001
+    """K and V of every layer in the graph's float type; a sliding layer keeps `sliding` positions, by
+    default as many as the runtime keeps (sliding_window - 1, or the whole context when shorter)."""
     from dllm_trt.models.diffusion_gemma import layer_specs
 
-    window = model.config.text_config.sliding_window - 1
+    if sliding is None:
+        sliding = min(context, model.config.text_config.sliding_window - 1)
     element_bytes = ACTIVATION_TYPE[precision][1]
     return sum(
-        2
-        * batch
-        * spec.num_kv_heads
-        * spec.head_dim
-        * element_bytes
-        * (min(context, window) if spec.sliding else context)
+        2 * batch * spec.num_kv_heads * spec.head_dim * element_bytes * (sliding if spec.sliding else context)
         for spec in layer_specs(model)
     )
 

@@ -38,8 +38,6 @@ from dllm_trt.errors import DllmError
 from dllm_trt.manifest import atomic_output, file_sha256, read_manifest, write_manifest
 from dllm_trt.progress import Progress, human_bytes
 
-_CACHE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}  # the KV cache is in the graphs' precision
-
 
 @dataclass(frozen=True)
 class BuildOptions:
@@ -72,27 +70,17 @@ def default_timing_cache(preset: GpuPreset, trt_version: str | None) -> Path:
 
 def _memory_estimate(directory: Path, manifest: dict, ranges: dict[str, prof.DimRange], precision: str) -> dict:
     """Device memory at the profiles' maxima: the engine's weights (once), the KV cache, and the larger
-    phase's activations as `dllm-trt plan` estimates them (engines.memory_plan)."""
+    phase's activations, as `dllm-trt plan` computes them (engines.memory_plan)."""
     from dllm_trt.engines import memory_plan
 
-    model = manifest["model"]
     weights = {
         g: manifest["graphs"][g]["bytes"] + sum(f["bytes"] for f in manifest["graphs"][g].get("external_data", []))
         for g in GRAPH_FILES
     }
-    batch = ranges["batch"].max
-    kv = sum(
-        2
-        * batch
-        * spec["num_kv_heads"]
-        * spec["head_dim"]
-        * _CACHE_BYTES[precision]
-        * (ranges["cache_sliding"].max if spec["sliding"] else ranges["cache_full"].max)
-        for spec in model["layers"]
-    )
     meta = memory_plan.meta_model(memory_plan.load_config(str(directory))[1])
-    context, chunk = ranges["cache_full"].max, ranges["new_tokens"].max
-    activations = memory_plan.activation_bytes(meta, batch, context, chunk, precision)
+    batch, context = ranges["batch"].max, ranges["cache_full"].max
+    kv = memory_plan.kv_cache_bytes(meta, batch, context, precision, sliding=ranges["cache_sliding"].max)
+    activations = memory_plan.activation_bytes(meta, batch, context, ranges["new_tokens"].max, precision)
     total = sum(weights.values()) + kv + activations
     return dict(weights=weights, kv_cache=kv, activations=activations, total=total)
 

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from dllm_trt.contract import ENGINE_FILES, SAMPLING_INPUTS, SAMPLING_OUTPUTS, STEP, STEP_INPUTS, cache_names
+from dllm_trt.contract import SAMPLING_INPUTS, SAMPLING_OUTPUTS, STEP, STEP_INPUTS, cache_names
 from dllm_trt.errors import DllmError
 
 # runtime.step (and through it transformers and onnx) is imported where it is used, so that the engine
@@ -218,7 +218,9 @@ class TensorRTStep:
         self.new_names = cache_names(self.specs, "")
         self.logger = trt.Logger(trt.Logger.WARNING)
         runtime = trt.Runtime(self.logger)
-        file = info["engines"][STEP]["file"] if STEP in info["engines"] else ENGINE_FILES[STEP]
+        if STEP not in info.get("engines", {}):
+            raise DllmError(f"{artifacts} holds engines of an older dllm-trt (no '{STEP}' engine); rebuild them")
+        file = info["engines"][STEP]["file"]
         self.engine, self.scratch = open_step_engine(trt, runtime, artifacts / file)
         if self.engine.num_optimization_profiles == 1:
             self.prompt = self.canvas = EngineRunner(trt, self.engine, file, 0, self.scratch)

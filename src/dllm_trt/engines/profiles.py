@@ -143,10 +143,6 @@ def input_shapes(graph_io: dict, ranges: dict[str, DimRange]) -> dict[str, tuple
     return shapes
 
 
-def dynamic_dims(graph_io: dict) -> set[str]:
-    return {d for value in graph_io["inputs"] for d in value["shape"] if not isinstance(d, int)}
-
-
 def step_profiles(graph_io: dict, ranges: dict[str, DimRange], canvas: int, per_phase: bool = False) -> dict:
     """The step engine's optimization profiles in order: profile name -> input name -> (min, opt, max)."""
     phases = PHASES if per_phase else (BOTH,)

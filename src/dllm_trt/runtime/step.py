@@ -175,6 +175,15 @@ def denoiser_feeds(step, canvas_ids, self_conditioning, position_ids, cache_mask
     return step_feeds(step.past_names, canvas_ids, position_ids, valid, cache_mask, self_conditioning, past)
 
 
+def sampling_feeds(step, canvas_ids, self_conditioning, position_ids, cache_mask, past, temperature, noise) -> dict:  # noqa: ANN001
+    """A denoise step of a graph that samples inside: denoiser_feeds plus the temperature and the noise."""
+    feeds = denoiser_feeds(step, canvas_ids, self_conditioning, position_ids, cache_mask, past)
+    temperature_name, noise_name = SAMPLING_INPUTS
+    feeds[temperature_name] = torch.as_tensor(temperature, dtype=torch.float32).reshape(())
+    feeds[noise_name] = noise.view(canvas_ids.shape[0], canvas_ids.shape[1], -1)
+    return feeds
+
+
 class _OnnxRuntimeBase:
     """Sessions and the encoder step shared by both onnxruntime step kinds.
 
@@ -262,9 +271,6 @@ class OnnxRuntimeHeadStep(_OnnxRuntimeBase):
     spin = True
 
     def denoise_and_sample(self, canvas_ids, self_conditioning, position_ids, cache_mask, past, temperature, noise):  # noqa: ANN001, ANN201
-        feeds = denoiser_feeds(self, canvas_ids, self_conditioning, position_ids, cache_mask, past)
-        temperature_name, noise_name = SAMPLING_INPUTS
-        feeds[temperature_name] = torch.as_tensor(temperature, dtype=torch.float32)
-        feeds[noise_name] = noise.view(canvas_ids.shape[0], canvas_ids.shape[1], -1)
+        feeds = sampling_feeds(self, canvas_ids, self_conditioning, position_ids, cache_mask, past, temperature, noise)
         out = self._run(STEP_FILE, feeds)
         return DenoiseSample(*(out[name] for name in SAMPLING_OUTPUTS))

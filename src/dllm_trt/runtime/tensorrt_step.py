@@ -263,13 +263,10 @@ class TensorRTStep:
 
     @torch.no_grad()
     def denoise_and_sample(self, canvas_ids, self_conditioning, position_ids, cache_mask, past, temperature, noise):  # noqa: ANN001, ANN201
-        from dllm_trt.runtime.step import DenoiseSample, denoiser_feeds
+        from dllm_trt.runtime.step import DenoiseSample, sampling_feeds
 
         runner = self.canvas
-        feeds = denoiser_feeds(self, canvas_ids, self_conditioning, position_ids, cache_mask, past)
-        temperature_name, noise_name = SAMPLING_INPUTS
-        feeds[temperature_name] = torch.as_tensor(temperature).reshape(())
-        feeds[noise_name] = noise.view(canvas_ids.shape[0], canvas_ids.shape[1], -1)
+        feeds = sampling_feeds(self, canvas_ids, self_conditioning, position_ids, cache_mask, past, temperature, noise)
         feeds = {name: runner.as_input(name, tensor) for name, tensor in feeds.items()}
         cache = {name: feeds.pop(name) for name in self.past_names}
         outputs = self.denoise_graphs.run(feeds, cache)

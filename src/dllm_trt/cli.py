@@ -300,6 +300,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--seeds", help="comma-separated seeds (default 0,1)")
     sub.add_argument("--prompt-ids", action="append", metavar="IDS", help="comma-separated ids; repeat for a batch")
     sub.add_argument("--max-new-tokens", type=int, help="default: enough to pass the sliding window")
+    sub.add_argument(
+        "--per-layer", action="store_true",
+        help="every layer against transformers' same layer, one layer resident at a time (released-size "
+        "checkpoints); names the first divergent layer and block; report.md gets a per-layer plot",
+    )  # fmt: skip
+    sub.add_argument(
+        "--canvas", type=int, help="--per-layer: canvas tokens of the denoise calls (default: the model's)"
+    )
 
     sub = verb("build", "build the TensorRT engine from 'optimize --target trt' output", _build)
     sub.add_argument("optimized", type=Path, help="directory written by 'dllm-trt optimize --target trt'")

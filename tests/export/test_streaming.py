@@ -15,10 +15,10 @@ from dllm_trt.export import run as export_run
 from dllm_trt.export import writer as writer_module
 from dllm_trt.export.journal import JOURNAL, partial_dir
 from dllm_trt.export.onnx_export import export_self_conditioning, export_step
-from dllm_trt.export.skeleton import CheckpointSources, build_skeleton
 from dllm_trt.export.weights import WeightRecipe, tensor_bytes
 from dllm_trt.models.checkpoint import load_model, safetensors_files, tensor_index
 from dllm_trt.models.presets import write_streamed_checkpoint
+from dllm_trt.models.skeleton import CheckpointSources, build_skeleton
 
 GRAPHS = ("step", "self_conditioning")
 
@@ -108,7 +108,9 @@ def test_interrupted_export_resumes_and_matches_the_in_memory_export(bf16_sharde
     external = [e for g in manifest["graphs"].values() for e in g["external_data"]]
     assert len(external) > len(GRAPHS)  # several files per graph
     assert {e["file"] for e in external} == {p.name for p in out.glob("*.data")}
-    assert manifest["model"]["dtype"] == "bfloat16" and "onnxruntime on CPU" in manifest["parity_skipped"]
+    # a bf16 export's parity: layer by layer, each layer judged against transformers' own layer in bf16
+    assert manifest["model"]["dtype"] == "bfloat16" and manifest["parity"]["mode"] == "per-layer"
+    assert manifest["parity"]["passed"] and manifest["parity"]["first_divergent_layer"] is None
 
     # 3. the in-memory path on the model transformers loads: same graphs, byte-identical weights
     model = load_model(bf16_sharded_ckpt)

@@ -6,6 +6,7 @@ import onnx
 import pytest
 import torch
 from onnx import numpy_helper
+from perturb import scaled_copy
 
 from dllm_trt.cli import main
 from dllm_trt.models.checkpoint import load_model
@@ -108,37 +109,6 @@ def test_router_probe_calls_ties_by_margin_and_ignores_padding(tiny_ckpt):
         probe.close()
 
 
-def _perturbed_copy(source, out, scope: str, factor: float):  # noqa: ANN001, ANN202
-    """A copy of optimized graphs with the RMSNorm weight of `scope` (e.g. 'layers.0.post_attention_layernorm')
-    scaled by `factor`, saved as the stage would (manifest rewritten)."""
-    import onnx_ir as ir
-
-    from dllm_trt.contract import CARRIED_FILES, GRAPH_FILES
-    from dllm_trt.manifest import read_manifest, save_graphs, write_manifest
-
-    out.mkdir()
-    graphs = {name: ir.load(str(source / file)) for name, file in GRAPH_FILES.items()}
-    touched = 0
-    for model in graphs.values():
-        for node in model.graph:
-            if node.op_type == "RMSNormalization" and f"'{scope}'" in node.metadata_props.get(
-                "pkg.torch.onnx.name_scopes", ""
-            ):
-                weight = node.inputs[1]
-                array = weight.const_value.numpy()
-                scaled = (array.astype(np.float32) * factor).astype(array.dtype)
-                weight.const_value = ir.tensor(scaled, name=weight.name)
-                touched += 1
-    assert touched, scope
-    manifest = read_manifest(source)
-    manifest["graphs"] = save_graphs(graphs, out, GRAPH_FILES)
-    write_manifest(out, manifest)
-    for name in CARRIED_FILES:
-        if (source / name).is_file():
-            shutil.copy2(source / name, out / name)
-    return out
-
-
 def test_reduced_precision_is_judged_against_the_envelope(capsys, tiny_ckpt, tiny_export, tmp_path):
     """An honest bf16 graph passes within the envelope (transformers in bf16 against its fp32 self); the
     same graph with one layer's norm weights 5% off fails, naming the quantities beyond it."""
@@ -157,7 +127,8 @@ def test_reduced_precision_is_judged_against_the_envelope(capsys, tiny_ckpt, tin
     assert all(v["passed"] and v["entries"] > 0 for v in verdicts)
     assert "bf16 emulated in fp32" in report["execution"]
 
-    broken = _perturbed_copy(honest, tmp_path / "broken", "layers.0.post_attention_layernorm", 1.05)
+    weight = "model.decoder.layers.0.post_attention_layernorm.weight"
+    broken = scaled_copy(honest, tmp_path / "broken", weight, 1.05)
     code = main(["validate", str(broken), "--reference", str(tiny_ckpt)])
     err = capsys.readouterr().err
     assert code == 1 and "FAIL denoise" in err, err

@@ -98,7 +98,17 @@ def summarize(directory: Path, manifest: dict) -> list[str]:
             ops = Counter(node.op_type for node in onnx.load(str(path), load_external_data=False).graph.node)
             lines.append("    ops    " + ", ".join(f"{op} {count}" for op, count in ops.most_common()))
     parity = manifest.get("parity")
-    if parity:
+    if parity and parity.get("mode") == "per-layer":
+        verdict = "passed" if parity.get("passed") else "FAILED"
+        first = parity.get("first_divergent_layer")
+        where = (
+            "every layer within its bound"
+            if first is None
+            else (f"first divergent layer {first} ({parity.get('first_divergent_block')})")
+        )
+        lines.append(f"parity {verdict}, layer by layer ({parity.get('dtype', '?')}): {where}")
+        lines += [f"    {failure}" for failure in parity.get("failures", [])]
+    elif parity:
         comparisons = parity.get("comparisons", [])
         passed = sum(c["passed"] for c in comparisons)
         verdict = "passed" if parity.get("passed") else "FAILED"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import onnx_ir as ir
 
 from dllm_trt.export.onnx_export import TraceSpec, trace
+from dllm_trt.export.softmax_precision import softmax_in_requested_dtype
 from dllm_trt.export.weights import FOLD_INPUT_LIMIT, attach_weights, fold_lazy_transposes, name_after_checkpoint
 from dllm_trt.models.checkpoint import TensorEntry
 
@@ -19,12 +20,14 @@ def lazy_graph(
 
     torch.onnx.export with optimize=True runs the optimizer right after translation; here the
     translation is kept unoptimized, given its weights (lazily), the Transposes over large weights
-    are folded lazily, and then the same optimizer runs; the weights then take their checkpoint names.
+    are folded lazily, and then the same optimizer runs; softmax gets PyTorch's precision back
+    (softmax_precision.py) and the weights take their checkpoint names.
     """
     program = trace(spec, optimize=False)
     graph = program.model.graph
     attach_weights(graph, spec.module, model, index, eager_max_elements)
     fold_lazy_transposes(graph)
     program.optimize()
+    softmax_in_requested_dtype(program.model.graph)
     name_after_checkpoint(program.model.graph, spec.module, model, index)
     return program.model

@@ -122,9 +122,11 @@ def self_conditioning_spec(model) -> TraceSpec:  # noqa: ANN001
 def _export_spec(spec: TraceSpec, path: Path, model, index: dict | None) -> GraphIO:  # noqa: ANN001
     """The in-memory path: trace the loaded model, let torch.onnx optimize and save it with its weights
     (named after the checkpoint's tensors when its `index` is given, as the streaming path names them)."""
+    from dllm_trt.export.softmax_precision import softmax_in_requested_dtype
     from dllm_trt.export.weights import name_after_checkpoint
 
     program = trace(spec, optimize=True)
+    softmax_in_requested_dtype(program.model.graph)
     if index is not None:
         name_after_checkpoint(program.model.graph, spec.module, model, index)
     program.save(str(path), external_data=True)

@@ -25,12 +25,12 @@ from dllm_trt.contract import CARRIED_FILES, SELF_CONDITIONING_FILE, STAGE_EXPOR
 from dllm_trt.export.journal import Journal, resumable_output
 from dllm_trt.export.lazy_graph import lazy_graph
 from dllm_trt.export.onnx_export import OPSET, check_experts, self_conditioning_spec, step_spec
-from dllm_trt.export.skeleton import build_skeleton, checkpoint_dtype, parse_dtype
 from dllm_trt.export.weights import FOLD_INPUT_LIMIT, CheckpointWeight
 from dllm_trt.export.writer import DEFAULT_SHARD_BYTES, WrittenFile, plan_shards, write_shards
 from dllm_trt.manifest import MANIFEST, check_external_data, describe_graph, tool_versions, write_manifest
 from dllm_trt.models.checkpoint import checkpoint_hash, read_config, safetensors_files, tensor_index
 from dllm_trt.models.diffusion_gemma import layer_specs
+from dllm_trt.models.skeleton import build_skeleton, checkpoint_dtype, parse_dtype
 from dllm_trt.progress import Progress, human_bytes
 from dllm_trt.validate.compare import summary_lines
 
@@ -39,11 +39,10 @@ GRAPHS = (
     ("self_conditioning", SELF_CONDITIONING_FILE, self_conditioning_spec),
 )
 
-# onnxruntime's CPU provider has no bfloat16 kernels for the graphs' MatMul/Attention/norms.
-BF16_PARITY_SKIPPED = (
-    "parity not measured: onnxruntime on CPU cannot run bfloat16 graphs; export a float32 copy "
-    "(--dtype float32) to measure the graphs' parity"
-)
+# Above this many bytes of checkpoint weights parity is measured layer by layer (validate.per_layer): the
+# whole-graph check holds every weight in one onnxruntime session (16 GB for 2 full-width layers in fp32).
+# bfloat16 exports are always checked per layer: only a piece at a time can run bf16 emulated on this CPU.
+PER_LAYER_PARITY_ABOVE = 1 << 30
 
 
 def model_summary(model) -> dict:  # noqa: ANN001
@@ -77,8 +76,9 @@ class ExportOptions:
     seed: int = 0  # of the parity check's random inputs
     force: bool = False  # replace a non-empty output directory
     # float32 | float16 | bfloat16: cast the weights as `from_pretrained(dtype=...)` does; None keeps the
-    # checkpoint's. Parity of a bfloat16 export is not measured (onnxruntime CPU has no bf16 kernels).
+    # checkpoint's. Parity of a bfloat16 export is measured per layer, against the bf16 envelope.
     dtype: str | None = None
+    per_layer_parity_above: int = PER_LAYER_PARITY_ABOVE  # checkpoint bytes; see PER_LAYER_PARITY_ABOVE
     quiet: bool = False
     max_shard_bytes: int = DEFAULT_SHARD_BYTES
     eager_max_elements: int = FOLD_INPUT_LIMIT
@@ -112,7 +112,8 @@ def run(options: ExportOptions) -> ExportResult:
             f"{len(files)} weight file(s), {human_bytes(sum(f.stat().st_size for f in files))}, "
             f"{_name(source_dtype)}{cast}, {digest[:19]}…"
         )
-    measure = parity and export_dtype != torch.bfloat16
+    weight_bytes = sum(f.stat().st_size for f in files)
+    per_layer = export_dtype == torch.bfloat16 or weight_bytes > options.per_layer_parity_above
     key = _journal_key(digest, export_dtype, max_shard_bytes, eager_max_elements)
     with resumable_output(out, force=force) as work:
         with progress.stage("building the model without weights") as notes:
@@ -148,7 +149,16 @@ def run(options: ExportOptions) -> ExportResult:
             graphs=graphs,
         )
         result = None
-        if measure:
+        if parity and per_layer:
+            with progress.stage("measuring parity: onnxruntime vs transformers, layer by layer") as notes:
+                write_manifest(work, manifest)  # the per-layer check reads the artifacts as validate does
+                result, lines = _measure_parity_per_layer(ckpt, work, seed, text.vocab_size)
+                manifest["parity"] = result
+                first = result["first_divergent_layer"]
+                notes.append("every layer within its bound" if first is None else f"first divergent layer {first}")
+            for line in lines:
+                progress.note(line)
+        elif parity:
             with progress.stage("measuring parity: onnxruntime vs transformers") as notes:
                 result, lines = _measure_parity(ckpt, work, model, export_dtype, source_dtype, index, seed)
                 manifest["parity"] = result
@@ -156,18 +166,16 @@ def run(options: ExportOptions) -> ExportResult:
                 notes.append(f"{passed}/{len(result['comparisons'])} within tolerance")
             for line in ([result["note"]] if result.get("note") else []) + lines:
                 progress.note(line)
-        elif parity:
-            with progress.stage("measuring parity: onnxruntime vs transformers") as notes:
-                manifest["parity_skipped"] = BF16_PARITY_SKIPPED
-                notes.append("skipped")
-            progress.note(BF16_PARITY_SKIPPED)
         manifest["timings_s"] = progress.timings
         with progress.stage(f"writing {MANIFEST}"):
             write_manifest(work, manifest)
         _remove_strays(work, manifest)
     failed = None
     if result is not None and not result["passed"]:
-        failed = max((c for c in result["comparisons"] if not c["passed"]), key=lambda c: c["max_rel"])["name"]
+        if result.get("mode") == "per-layer":
+            failed = result["failures"][0]
+        else:
+            failed = max((c for c in result["comparisons"] if not c["passed"]), key=lambda c: c["max_rel"])["name"]
     return ExportResult(out, manifest, failed)
 
 
@@ -231,7 +239,7 @@ def _measure_parity(
     seed: int,
 ) -> tuple[dict, list[str]]:
     """Parity of the graphs in `work` against transformers in `export_dtype`, one layer and one session at a time."""
-    from dllm_trt.export.offload import offloaded_reference
+    from dllm_trt.models.offloaded import offloaded_reference
     from dllm_trt.runtime.step import OnnxRuntimeStep, StepInfo
     from dllm_trt.validate.export_parity import step_parity
 
@@ -246,6 +254,19 @@ def _measure_parity(
             f"not {_name(source_dtype)} numerics (onnxruntime CPU does not compute in {_name(source_dtype)})"
         )
     return out, summary_lines(result.comparisons)
+
+
+def _measure_parity_per_layer(ckpt: Path, work: Path, seed: int, vocab: int) -> tuple[dict, list[str]]:
+    """Every layer of the graphs in `work` against transformers' same layer (validate --per-layer's check)."""
+    from dllm_trt.validate.per_layer import PerLayerOptions, per_layer_parity
+    from dllm_trt.validate.stage import default_prompts
+
+    result = per_layer_parity(PerLayerOptions(work, ckpt, default_prompts(vocab, seed), seed))
+    lines = result.failures() or [
+        f"every layer within its bound ({result.judged_tokens}/{result.tokens} token-layers judged, calls: "
+        f"{', '.join(result.calls)})"
+    ]
+    return dict(mode="per-layer", **result.to_dict()), lines
 
 
 def _journal_key(digest: str, dtype: torch.dtype, max_shard_bytes: int, eager_max_elements: int) -> str:

@@ -24,8 +24,8 @@ import torch
 from onnx_ir.tensor_adapters import TorchTensor
 
 from dllm_trt.errors import DllmError
-from dllm_trt.export.skeleton import CheckpointSources, is_fake
 from dllm_trt.models.checkpoint import TensorEntry, read_rows
+from dllm_trt.models.skeleton import CheckpointSources, is_fake
 
 try:  # the optimizer's own limit (constants up to this many elements may be folded with anything) and metadata key
     from onnxscript.optimizer._constant_folding import DEFAULT_CONSTANT_FOLD_INPUT_SIZE_LIMIT as FOLD_INPUT_LIMIT

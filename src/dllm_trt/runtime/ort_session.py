@@ -20,9 +20,19 @@ def providers(device: str = "cpu") -> list[str]:
 
 
 def open_session(
-    path: Path, device: str = "cpu", graph_optimization: bool = True, threads: int = 0, spin: bool = False
+    path: Path,
+    device: str = "cpu",
+    graph_optimization: bool = True,
+    threads: int = 0,
+    spin: bool = False,
+    low_memory: bool = False,
 ) -> ort.InferenceSession:
+    """`low_memory`: no pre-packed copy of the weights and no activation arena (a graph run a few times
+    beside other large work, where a second copy of its weights would count twice)."""
     options = ort.SessionOptions()
+    if low_memory:
+        options.add_session_config_entry("session.disable_prepacking", "1")
+        options.enable_cpu_mem_arena = False
     options.log_severity_level = 3  # warnings about unused initializers etc. are not the user's concern
     options.intra_op_num_threads = threads
     # With `spin`, workers spin between the ops of a run (an optimized small-preset denoise step is

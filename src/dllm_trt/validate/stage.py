@@ -1,23 +1,28 @@
 """`dllm-trt validate`: `run(ValidateOptions) -> ValidateResult`; artifacts against the reference checkpoint,
-on random inputs and real generations."""
+on random inputs and real generations, or with `per_layer` layer by layer in bounded memory."""
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from dllm_trt.contract import STEP_FILE
 from dllm_trt.errors import DllmError
 from dllm_trt.manifest import read_manifest
 from dllm_trt.models.checkpoint import checkpoint_hash, load_model, safetensors_files
 from dllm_trt.progress import Progress
 from dllm_trt.runtime.backends import open_step
+from dllm_trt.runtime.cpu_variant import execution_on_cpu
 from dllm_trt.runtime.loop import GenerationSettings, left_pad
 from dllm_trt.runtime.step import TorchStep
 from dllm_trt.validate.export_parity import step_parity
 from dllm_trt.validate.generation_parity import generation_parity
+from dllm_trt.validate.per_layer import PerLayerOptions, per_layer_parity
+from dllm_trt.validate.per_layer_report import PLOT, per_layer_markdown, plot_per_layer
 from dllm_trt.validate.report import markdown, report_dict, write_report
 
 
@@ -41,6 +46,8 @@ class ValidateOptions:
     prompt_ids: tuple[tuple[int, ...], ...] = ()  # () : two random prompts of different lengths
     max_new_tokens: int | None = None  # None: enough canvases to pass the sliding window
     report_dir: Path | None = None  # where report.json and report.md go; None: not written
+    per_layer: bool = False  # every layer against transformers' same layer, in bounded memory (per_layer.py)
+    canvas: int | None = None  # --per-layer: tokens of the denoise calls' canvas; None: the model's canvas
     quiet: bool = False
 
 
@@ -60,9 +67,12 @@ def run(options: ValidateOptions) -> ValidateResult:
         raise DllmError("--seeds is empty; pass comma-separated integers like 0,1")
     if max_new_tokens is not None and max_new_tokens <= 0:
         raise DllmError("--max-new-tokens must be a positive integer")
-    progress = Progress(total=5, quiet=options.quiet)
+    if options.canvas is not None and options.canvas <= 0:
+        raise DllmError("--canvas must be a positive integer")
+    manifest = read_manifest(artifacts)
+    layers = len(manifest.get("model", {}).get("layers", []))
+    progress = Progress(total=layers + 4 if options.per_layer else 5, quiet=options.quiet)
     with progress.stage("checking artifacts against the reference checkpoint") as notes:
-        manifest = read_manifest(artifacts)
         digest = checkpoint_hash(reference, safetensors_files(reference))
         if manifest["checkpoint"]["hash"] != digest:
             raise DllmError(
@@ -70,6 +80,8 @@ def run(options: ValidateOptions) -> ValidateResult:
                 f"{reference} is {digest[:19]}…; validate against the checkpoint it was exported from"
             )
         notes.append(f"checkpoint {digest[:19]}…")
+    if options.per_layer:
+        return _per_layer(options, manifest, prompts, progress)
     # The reference is transformers in fp32 (a bf16 checkpoint upcast exactly). A reduced-precision
     # artifact is judged against the envelope: transformers itself in the artifact's dtype.
     dtype = manifest["model"]["dtype"]
@@ -100,3 +112,32 @@ def run(options: ValidateOptions) -> ValidateResult:
             write_report(report_dir, report)
             notes.append(f"{report_dir}/report.md")
     return ValidateResult(report["passed"], report["failures"], report, markdown(report))
+
+
+def _per_layer(options: ValidateOptions, manifest: dict, prompts: list[list[int]] | None, progress: Progress):
+    """`--per-layer`: the artifact's step graph piece by piece against transformers layer by layer."""
+    if options.backend != "onnxruntime":
+        raise DllmError("--per-layer runs ONNX graphs piece by piece in onnxruntime; drop --backend")
+    if not (options.artifacts / STEP_FILE).is_file():
+        raise DllmError(
+            f"{options.artifacts} has no {STEP_FILE}: --per-layer compares the graphs of 'dllm-trt export' or "
+            "'optimize' (an engine's layers are compared on its GPU)"
+        )
+    vocab = manifest["model"]["vocab_size"]
+    prompts = prompts or default_prompts(vocab, options.seeds[0])
+    result = per_layer_parity(
+        PerLayerOptions(options.artifacts, options.reference, prompts, options.seeds[0], options.canvas), progress
+    )
+    execution = "onnxruntime, one layer at a time; " + execution_on_cpu(options.artifacts)
+    report = dict(
+        artifacts=str(options.artifacts), backend="onnxruntime", execution=execution, mode="per-layer",
+        passed=result.passed, failures=result.failures(), per_layer=result.to_dict(),
+    )  # fmt: skip
+    with progress.stage("writing report") as notes:
+        if options.report_dir is not None:
+            options.report_dir.mkdir(parents=True, exist_ok=True)
+            plot_per_layer(report, options.report_dir / PLOT)
+            (options.report_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+            (options.report_dir / "report.md").write_text(per_layer_markdown(report))
+            notes.append(f"{options.report_dir}/report.md, {PLOT}")
+    return ValidateResult(report["passed"], report["failures"], report, per_layer_markdown(report))

@@ -1,4 +1,4 @@
-"""The parity check in bounded memory: transformers' reference with layers read on demand, one ORT session at a time.
+"""transformers' reference in bounded memory: its own model and forward, layers read on demand.
 
 The reference is transformers' own model and forward, untouched; only where its weights live
 changes. Everything outside the decoder layers (embedding = lm_head, final norm, the
@@ -7,8 +7,8 @@ are read from the checkpoint by a forward pre-hook and dropped by a forward hook
 layer is resident, whatever the number of layers. Weights are cast exactly as `from_pretrained`
 casts them, so the numbers are those of a loaded model.
 
-The exported graphs run in onnxruntime one session at a time (runtime.step's OnnxRuntimeStep with
-`resident=False`), so a graph's weights and the reference's layer are never resident together.
+Export's parity check and `validate --per-layer` run it beside graphs they open one at a time, so
+a graph's weights and the reference's layer are never resident together.
 """
 
 from __future__ import annotations
@@ -18,9 +18,8 @@ from pathlib import Path
 import torch
 
 from dllm_trt.errors import DllmError
-from dllm_trt.export.skeleton import CheckpointSources, build_skeleton, is_fake
-from dllm_trt.export.weights import WeightRecipe
-from dllm_trt.models.checkpoint import TensorEntry
+from dllm_trt.models.checkpoint import TensorEntry, read_rows
+from dllm_trt.models.skeleton import CheckpointSources, build_skeleton, is_fake
 
 
 class _Reader:
@@ -34,7 +33,7 @@ class _Reader:
         entry = self.sources.entry(fake)
         if entry is None:
             raise DllmError(f"the checkpoint lacks {self.sources.name(fake)}, which the reference model needs")
-        return WeightRecipe(entry, fake.dtype).materialize()
+        return read_rows(entry).to(fake.dtype)  # the cast from_pretrained makes
 
     def fill(self, module: torch.nn.Module, resident: bool) -> None:
         """Replace every fake tensor directly in `module` by its real value (shared ones once if resident)."""

@@ -43,7 +43,7 @@ def corrupt_expert_scale(source: Path, out: Path, layers: str, expert: int = 0, 
     """A copy of an nvfp4 (or fp8) artifact with one expert's down-projection scales times `factor`, in
     the first DllmMoE layer (`layers="one"`) or all of them; the manifest re-describes the graph."""
     shutil.copytree(source, out)
-    model = ir.load(str(out / GRAPH_FILES["step"]))
+    model = ir.load(str(source / GRAPH_FILES["step"]))  # read beside the source: save_graphs replaces the copy
     changed = []
     for node in model.graph:
         if node.op_type != MOE_OP:

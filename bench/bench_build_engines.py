@@ -8,6 +8,7 @@ checkpoint's safetensors, and the engine's bytes against the weights of the opti
 (every initializer, in its precision): one engine serves both phases, one copy of the weights.
 
     python bench/bench_build_engines.py [--preset small] [--precisions bf16,fp32] [--gpus dgx-spark,rtx-4090]
+    python bench/bench_build_engines.py --precisions bf16,fp8,nvfp4 --gpus dgx-spark,rtx-4090   # quantized
 
 Needs the rtx extra; no GPU. About 2 minutes for the defaults on 2 CPU cores.
 """
@@ -32,7 +33,8 @@ def weight_bytes(optimized: Path) -> int:
 
     graph = onnx.load(str(optimized / "step.onnx"), load_external_data=False).graph
     size = {t: helper.tensor_dtype_to_np_dtype(t).itemsize for t in {i.data_type for i in graph.initializer}}
-    return sum(size[i.data_type] * int(np.prod(i.dims)) for i in graph.initializer)
+    size[onnx.TensorProto.FLOAT4E2M1] = 0.5  # two values a byte (numpy holds one a byte)
+    return int(sum(size[i.data_type] * int(np.prod(i.dims)) for i in graph.initializer))
 
 
 def directory_bytes(directory: Path, pattern: str) -> int:

@@ -268,7 +268,13 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         help=f"{' | '.join(TARGETS)} (ort-cuda: never run on a GPU; runs here through CPU stand-ins)",
     )
-    sub.add_argument("--precision", help=f"{' | '.join(PRECISIONS)} (default {_default(Optimize, 'precision')})")
+    sub.add_argument(
+        "--precision",
+        help=f"{' | '.join(PRECISIONS)} (default {_default(Optimize, 'precision')}); fp8 and nvfp4 (--target trt): "
+        "bf16 graphs with the MoE experts in fp8 (a scale per output channel) or nvfp4 (e2m1, an fp8 scale per 16 "
+        "values, an fp32 scale per expert) and the attention / dense-MLP projections in fp8, weight-only: "
+        "computed from the weights alone, so no calibration data is needed",
+    )
     sub.add_argument("-o", "--output", type=Path, required=True, help="output directory")
     sub.add_argument("--parity", help=f"each | final | none: when to measure parity (default "
                      f"{_default(Optimize, 'parity')})")  # fmt: skip

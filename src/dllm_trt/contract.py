@@ -36,8 +36,12 @@ ENGINE_FILES = {STEP: "step.engine"}
 # manifest["stage"] of each stage's output
 STAGE_EXPORT, STAGE_OPTIMIZE, STAGE_BUILD = "export", "optimize", "build"
 TARGETS = ("trt", "ort-cuda", "ort-cpu")
-PRECISIONS = ("fp32", "fp16", "bf16")
-PRECISION_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+PRECISIONS = ("fp32", "fp16", "bf16", "fp8", "nvfp4")
+# The dtype of each precision's activations and unquantized weights: fp8 and nvfp4 are bf16 graphs
+# whose expert and projection weights are stored quantized (optimize.quantize says which).
+PRECISION_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "fp8": "bfloat16", "nvfp4": "bfloat16"}
+QUANTIZED_PRECISIONS = ("fp8", "nvfp4")
+QUANTIZED_TARGETS = ("trt",)  # the targets whose graphs take quantized weights
 
 # ---- graph inputs and outputs --------------------------------------------------------------------
 
@@ -69,5 +73,24 @@ MOE_OP = "DllmMoE"
 PLUGIN_NAMESPACE = "dllm_trt"  # also the ONNX domain of every dllm_trt node
 PLUGIN_VERSION = "1"
 MOE_ACTIVATION = "gelu_tanh"
+# DllmMoE's `weight_format` attribute (a string; absent means "float") and its inputs per format.
+# Letters: N tokens, H hidden, E experts, I expert width; T the activation dtype (fp32/fp16/bf16).
+#   float  gate_up_proj [E, 2I, H] T, down_proj [E, H, I] T
+#   fp8    gate_up_proj [E, 2I, H] float8e4m3fn, down_proj [E, H, I] float8e4m3fn,
+#          gate_up_scale [E, 2I] fp32, down_scale [E, H] fp32: one scale per expert and output channel
+#   nvfp4  gate_up_proj [E, 2I, H] float4e2m1, down_proj [E, H, I] float4e2m1 (two values a byte),
+#          gate_up_block_scale [E, 2I, H/16] float8e4m3fn, down_block_scale [E, H, I/16] float8e4m3fn
+#          (one per 16 values along the input axis), gate_up_global_scale [E] fp32, down_global_scale [E] fp32
+# weight = value * scale (fp8) or value * block_scale * global_scale (nvfp4), dequantized to fp32
+# before the fp32 math of the float format (kernels.quantization).
+MOE_WEIGHT_FORMAT = "weight_format"
+MOE_INPUTS = {
+    "float": ("hidden", "router_logits", "per_expert_scale", "gate_up_proj", "down_proj"),
+}
+MOE_INPUTS["fp8"] = MOE_INPUTS["float"] + ("gate_up_scale", "down_scale")
+MOE_INPUTS["nvfp4"] = MOE_INPUTS["float"] + (
+    "gate_up_block_scale", "down_block_scale", "gate_up_global_scale", "down_global_scale",
+)  # fmt: skip
+MOE_WEIGHT_FORMATS = tuple(MOE_INPUTS)
 ROUTED_MOE = "RoutedMoE"  # the ort-cpu target's model-local function
 ORT_MOE_DOMAIN, ORT_MOE_OP = "com.microsoft", "MoE"  # the ort-cuda target's contrib op

@@ -101,7 +101,7 @@ def test_the_engine_carries_the_plans_kernels_compiled_for_its_target(dtype, sm)
     assert engine, "the builder refused a DllmMoE graph"
     stored = stored_kernels(engine)
     arch = sm[0] * 10 + sm[1]
-    assert stored["shape"] == dict(dtype=dtype, experts=E, hidden=H, width=I, top_k=K)
+    assert stored["shape"] == dict(dtype=dtype, experts=E, hidden=H, width=I, top_k=K, weight_format="float")
     specs = kernel_specs(MoEShape(**stored["shape"]), stored["bm"])
     assert set(stored["kernels"]) == set(specs) == {"route", "bucket", "up", "down", "combine"}
     for stage, kernel in stored["kernels"].items():

@@ -54,28 +54,33 @@ class GpuPreset:
 
 
 _HOPPER, _BLACKWELL = (1, 1, 8), (1, 4, 32)
+# Quantized graphs (optimize.quantize): fp8 needs FP8 tensors (SM89 and newer); nvfp4 adds FP4 tensors,
+# which TensorRT for RTX 1.7 builds for SM120/SM121 only (for SM89: "Cannot compile for target(s) sm89,
+# because the model contains HW-specific datatypes: fp4_e2m1"). On Hopper the plugin's kernels dequantize
+# nvfp4 in the kernel, no FP4 instruction needed; TensorRT proper has never built such a graph here.
+_FP8, _NVFP4 = ("fp32", "fp16", "bf16", "fp8"), ("fp32", "fp16", "bf16", "fp8", "nvfp4")
 # fmt: off
 PRESETS: dict[str, GpuPreset] = {p.name: p for p in (
     GpuPreset("h100", "NVIDIA H100 (Hopper, 80 GB HBM3)", ("H100",), (9, 0), 80, TENSORRT,
-              _HOPPER, 4096, (2048, 32768)),
+              _HOPPER, 4096, (2048, 32768), _NVFP4),
     GpuPreset("h200", "NVIDIA H200 (Hopper, 141 GB HBM3e)", ("H200",), (9, 0), 141, TENSORRT,
-              (1, 2, 16), 8192, (4096, 65536)),
+              (1, 2, 16), 8192, (4096, 65536), _NVFP4),
     GpuPreset("b200", "NVIDIA B200 (Blackwell, 180 GB HBM3e)", ("B200",), (10, 0), 180, TENSORRT,
-              _BLACKWELL, 8192, (4096, 131072)),
+              _BLACKWELL, 8192, (4096, 131072), _NVFP4),
     GpuPreset("gb300", "NVIDIA GB300 (Blackwell Ultra, 288 GB HBM3e)", ("GB300", "B300"), (10, 3), 288, TENSORRT,
-              (1, 4, 64), 8192, (4096, 131072)),
+              (1, 4, 64), 8192, (4096, 131072), _NVFP4),
     GpuPreset("a100", "NVIDIA A100 (Ampere, 80 GB HBM2e)", ("A100",), (8, 0), 80, TENSORRT,
               _HOPPER, 4096, (2048, 32768)),
     GpuPreset("dgx-spark", "NVIDIA DGX Spark (GB10, 128 GB unified LPDDR5x)", ("GB10",), (12, 1), 128, TENSORRT_RTX,
-              (1, 1, 4), 4096, (2048, 32768)),
+              (1, 1, 4), 4096, (2048, 32768), _NVFP4),
     GpuPreset("rtx-pro-6000", "NVIDIA RTX PRO 6000 Blackwell (96 GB GDDR7)", ("RTX PRO 6000",), (12, 0), 96,
-              TENSORRT_RTX, (1, 1, 8), 4096, (2048, 32768)),
+              TENSORRT_RTX, (1, 1, 8), 4096, (2048, 32768), _NVFP4),
     GpuPreset("rtx-5090", "NVIDIA GeForce RTX 5090 (Blackwell, 32 GB GDDR7)", ("RTX 5090",), (12, 0), 32,
-              TENSORRT_RTX, (1, 1, 2), 2048, (2048, 8192)),
+              TENSORRT_RTX, (1, 1, 2), 2048, (2048, 8192), _NVFP4),
     GpuPreset("l40s", "NVIDIA L40S (Ada, 48 GB GDDR6)", ("L40S",), (8, 9), 48, TENSORRT_RTX,
-              (1, 1, 4), 4096, (2048, 16384)),
+              (1, 1, 4), 4096, (2048, 16384), _FP8),
     GpuPreset("rtx-4090", "NVIDIA GeForce RTX 4090 (Ada, 24 GB GDDR6X)", ("RTX 4090",), (8, 9), 24, TENSORRT_RTX,
-              (1, 1, 2), 2048, (2048, 8192)),
+              (1, 1, 2), 2048, (2048, 8192), _FP8),
     GpuPreset("rtx-a6000", "NVIDIA RTX A6000 (Ampere, 48 GB GDDR6)", ("RTX A6000",), (8, 6), 48, TENSORRT_RTX,
               (1, 1, 4), 4096, (2048, 16384)),
     GpuPreset("rtx-3090", "NVIDIA GeForce RTX 3090 (Ampere, 24 GB GDDR6X)", ("RTX 3090",), (8, 6), 24, TENSORRT_RTX,
@@ -93,9 +98,11 @@ def get_preset(name: str) -> GpuPreset:
 def check_precision(preset: GpuPreset, precision: str) -> None:
     """Refuse, before any work, graphs in a precision the preset's GPU cannot run."""
     if precision not in preset.precisions:
+        why = {"fp8": " (FP8 tensors need sm_89 or newer)",
+               "nvfp4": " (FP4 tensors: TensorRT for RTX builds them for sm_120/sm_121 only)"}  # fmt: skip
         raise DllmError(
-            f"{preset.description} ({preset.sm}) cannot run {precision} graphs; optimize for one of: "
-            f"{', '.join(preset.precisions)}"
+            f"{preset.description} ({preset.sm}) cannot run {precision} graphs{why.get(precision, '')}; optimize "
+            f"for one of: {', '.join(preset.precisions)}"
         )
 
 

@@ -25,7 +25,7 @@ from onnx import TensorProto, helper
 from dllm_trt.contract import SAMPLING_OUTPUTS, STAGE_OPTIMIZE, STEP
 from dllm_trt.engines import profiles as prof
 from dllm_trt.engines.gpu_presets import get_preset
-from dllm_trt.engines.plugins import FLOATS, PLUGIN_NAMESPACE, PLUGIN_VERSION, PLUGINS
+from dllm_trt.engines.plugins import FLOATS, PLUGIN_NAMESPACE, PLUGIN_VERSION, PLUGINS, plugin_spec
 from dllm_trt.engines.support import ONNX_TO_TRT, Support, fuses_attention, load_support
 from dllm_trt.errors import DllmError
 from dllm_trt.manifest import describe_value
@@ -162,19 +162,18 @@ class GraphInfo:
 def _plugin_value_infos(graph: onnx.GraphProto, inits: dict) -> list[onnx.ValueInfoProto]:
     """Output types (and shapes where the weights tell them) of dllm_trt plugin nodes, for shape inference."""
     infos = []
+    # T of a node whose T inputs are all activations (quantized experts): from the recorded value types
+    typed = {v.name: v.type.tensor_type.elem_type for v in [*graph.input, *graph.value_info]}
     for node in graph.node:
-        spec = PLUGINS.get(node.op_type)
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        spec = plugin_spec(node.op_type, attrs)
         if spec is None or node.domain in ("", "ai.onnx"):
             continue
+        t_names = [name for (formal, kind), name in zip(spec.inputs, node.input) if kind == "T"]
         t_dtype = next(
-            (
-                inits[name].data_type
-                for (formal, kind), name in zip(spec.inputs, node.input)
-                if kind == "T" and name in inits
-            ),
-            TensorProto.UNDEFINED,
+            (inits[name].data_type for name in t_names if name in inits),
+            next((typed[name] for name in t_names if typed.get(name)), TensorProto.UNDEFINED),
         )
-        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         shapes = _plugin_output_shapes(node, attrs, inits)
         for (_formal, kind), name, shape in zip(spec.outputs, node.output, shapes):
             dtype = t_dtype if kind == "T" else helper.np_dtype_to_tensor_dtype(np.dtype(kind[0]))
@@ -414,7 +413,7 @@ _NODE_CHECKS = {
 
 def _check_custom(node: onnx.NodeProto, g: GraphInfo, support: Support) -> list[str]:
     """Problems of a custom-domain node: registered with dllm-trt's plugins (or a TensorRT custom op)?"""
-    spec = PLUGINS.get(node.op_type)
+    spec = plugin_spec(node.op_type, {a.name: helper.get_attribute_value(a) for a in node.attribute})
     if spec is None:
         if node.op_type in support.custom_ops:
             return []

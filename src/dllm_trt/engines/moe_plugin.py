@@ -2,9 +2,19 @@
 
 The node (emitted by optimize's fuse_moe for the trt target; names in contract.py): op_type
 `DllmMoE`, attributes `plugin_namespace` "dllm_trt", `plugin_version` "1", `top_k` (int),
-`activation` "gelu_tanh"; inputs hidden [N, H] T, router_logits [N, E] fp32, per_expert_scale [E]
-fp32, gate_up_proj [E, 2I, H] T, down_proj [E, H, I] T; output [N, H] T; T in fp32, fp16, bf16.
-Semantics: kernels.moe_triton.moe_reference.
+`activation` "gelu_tanh", `weight_format` ("float" when absent, "fp8", "nvfp4"); inputs hidden
+[N, H] T, router_logits [N, E] fp32, per_expert_scale [E] fp32, gate_up_proj [E, 2I, H], down_proj
+[E, H, I] (T for "float"; FP8 or FP4 tensors for the quantized formats, followed by their scales:
+contract.MOE_INPUTS); output [N, H] T; T in fp32, fp16, bf16. Semantics: kernels.moe_triton.
+moe_reference over the dequantized experts (kernels.quantization.dequantize_experts).
+
+Quantized experts reach the plugin as TensorRT's own FP8 and FP4 tensors (the parser keeps the
+ONNX initializers' FLOAT8E4M3FN / FLOAT4E2M1 types; FP4 two values a byte) and its kernels
+dequantize them (kernels.moe_triton). Measured with TensorRT for RTX 1.7: both build for SM121 and
+SM120; FP8 for SM89; FP4 for SM89 is refused by the builder ("Cannot compile for target(s) sm89,
+because the model contains HW-specific datatypes: fp4_e2m1"), so gpu_presets offers nvfp4 only
+where it builds. The same bytes as UINT8 initializers would avoid that, but the parser widens them
+to INT32 (4x the bytes), which defeats the point.
 
 Why an IPluginV3 with an `IPluginCreatorV3One` creator: it is the one plugin form both libraries'
 ONNX parsers import (TensorRT for RTX has no Quick Deployable Plugins), and unlike an AOT QDP it has
@@ -32,13 +42,13 @@ from pathlib import Path
 
 import numpy as np
 
-from dllm_trt.contract import MOE_ACTIVATION, MOE_OP, PLUGIN_NAMESPACE, PLUGIN_VERSION
+from dllm_trt.contract import MOE_ACTIVATION, MOE_INPUTS, MOE_OP, MOE_WEIGHT_FORMAT, PLUGIN_NAMESPACE, PLUGIN_VERSION
 from dllm_trt.engines.triton_aot import CompiledKernel, compile_specs
 from dllm_trt.kernels.moe_launches import STAGES, MoEShape, grids, kernel_specs, tile_m, workspace_layout
 
 BLOCK_ROWS = (16, 32, 64)  # what moe_launches.tile_m can pick
 
-INPUTS = ("hidden", "router_logits", "per_expert_scale", "gate_up_proj", "down_proj")
+INPUTS = MOE_INPUTS["float"]
 _TYPES = {"FLOAT": "fp32", "HALF": "fp16", "BF16": "bf16"}
 _classes: dict[int, tuple[type, type]] = {}  # per library module: (plugin, creator)
 _creators: list = []  # registered creators must outlive the registry's use of them
@@ -69,13 +79,18 @@ def graph_shapes(model) -> set[MoEShape]:  # noqa: ANN001 (an onnx.ModelProto wi
     """The MoE shapes of a graph's DllmMoE nodes, read from their expert weights and attributes."""
     dtypes = {1: "fp32", 10: "fp16", 16: "bf16"}
     inits = {t.name: t for t in model.graph.initializer}
+    typed = {v.name: v.type.tensor_type.elem_type for v in [*model.graph.value_info, *model.graph.input]}
     shapes = set()
     for node in model.graph.node:
         if node.op_type == MOE_OP and node.input[3] in inits:
             gate_up = inits[node.input[3]]
-            top_k = next(a.i for a in node.attribute if a.name == "top_k")
+            attrs = {a.name: a for a in node.attribute}
+            top_k = attrs["top_k"].i
+            fmt = attrs[MOE_WEIGHT_FORMAT].s.decode() if MOE_WEIGHT_FORMAT in attrs else "float"
             experts, two_width, hidden = gate_up.dims
-            shapes.add(MoEShape(dtypes[gate_up.data_type], experts, hidden, two_width // 2, top_k))
+            # quantized experts: T is the activations' dtype (bf16 in every quantized precision)
+            dtype = dtypes[gate_up.data_type] if fmt == "float" else dtypes.get(typed.get(node.input[0]), "bf16")
+            shapes.add(MoEShape(dtype, experts, hidden, two_width // 2, top_k, fmt))
     return shapes
 
 
@@ -139,8 +154,9 @@ def plugin_classes(trt) -> tuple[type, type]:  # noqa: ANN001
 
     class DllmMoEPlugin(trt.IPluginV3, trt.IPluginV3OneCore, trt.IPluginV3OneBuild, trt.IPluginV3OneRuntime):
         def __init__(
-            self, top_k: int, activation: str, arch: int | None, ptx_version: int | None, kernels: bytes | None = None
-        ) -> None:
+            self, top_k: int, activation: str, arch: int | None, ptx_version: int | None, kernels: bytes | None = None,
+            weight_format: str = "float",
+        ) -> None:  # fmt: skip
             trt.IPluginV3.__init__(self)
             trt.IPluginV3OneCore.__init__(self)
             trt.IPluginV3OneBuild.__init__(self)
@@ -149,7 +165,10 @@ def plugin_classes(trt) -> tuple[type, type]:  # noqa: ANN001
             self.num_outputs = 1
             if activation != MOE_ACTIVATION:
                 raise ValueError(f"DllmMoE implements activation {MOE_ACTIVATION!r}, the node says {activation!r}")
+            if weight_format not in MOE_INPUTS:
+                raise ValueError(f"DllmMoE weight_format {weight_format!r} is not one of {tuple(MOE_INPUTS)}")
             self.top_k, self.activation, self.arch, self.ptx_version = top_k, activation, arch, ptx_version
+            self.weight_format = weight_format
             self.shape: MoEShape | None = None
             self.bm: int | None = None
             self.compiled: dict[str, CompiledKernel] = {}
@@ -165,7 +184,7 @@ def plugin_classes(trt) -> tuple[type, type]:  # noqa: ANN001
             return self
 
         def clone(self):  # noqa: ANN201
-            other = DllmMoEPlugin(self.top_k, self.activation, self.arch, self.ptx_version)
+            other = DllmMoEPlugin(self.top_k, self.activation, self.arch, self.ptx_version, None, self.weight_format)
             other.shape, other.bm, other.compiled = self.shape, self.bm, dict(self.compiled)
             return _immortal(other)
 
@@ -184,12 +203,16 @@ def plugin_classes(trt) -> tuple[type, type]:  # noqa: ANN001
                 return False
             if pos in (1, 2):  # router logits and per-expert scales stay fp32
                 return desc.type == trt.float32
+            if self.weight_format != "float" and 3 <= pos < num_inputs:  # contract.MOE_INPUTS
+                kinds = {"fp8": (trt.fp8, trt.fp8, trt.float32, trt.float32),
+                         "nvfp4": (trt.fp4, trt.fp4, trt.fp8, trt.fp8, trt.float32, trt.float32)}  # fmt: skip
+                return desc.type == kinds[self.weight_format][pos - 3]
             return desc.type in floats and desc.type == in_out[0].desc.type  # hidden, weights, output share T
 
         def configure_plugin(self, inputs, outputs) -> None:  # noqa: ANN001
-            experts, two_width, hidden = (int(d) for d in inputs[3].desc.dims)
+            experts, two_width, hidden = (int(d) for d in inputs[3].desc.dims)  # FP4 dims count values, not bytes
             dtype = _TYPES[inputs[0].desc.type.name]
-            self.shape = MoEShape(dtype, experts, hidden, two_width // 2, self.top_k)
+            self.shape = MoEShape(dtype, experts, hidden, two_width // 2, self.top_k, self.weight_format)
             self.bm = tile_m(max(1, int(inputs[0].opt[0])), self.shape)  # suits the profile's opt shape
             self.max_tokens = max(1, int(inputs[0].max[0]))
 
@@ -207,6 +230,10 @@ def plugin_classes(trt) -> tuple[type, type]:  # noqa: ANN001
             self.arrays = dict(
                 top_k=(np.array([self.top_k], np.int32), trt.PluginFieldType.INT32),
                 activation=(np.frombuffer(self.activation.encode() + b"\0", np.int8).copy(), trt.PluginFieldType.CHAR),
+                weight_format=(
+                    np.frombuffer(self.weight_format.encode() + b"\0", np.int8).copy(),
+                    trt.PluginFieldType.CHAR,
+                ),
             )
             if self.shape is not None and self.arch is not None:
                 if not self.compiled:
@@ -240,7 +267,8 @@ def plugin_classes(trt) -> tuple[type, type]:  # noqa: ANN001
             if n_tokens == 0:
                 return 0
             offsets, _ = workspace_layout(self.shape, n_tokens)
-            buffers = dict(zip(INPUTS, (int(p) for p in inputs)), out=int(outputs[0]), n_tokens=n_tokens)
+            names = MOE_INPUTS[self.shape.weight_format]
+            buffers = dict(zip(names, (int(p) for p in inputs)), out=int(outputs[0]), n_tokens=n_tokens)
             buffers |= {name: int(workspace) + offset for name, offset in offsets.items()}
             specs = kernel_specs(self.shape, self.bm)
             grid = grids(specs, self.shape, n_tokens)
@@ -257,6 +285,7 @@ def plugin_classes(trt) -> tuple[type, type]:  # noqa: ANN001
                 [
                     trt.PluginField("top_k", np.array([], np.int32), trt.PluginFieldType.INT32),
                     trt.PluginField("activation", np.array([], np.int8), trt.PluginFieldType.CHAR),
+                    trt.PluginField(MOE_WEIGHT_FORMAT, np.array([], np.int8), trt.PluginFieldType.CHAR),
                     trt.PluginField("kernels", np.array([], np.uint8), trt.PluginFieldType.UNKNOWN),
                 ]
             )
@@ -264,8 +293,9 @@ def plugin_classes(trt) -> tuple[type, type]:  # noqa: ANN001
         def create_plugin(self, name, fields, phase):  # noqa: ANN001, ANN201
             values = _fields_of(trt, fields)
             plugin = DllmMoEPlugin(
-                values["top_k"], values["activation"], self.arch, self.ptx_version, values.get("kernels")
-            )
+                values["top_k"], values["activation"], self.arch, self.ptx_version, values.get("kernels"),
+                values.get(MOE_WEIGHT_FORMAT, "float"),
+            )  # fmt: skip
             return _immortal(plugin)
 
     _classes[id(trt)] = (DllmMoEPlugin, DllmMoECreator)

@@ -7,9 +7,9 @@ against this table; `build` registers the plugins themselves (engines.moe_plugin
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from dllm_trt.contract import MOE_ACTIVATION, MOE_OP, PLUGIN_NAMESPACE, PLUGIN_VERSION
+from dllm_trt.contract import MOE_ACTIVATION, MOE_OP, MOE_WEIGHT_FORMAT, PLUGIN_NAMESPACE, PLUGIN_VERSION
 
 FLOATS = ("float32", "float16", "bfloat16")  # "T" below
 
@@ -43,4 +43,33 @@ PLUGINS: dict[str, PluginSpec] = {
     ),  # fmt: skip
 }
 
-__all__ = ["PLUGINS", "PLUGIN_NAMESPACE", "PLUGIN_VERSION", "FLOATS", "PluginSpec"]
+# DllmMoE with quantized experts (attribute weight_format; contract.MOE_INPUTS): the same node with the
+# stored values and their scales in place of T weights.
+_FP8, _FP4 = ("float8_e4m3fn",), ("float4_e2m1fn",)
+_QUANTIZED_EXPERTS = {
+    "fp8": (("gate_up_proj", _FP8), ("down_proj", _FP8), ("gate_up_scale", _F32), ("down_scale", _F32)),
+    "nvfp4": (("gate_up_proj", _FP4), ("down_proj", _FP4), ("gate_up_block_scale", _FP8),
+              ("down_block_scale", _FP8), ("gate_up_global_scale", _F32), ("down_global_scale", _F32)),
+}  # fmt: skip
+QUANTIZED_MOE = {
+    fmt: replace(
+        PLUGINS[MOE_OP],
+        inputs=PLUGINS[MOE_OP].inputs[:3] + experts,
+        constant_inputs=tuple(name for name, _ in experts),
+        fixed_attributes=(*PLUGINS[MOE_OP].fixed_attributes, (MOE_WEIGHT_FORMAT, fmt)),
+    )
+    for fmt, experts in _QUANTIZED_EXPERTS.items()
+}
+
+
+def plugin_spec(op_type: str, attributes: dict) -> PluginSpec | None:
+    """The spec a node of `op_type` with these attributes (name -> value) is checked against, or None."""
+    weight_format = attributes.get(MOE_WEIGHT_FORMAT, "float")
+    if isinstance(weight_format, bytes):
+        weight_format = weight_format.decode()
+    if op_type == MOE_OP and weight_format in QUANTIZED_MOE:
+        return QUANTIZED_MOE[weight_format]
+    return PLUGINS.get(op_type)
+
+
+__all__ = ["PLUGINS", "PLUGIN_NAMESPACE", "PLUGIN_VERSION", "FLOATS", "PluginSpec", "QUANTIZED_MOE", "plugin_spec"]

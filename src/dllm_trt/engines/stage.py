@@ -29,7 +29,7 @@ from pathlib import Path
 
 import onnx
 
-from dllm_trt.contract import BUILD_FORMAT, ENGINE_FILES, GRAPH_FILES, MANIFEST, MOE_OP, STAGE_BUILD
+from dllm_trt.contract import BUILD_FORMAT, ENGINE_FILES, GRAPH_FILES, MANIFEST, MOE_OP, PRECISION_DTYPES, STAGE_BUILD
 from dllm_trt.engines import profiles as prof
 from dllm_trt.engines.build_info import write_build_info
 from dllm_trt.engines.gpu_presets import GpuPreset, check_precision, get_preset
@@ -92,7 +92,7 @@ def _graph_counts(model: onnx.ModelProto, precision: str) -> dict[str, int]:
 
     info = GraphInfo(model)
     attention = [n for n in model.graph.node if n.op_type == "Attention" and n.domain in ("", "ai.onnx")]
-    dtype = {"fp32": "FP32", "fp16": "FP16", "bf16": "BF16"}[precision]
+    dtype = {"float32": "FP32", "float16": "FP16", "bfloat16": "BF16"}[PRECISION_DTYPES[precision]]  # fp8/nvfp4: bf16
     fuses = {n.name: fuses_attention(dtype, info.last_dim(n.input[0]) or 0) for n in attention}
     live = _live_nodes(model)  # the builder drops what no output needs: such attention builds no kernel
     moe = sum(n.op_type == MOE_OP for n in model.graph.node)

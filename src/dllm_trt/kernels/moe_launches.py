@@ -15,11 +15,19 @@ Five launches, each a pure function of its inputs (exclusive writes, no atomics,
     combine  out [N, H] T     = sum over k of part, in fixed order
 
 Letters as in kernels.moe_triton: N tokens, H hidden, E experts, K = top_k, I expert width, A = N*K.
+
+Quantized experts (`MoEShape.weight_format`, contract.MOE_INPUTS): `up` and `down` take the stored
+values and their scales and dequantize inside the kernel. fp8: e4m3 values read as such; nvfp4:
+the packed e2m1 codes read as bytes (two a byte, the even element in the low nibble, as ONNX packs
+FLOAT4E2M1), their e4m3 block scales, the fp32 global scales. The scale inputs a format does not
+have are constexpr None in the kernel (compiled out), so a plain kernel's signature is unchanged.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from dllm_trt.contract import MOE_WEIGHT_FORMATS
 
 STAGES = ("route", "bucket", "up", "down", "combine")
 ROUTE_BT, BUCKET_BA, COMBINE_BT = 16, 1024, 8
@@ -51,11 +59,42 @@ class KernelSpec:
 class MoEShape:
     """What the compiled kernels are specialised on: everything but the token count."""
 
-    dtype: str  # fp32 | fp16 | bf16: hidden, expert weights and output
+    dtype: str  # fp32 | fp16 | bf16: hidden and output (and the expert weights when weight_format is "float")
     experts: int
     hidden: int
     width: int
     top_k: int
+    weight_format: str = "float"  # contract.MOE_WEIGHT_FORMATS: float | fp8 | nvfp4
+
+    def __post_init__(self) -> None:
+        if self.weight_format not in MOE_WEIGHT_FORMATS:
+            raise ValueError(f"unknown weight_format '{self.weight_format}'; one of {MOE_WEIGHT_FORMATS}")
+
+
+# The kernels' WFMT constexpr, and per format: (weight pointer type, the kernel's scale parameters with
+# their types). Scale parameters missing from a format's list are passed as constexpr None.
+WFMT = {"float": 0, "fp8": 1, "nvfp4": 2}
+_SCALES = {
+    "up": ("gate_up_scale_ptr", "gate_up_block_scale_ptr", "gate_up_global_scale_ptr"),
+    "down": ("down_scale_ptr", "down_block_scale_ptr", "down_global_scale_ptr"),
+}
+_SCALE_TYPES = {"float": (None, None, None), "fp8": ("*fp32", None, None), "nvfp4": (None, "*fp8e4nv", "*fp32")}
+_ACT = {"fp32": 0, "fp16": 1, "bf16": 2}  # the dot operands' dtype code (kernels.moe_triton._as_act)
+
+
+Params = tuple[tuple[str, object], ...]
+
+
+def _weights(shape: MoEShape, stage: str, name: str) -> tuple[Params, Params]:
+    """(signature entries, constexprs) of one expert weight and its scales, in the kernel's parameter order."""
+    pointer = {"float": f"*{shape.dtype}", "fp8": "*fp8e4nv", "nvfp4": "*u8"}[shape.weight_format]
+    signature, constexprs = [(name, pointer)], []
+    for param, kind in zip(_SCALES[stage], _SCALE_TYPES[shape.weight_format], strict=True):
+        if kind is None:
+            constexprs.append((param, None))
+        else:
+            signature.append((param, kind))
+    return tuple(signature), tuple(constexprs)
 
 
 def pow2(x: int) -> int:
@@ -80,6 +119,9 @@ def kernel_specs(shape: MoEShape, bm: int, upcast: bool = False) -> dict[str, Ke
     (the Triton interpreter's bf16 tl.dot is wrong, see kernels.moe_triton)."""
     t, e, h, i, k = shape.dtype, shape.experts, shape.hidden, shape.width, shape.top_k
     upcast = upcast or t == "fp32"
+    up_weight, up_none = _weights(shape, "up", "gate_up_proj_ptr")
+    down_weight, down_none = _weights(shape, "down", "down_proj_ptr")
+    quant = (("WFMT", WFMT[shape.weight_format]), ("ACT", _ACT[t]))
     return {
         "route": KernelSpec(
             "_route_kernel",
@@ -103,7 +145,7 @@ def kernel_specs(shape: MoEShape, bm: int, upcast: bool = False) -> dict[str, Ke
             "_expert_up_kernel",
             (
                 ("hidden_ptr", f"*{t}"),
-                ("gate_up_proj_ptr", f"*{t}"),
+                *up_weight,
                 ("sorted_ptr", "*i32"),
                 ("counts_ptr", "*i32"),
                 ("n_tokens", "i32"),
@@ -117,13 +159,15 @@ def kernel_specs(shape: MoEShape, bm: int, upcast: bool = False) -> dict[str, Ke
                 ("BI", pow2_clamp(i, 16, 64)),
                 ("BK", pow2_clamp(h, 16, 64)),
                 ("UPCAST", upcast),
+                *quant,
+                *up_none,
             ),
         ),  # fmt: skip
         "down": KernelSpec(
             "_expert_down_kernel",
             (
                 ("act_ptr", "*fp32"),
-                ("down_proj_ptr", f"*{t}"),
+                *down_weight,
                 ("sorted_ptr", "*i32"),
                 ("counts_ptr", "*i32"),
                 ("topk_w_ptr", "*fp32"),
@@ -137,6 +181,8 @@ def kernel_specs(shape: MoEShape, bm: int, upcast: bool = False) -> dict[str, Ke
                 ("BH", pow2_clamp(h, 16, 128)),
                 ("BK", pow2_clamp(i, 16, 64)),
                 ("UPCAST", upcast),
+                *quant,
+                *down_none,
             ),
         ),  # fmt: skip
         "combine": KernelSpec(

@@ -49,6 +49,19 @@ Numerics:
   down GEMM's tensor-core dot (bf16/fp16); fp32 inputs use IEEE fp32 dots, never TF32.
 * Under ``TRITON_INTERPRET=1`` (how the CPU tests run) bf16/fp16 dot operands are upcast to
   fp32, because the interpreter's bf16 ``tl.dot`` returns garbage (Triton 3.9).
+
+Quantized experts (``weight_format`` fp8 / nvfp4; inputs and formulas in contract.MOE_INPUTS and
+kernels.quantization) are dequantized inside the up and down kernels, never in memory:
+* fp8: the e4m3 values are loaded as such and converted to the activations' dtype for the dot
+  (exact: e4m3 fits bf16 and fp16); the fp32 scale of each output channel multiplies the fp32
+  accumulator after the reduction (the same products as dequantize-then-dot, summed in another order).
+* nvfp4: each byte holds two e2m1 codes (the even element in the low nibble); a code is decoded
+  by its bits (sign, 2 exponent bits with bias 1, 1 mantissa bit) and multiplied by its block's
+  e4m3 scale: exact in bf16 and fp16 (2 x 4 significant bits); the expert's fp32 global scale
+  multiplies the accumulator after the reduction.
+So the tensor-core dot sees exactly the dequantized weights up to a factor applied in fp32, natively
+on every GPU the kernels compile for (SM90 included: no FP4 instruction is needed).
+``moe_reference`` takes float weights: dequantize first (kernels.quantization.dequantize_experts).
 """
 
 from __future__ import annotations
@@ -57,6 +70,7 @@ import os
 
 import torch
 
+from dllm_trt.contract import MOE_INPUTS
 from dllm_trt.kernels.moe_launches import STAGES, MoEShape, grids, intermediates, kernel_specs, tile_m
 
 try:
@@ -142,6 +156,44 @@ if triton is not None:
             return tl.dot(a, b, acc)
 
     @triton.jit
+    def _as_act(x, ACT: tl.constexpr):
+        # the dot operands' dtype (moe_launches._ACT): the activations' own
+        if ACT == 2:
+            return x.to(tl.bfloat16)
+        elif ACT == 1:
+            return x.to(tl.float16)
+        else:
+            return x.to(tl.float32)
+
+    @triton.jit
+    def _e2m1(code):
+        """float4e2m1 codes (int32, 0..15) -> fp32: sign bit 3, exponent bits 2..1 (bias 1), mantissa bit 0."""
+        mag = code & 7
+        exponent = mag >> 1
+        mantissa = (mag & 1).to(tl.float32)
+        power = tl.where(exponent == 3, 4.0, tl.where(exponent == 2, 2.0, 1.0))
+        value = tl.where(exponent == 0, 0.5 * mantissa, (1.0 + 0.5 * mantissa) * power)
+        return tl.where((code & 8) != 0, -value, value)
+
+    @triton.jit
+    def _weight_tile(w_ptr, block_scale_ptr, rows, r_ok, k_offs, k_ok, K: tl.constexpr, WFMT: tl.constexpr):
+        """Rows ``rows`` (absolute: expert * R + r) x columns ``k_offs`` of an [E, R, K] weight, loaded as a
+        [BK, BR] tile so the dot needs no transpose. WFMT 0: as stored; 1: the e4m3 values in fp32;
+        2: the e2m1 values times their block's e4m3 scale, in fp32. Channel and global scales are the
+        caller's, applied to the accumulator."""
+        mask = k_ok[:, None] & r_ok[None, :]
+        if WFMT == 2:
+            packed = tl.load(w_ptr + rows[None, :] * (K // 2) + (k_offs // 2)[:, None], mask=mask, other=0)
+            code = (packed.to(tl.int32) >> ((k_offs % 2) * 4)[:, None]) & 15
+            scale_ptrs = block_scale_ptr + rows[None, :] * (K // 16) + (k_offs // 16)[:, None]
+            return _e2m1(code) * tl.load(scale_ptrs, mask=mask, other=0.0).to(tl.float32)
+        else:
+            w = tl.load(w_ptr + rows[None, :] * K + k_offs[:, None], mask=mask, other=0.0)
+            if WFMT == 1:
+                w = w.to(tl.float32)
+            return w
+
+    @triton.jit
     def _route_tile(logits_ptr, rows, n_tokens, E: tl.constexpr, E_P: tl.constexpr, TOP_K: tl.constexpr):
         """Route BT tokens: returns (rank [BT, E_P] int32: k if picked else -1, probs, topk_sum [BT])."""
         cols = tl.arange(0, E_P)
@@ -167,31 +219,41 @@ if triton is not None:
 
     @triton.jit
     def _geglu_tile(
-        hidden_ptr, tok, row_ok, gu_base, i_offs, i_ok,
+        hidden_ptr, tok, row_ok, e, gate_up_ptr, block_scale_ptr, scale_ptr, global_ptr, i_offs, i_ok,
         H: tl.constexpr, I: tl.constexpr, BM: tl.constexpr, BI: tl.constexpr, BK: tl.constexpr,  # noqa: E741
-        UPCAST: tl.constexpr,
+        UPCAST: tl.constexpr, WFMT: tl.constexpr,
     ):  # fmt: skip
         """act [BM, BI] = gelu_tanh(x @ Wg^T) * (x @ Wu^T) for token rows ``tok``, width slice ``i_offs``."""
         acc_g = tl.zeros((BM, BI), dtype=tl.float32)
         acc_u = tl.zeros((BM, BI), dtype=tl.float32)
+        gate_rows = e.to(tl.int64) * (2 * I) + i_offs  # gate rows 0..I-1, up rows I..2I-1 of expert e
         for k0 in range(0, H, BK):
             k_offs = k0 + tl.arange(0, BK)
             k_ok = k_offs < H
             x_mask = row_ok[:, None] & k_ok[None, :]
             x = tl.load(hidden_ptr + tok[:, None] * H + k_offs[None, :], mask=x_mask, other=0.0)  # [BM, BK]
-            w_mask = k_ok[:, None] & i_ok[None, :]
-            # gate rows 0..I-1, up rows I..2I-1; loaded [BK, BI] so the dot needs no transpose
-            wg = tl.load(gu_base + i_offs[None, :] * H + k_offs[:, None], mask=w_mask, other=0.0)
-            wu = tl.load(gu_base + (I + i_offs)[None, :] * H + k_offs[:, None], mask=w_mask, other=0.0)
-            acc_g = _mma(x, wg, acc_g, UPCAST)
-            acc_u = _mma(x, wu, acc_u, UPCAST)
+            wg = _weight_tile(gate_up_ptr, block_scale_ptr, gate_rows, i_ok, k_offs, k_ok, H, WFMT)
+            wu = _weight_tile(gate_up_ptr, block_scale_ptr, gate_rows + I, i_ok, k_offs, k_ok, H, WFMT)
+            acc_g = _mma(x, wg.to(x.dtype), acc_g, UPCAST)
+            acc_u = _mma(x, wu.to(x.dtype), acc_u, UPCAST)
+        if WFMT == 1:  # fp8: the scale of each output channel
+            channel = scale_ptr + e.to(tl.int64) * (2 * I) + i_offs
+            acc_g = acc_g * tl.load(channel, mask=i_ok, other=0.0)[None, :]
+            acc_u = acc_u * tl.load(channel + I, mask=i_ok, other=0.0)[None, :]
+        if WFMT == 2:  # nvfp4: the expert's global scale
+            glob = tl.load(global_ptr + e)
+            acc_g = acc_g * glob
+            acc_u = acc_u * glob
         return _gelu_tanh(acc_g) * acc_u
 
     @triton.jit
-    def _down_tile(act, d_base, h_offs, h_ok, k_offs, k_ok, acc, I: tl.constexpr, UPCAST: tl.constexpr):  # noqa: E741
-        """acc [BM, BH] += act [BM, BK] @ down[e, h_offs, k_offs]^T."""
-        wd = tl.load(d_base + h_offs[None, :] * I + k_offs[:, None], mask=k_ok[:, None] & h_ok[None, :], other=0.0)
-        return _mma(act.to(wd.dtype), wd, acc, UPCAST)
+    def _down_tile(
+        act, down_ptr, block_scale_ptr, rows, h_ok, k_offs, k_ok, acc,
+        I: tl.constexpr, UPCAST: tl.constexpr, WFMT: tl.constexpr, ACT: tl.constexpr,  # noqa: E741
+    ):  # fmt: skip
+        """acc [BM, BH] += act [BM, BK] @ down[rows, k_offs]^T (rows = e * H + h), unscaled."""
+        wd = _weight_tile(down_ptr, block_scale_ptr, rows, h_ok, k_offs, k_ok, I, WFMT)
+        return _mma(_as_act(act, ACT), _as_act(wd, ACT), acc, UPCAST)
 
     @triton.jit
     def _route_kernel(
@@ -245,7 +307,10 @@ if triton is not None:
     @triton.jit
     def _expert_up_kernel(
         hidden_ptr,  # [N, H] T
-        gate_up_proj_ptr,  # [E, 2I, H] T
+        gate_up_proj_ptr,  # [E, 2I, H] T | float8e4m3fn | [E, 2I, H/2] uint8 (packed e2m1)
+        gate_up_scale_ptr,  # fp8: [E, 2I] fp32; else constexpr None
+        gate_up_block_scale_ptr,  # nvfp4: [E, 2I, H/16] float8e4m3fn; else constexpr None
+        gate_up_global_scale_ptr,  # nvfp4: [E] fp32; else constexpr None
         sorted_ptr,  # [E, N] int32
         counts_ptr,  # [E] int32
         n_tokens,
@@ -257,6 +322,8 @@ if triton is not None:
         BI: tl.constexpr,
         BK: tl.constexpr,
         UPCAST: tl.constexpr,
+        WFMT: tl.constexpr,  # moe_launches.WFMT: 0 float, 1 fp8, 2 nvfp4
+        ACT: tl.constexpr,  # unused here: the up dot runs in hidden's dtype
     ):
         mb = tl.program_id(0)
         ib = tl.program_id(1)
@@ -270,14 +337,19 @@ if triton is not None:
         tok = a // TOP_K
         i_offs = ib * BI + tl.arange(0, BI)
         i_ok = i_offs < I
-        gu_base = gate_up_proj_ptr + e.to(tl.int64) * (2 * I * H)
-        act = _geglu_tile(hidden_ptr, tok, slot_ok, gu_base, i_offs, i_ok, H, I, BM, BI, BK, UPCAST)  # [BM, BI]
+        act = _geglu_tile(
+            hidden_ptr, tok, slot_ok, e, gate_up_proj_ptr, gate_up_block_scale_ptr, gate_up_scale_ptr,
+            gate_up_global_scale_ptr, i_offs, i_ok, H, I, BM, BI, BK, UPCAST, WFMT,
+        )  # [BM, BI]  # fmt: skip
         tl.store(act_ptr + a[:, None] * I + i_offs[None, :], act, mask=slot_ok[:, None] & i_ok[None, :])
 
     @triton.jit
     def _expert_down_kernel(
         act_ptr,  # [A, I] fp32
-        down_proj_ptr,  # [E, H, I] T
+        down_proj_ptr,  # [E, H, I] T | float8e4m3fn | [E, H, I/2] uint8 (packed e2m1)
+        down_scale_ptr,  # fp8: [E, H] fp32; else constexpr None
+        down_block_scale_ptr,  # nvfp4: [E, H, I/16] float8e4m3fn; else constexpr None
+        down_global_scale_ptr,  # nvfp4: [E] fp32; else constexpr None
         sorted_ptr,  # [E, N] int32
         counts_ptr,  # [E] int32
         topk_w_ptr,  # [A] fp32
@@ -289,6 +361,8 @@ if triton is not None:
         BH: tl.constexpr,
         BK: tl.constexpr,
         UPCAST: tl.constexpr,
+        WFMT: tl.constexpr,  # moe_launches.WFMT: 0 float, 1 fp8, 2 nvfp4
+        ACT: tl.constexpr,  # the dot operands' dtype: the activations' (moe_launches._ACT)
     ):
         mb = tl.program_id(0)
         hb = tl.program_id(1)
@@ -301,14 +375,19 @@ if triton is not None:
         a = tl.load(sorted_ptr + e * n_tokens + slots, mask=slot_ok, other=0).to(tl.int64)  # [BM]
         h_offs = hb * BH + tl.arange(0, BH)
         h_ok = h_offs < H
-        d_base = down_proj_ptr + e.to(tl.int64) * (H * I)
+        rows = e.to(tl.int64) * H + h_offs
         acc = tl.zeros((BM, BH), dtype=tl.float32)
         for k0 in range(0, I, BK):
             k_offs = k0 + tl.arange(0, BK)
             k_ok = k_offs < I
             act_mask = slot_ok[:, None] & k_ok[None, :]
             act = tl.load(act_ptr + a[:, None] * I + k_offs[None, :], mask=act_mask, other=0.0)  # [BM, BK]
-            acc = _down_tile(act, d_base, h_offs, h_ok, k_offs, k_ok, acc, I, UPCAST)
+            acc = _down_tile(act, down_proj_ptr, down_block_scale_ptr, rows, h_ok, k_offs, k_ok, acc, I, UPCAST, WFMT,
+                             ACT)  # fmt: skip
+        if WFMT == 1:  # fp8: the scale of each output channel
+            acc = acc * tl.load(down_scale_ptr + rows, mask=h_ok, other=0.0)[None, :]
+        if WFMT == 2:  # nvfp4: the expert's global scale
+            acc = acc * tl.load(down_global_scale_ptr + e)
         w = tl.load(topk_w_ptr + a, mask=slot_ok, other=0.0)
         part_mask = slot_ok[:, None] & h_ok[None, :]
         tl.store(part_ptr + a[:, None] * H + h_offs[None, :], acc * w[:, None], mask=part_mask)
@@ -351,25 +430,42 @@ def _check_inputs(
     gate_up_proj: torch.Tensor,
     down_proj: torch.Tensor,
     top_k: int,
+    weight_format: str = "float",
+    scales: tuple[torch.Tensor, ...] = (),
 ) -> tuple[int, int, int, int]:
     if triton is None:
         raise RuntimeError("fused_moe needs Triton: pip install 'dllm-trt[triton]'")
     if not hidden.is_cuda and not _interpreting():
         raise RuntimeError("fused_moe runs on CUDA tensors, or on CPU under TRITON_INTERPRET=1")
+    if weight_format not in MOE_INPUTS:
+        raise ValueError(f"unknown weight_format '{weight_format}'")
+    if len(scales) != len(MOE_INPUTS[weight_format]) - 5:
+        raise ValueError(f"weight_format {weight_format} takes {MOE_INPUTS[weight_format][5:]}, got {len(scales)}")
     n_tokens, hidden_size = hidden.shape
     n_experts, two_width, _ = gate_up_proj.shape
     width = two_width // 2
+    pack = 2 if weight_format == "nvfp4" else 1  # two e2m1 codes a byte along the input axis
     expected = {
         "router_logits": (router_logits, (n_tokens, n_experts)),
         "per_expert_scale": (per_expert_scale, (n_experts,)),
-        "gate_up_proj": (gate_up_proj, (n_experts, 2 * width, hidden_size)),
-        "down_proj": (down_proj, (n_experts, hidden_size, width)),
+        "gate_up_proj": (gate_up_proj, (n_experts, 2 * width, hidden_size // pack)),
+        "down_proj": (down_proj, (n_experts, hidden_size, width // pack)),
     }
+    block = 16
+    scale_shapes = {
+        "float": (),
+        "fp8": ((n_experts, 2 * width), (n_experts, hidden_size)),
+        "nvfp4": ((n_experts, 2 * width, hidden_size // block), (n_experts, hidden_size, width // block),
+                  (n_experts,), (n_experts,)),
+    }[weight_format]  # fmt: skip
+    for name, tensor, shape in zip(MOE_INPUTS[weight_format][5:], scales, scale_shapes, strict=True):
+        expected[name] = (tensor, shape)
     for name, (tensor, shape) in expected.items():
         if tuple(tensor.shape) != shape:
             raise ValueError(f"{name} has shape {tuple(tensor.shape)}, expected {shape}")
-    if gate_up_proj.dtype != hidden.dtype or down_proj.dtype != hidden.dtype:
-        raise ValueError("hidden, gate_up_proj and down_proj must share one dtype")
+    stored = {"float": hidden.dtype, "fp8": torch.float8_e4m3fn, "nvfp4": torch.uint8}[weight_format]
+    if gate_up_proj.dtype != stored or down_proj.dtype != stored:
+        raise ValueError(f"{weight_format} expert weights are {stored} (hidden's dtype for float)")
     if hidden.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"unsupported dtype {hidden.dtype}")
     if not 1 <= top_k <= n_experts:
@@ -381,9 +477,9 @@ _DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 _TORCH = {"i32": torch.int32, "fp32": torch.float32}
 
 
-def moe_shape(hidden: torch.Tensor, gate_up_proj: torch.Tensor, top_k: int) -> MoEShape:
-    n_experts, two_width, hidden_size = gate_up_proj.shape
-    return MoEShape(_DTYPES[hidden.dtype], n_experts, hidden_size, two_width // 2, top_k)
+def moe_shape(hidden: torch.Tensor, gate_up_proj: torch.Tensor, top_k: int, weight_format: str = "float") -> MoEShape:
+    n_experts, two_width, _ = gate_up_proj.shape
+    return MoEShape(_DTYPES[hidden.dtype], n_experts, hidden.shape[1], two_width // 2, top_k, weight_format)
 
 
 def run_plan(
@@ -401,8 +497,9 @@ def run_plan(
     for stage in stages:
         spec = specs[stage]
         kernel = globals()[spec.kernel]
-        kernel[grid[stage]](*(buffers[arg] for arg in spec.args), **spec.constants(),
-                            num_warps=spec.num_warps, num_stages=spec.num_stages)  # fmt: skip
+        # by name: a format's absent scale parameters are among the constexprs (None)
+        arguments = {param: buffers[arg] for (param, _), arg in zip(spec.signature, spec.args, strict=True)}
+        kernel[grid[stage]](**arguments, **spec.constants(), num_warps=spec.num_warps, num_stages=spec.num_stages)
     return buffers
 
 
@@ -429,12 +526,19 @@ def fused_moe(
     down_proj: torch.Tensor,
     top_k: int,
     bm: int | None = None,
+    weight_format: str = "float",
+    scales: tuple[torch.Tensor, ...] = (),
 ) -> torch.Tensor:
     """``DllmMoE`` in 5 Triton launches (kernels.moe_launches). Returns [N, H] in ``hidden.dtype``.
 
     `bm` fixes the expert-block rows (the TensorRT plugin compiles one value); None picks one for N.
+    Quantized experts: `weight_format` "fp8" (weights torch.float8_e4m3fn) or "nvfp4" (weights uint8,
+    two e2m1 codes a byte: kernels.quantization.pack_fp4), `scales` the node's inputs after the
+    weights, in contract.MOE_INPUTS order.
     """
-    n_tokens, _, _, _ = _check_inputs(hidden, router_logits, per_expert_scale, gate_up_proj, down_proj, top_k)
+    n_tokens, _, _, _ = _check_inputs(
+        hidden, router_logits, per_expert_scale, gate_up_proj, down_proj, top_k, weight_format, tuple(scales)
+    )
     out = torch.empty_like(hidden)
     if n_tokens == 0:
         return out
@@ -443,5 +547,6 @@ def fused_moe(
         per_expert_scale=per_expert_scale.float().contiguous(), gate_up_proj=gate_up_proj.contiguous(),
         down_proj=down_proj.contiguous(), out=out,
     )  # fmt: skip
-    run_plan(moe_shape(hidden, gate_up_proj, top_k), buffers, n_tokens, bm=bm)
+    buffers |= {name: t.contiguous() for name, t in zip(MOE_INPUTS[weight_format][5:], scales, strict=True)}
+    run_plan(moe_shape(hidden, gate_up_proj, top_k, weight_format), buffers, n_tokens, bm=bm)
     return out

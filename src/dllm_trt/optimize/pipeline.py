@@ -5,8 +5,8 @@ The order matters: a reduced-precision export seen in fp32 first (the patterns a
 head counts next (every later pattern, and TensorRT, sees them), norms
 (the attention and MoE patterns then see RMSNormalization nodes), attention before the MoE
 (independent, but it keeps counts readable), the sampling head after every fusion (it extends the
-final graph), precision last (it decides dtypes per region of the finished graph), and a clean-up
-after every pass.
+final graph), the fp8/nvfp4 weights next (quantized from the fp32 values; optimize.quantize),
+precision last (it decides dtypes per region of the finished graph), and a clean-up after every pass.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import onnx_ir as ir
 from onnx_ir.passes import common as common_passes
 
-from dllm_trt.contract import GRAPH_FILES
+from dllm_trt.contract import GRAPH_FILES, PRECISIONS, QUANTIZED_PRECISIONS, QUANTIZED_TARGETS
 from dllm_trt.optimize.context import PassContext
 
 PassFn = Callable[[ir.Model, PassContext], int]
@@ -29,7 +29,7 @@ class Pass:
     name: str
     run: PassFn
     graphs: tuple[str, ...] = tuple(GRAPH_FILES)
-    precisions: tuple[str, ...] = ("fp32", "fp16", "bf16")
+    precisions: tuple[str, ...] = PRECISIONS
     targets: tuple[str, ...] = ("trt", "ort-cuda", "ort-cpu")
 
 
@@ -53,7 +53,15 @@ PIPELINE: list[Pass] = [
     Pass("fuse_attention", _lazy("attention", "fuse_attention")),
     Pass("fuse_moe", _lazy("moe", "fuse_moe")),
     Pass("add_sampling_head", _lazy("sampling_head", "add_sampling_head")),
-    Pass("convert_precision", _lazy("precision", "convert_precision"), precisions=("fp16", "bf16")),
+    Pass(
+        "quantize_weights",
+        _lazy("quantize", "quantize_weights"),
+        precisions=QUANTIZED_PRECISIONS,
+        targets=QUANTIZED_TARGETS,
+    ),
+    Pass(
+        "convert_precision", _lazy("precision", "convert_precision"), precisions=("fp16", "bf16", *QUANTIZED_PRECISIONS)
+    ),
 ]
 
 

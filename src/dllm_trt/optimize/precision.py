@@ -30,7 +30,9 @@ from onnx_ir.passes import common as common_passes
 from dllm_trt.optimize.context import PassContext
 
 LAZY_ELEMENTS = 1 << 20  # constants larger than this are converted when saved, not when the pass runs
-LOW_DTYPES = {"fp16": ir.DataType.FLOAT16, "bf16": ir.DataType.BFLOAT16}
+# fp8 and nvfp4 are bf16 graphs whose quantized weights optimize.quantize stored before this pass
+LOW_DTYPES = {"fp16": ir.DataType.FLOAT16, "bf16": ir.DataType.BFLOAT16, "fp8": ir.DataType.BFLOAT16,
+              "nvfp4": ir.DataType.BFLOAT16}  # fmt: skip
 FP32_INPUTS = ("temperature", "sampling_noise")
 # Ops whose activation inputs must be in the low precision (they carry their own fp32 internals).
 LOW_ANCHORS = {"RMSNormalization", "Attention", "RotaryEmbedding"}
@@ -168,9 +170,11 @@ class _Converter:
     def visit(self, node: ir.Node) -> None:
         op = node.op_type
         if node.domain == "dllm_trt" and op in ("DllmMoE", "RoutedMoE"):
-            # (hidden, router_logits, per_expert_scale, expert weights...): routing in fp32 as the reference
+            # (hidden, router_logits, per_expert_scale, expert weights, their scales...): routing in fp32 as
+            # the reference, quantization scales (inputs 5.., contract.MOE_INPUTS) fp32 too; fp8/fp4
+            # expert weights are not float values and stay as they are
             for index in range(len(node.inputs)):
-                self.set_input(node, index, ir.DataType.FLOAT if index in (1, 2) else self.low)
+                self.set_input(node, index, ir.DataType.FLOAT if index in (1, 2) or index >= 5 else self.low)
             self.set_outputs(node, self.low, Tag.LOW, force=True)  # no ONNX type inference for plugin ops
             return
         if op in LOW_ANCHORS or (node.domain == "com.microsoft" and op == "MoE"):

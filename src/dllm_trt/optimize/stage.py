@@ -19,6 +19,8 @@ from dllm_trt.contract import (
     GRAPH_FILES,
     PRECISION_DTYPES,
     PRECISIONS,
+    QUANTIZED_PRECISIONS,
+    QUANTIZED_TARGETS,
     SAMPLING_OUTPUTS,
     SELF_CONDITIONING_FILE,
     STAGE_EXPORT,
@@ -83,6 +85,29 @@ def _stage_manifest(source: dict, target: str, precision: str, graphs: dict, sou
     )
 
 
+def _check_quantizable(precision: str, target: str, model: dict) -> None:
+    """Refuse, before any work, a quantized precision the target's graphs or the model's widths cannot take."""
+    if precision not in QUANTIZED_PRECISIONS:
+        return
+    if target not in QUANTIZED_TARGETS:
+        raise DllmError(
+            f"--precision {precision} quantizes the experts of the TensorRT MoE plugin: use --target "
+            f"{' or '.join(QUANTIZED_TARGETS)} (the {target} graphs' MoE node takes no quantized weights)"
+        )
+    if precision == "nvfp4":
+        from dllm_trt.kernels.quantization import NVFP4_BLOCK
+
+        text = model.get("text_config", {})
+        widths = dict(hidden_size=model["hidden_size"], moe_intermediate_size=text.get("moe_intermediate_size", 0))
+        odd = {name: width for name, width in widths.items() if width % NVFP4_BLOCK}
+        if odd:
+            raise DllmError(
+                f"nvfp4 quantizes blocks of {NVFP4_BLOCK} values along the experts' input axes, and "
+                + ", ".join(f"{name} {width}" for name, width in odd.items())
+                + f" is not a multiple of {NVFP4_BLOCK}; use --precision fp8"
+            )
+
+
 def _measure(reference, directory: Path, seed: int, dtype: str) -> dict:  # noqa: ANN001
     from dllm_trt.runtime.step import OnnxRuntimeStep
     from dllm_trt.validate.export_parity import step_parity
@@ -107,6 +132,7 @@ def run(options: OptimizeOptions) -> OptimizeResult:
     if parity not in PARITY_MODES:
         raise DllmError(f"unknown --parity '{parity}'; choose one of: {', '.join(PARITY_MODES)}")
     manifest = read_manifest(source, stage=STAGE_EXPORT)
+    _check_quantizable(precision, target, manifest["model"])
     source_hash = file_sha256(source / "manifest.json")
     passes = PIPELINE if options.passes is None else options.passes
     active = [p for p in passes if precision in p.precisions and target in p.targets]

@@ -15,6 +15,12 @@ What each stand-in proves, and what it does not:
 * ``DllmMoEStandin`` computes ``kernels.moe_triton.moe_reference`` (the plugin's specified
   semantics): a graph that passes through it has the right wiring, layouts, dtypes and attributes
   for the plugin. Not the plugin's kernel (``tests/kernels`` and ``tests/engines`` cover that).
+  A node with quantized experts (``weight_format`` fp8 or nvfp4, contract.MOE_INPUTS) runs through
+  ``DllmMoEFp8Standin`` / ``DllmMoENvfp4Standin``: exactly the quantized arithmetic, i.e. the stored
+  values dequantized to fp32 (kernels.quantization.dequantize_experts), then the same fp32 math.
+  Their fp8 inputs reach them through a Cast to float (exact); fp4 initializers, which onnxruntime
+  1.32 can neither Cast nor dequantize on CPU ("Could not find an implementation for Cast(23)"),
+  are handed over as fp32 initializers holding the same values (exact too).
 * ``OrtMoEStandin`` computes OUR READING of the ``com.microsoft.MoE`` spec (onnxruntime 1.32,
   ``optimize.moe`` docstring): fp32 softmax of ``router_probs`` as logits, top-k with ties to the
   lowest index, optional renormalisation, fc1 [E, fusion*I, H] with ``swiglu_fusion`` 1 (interleaved) or 2
@@ -39,8 +45,12 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 
+from dllm_trt.contract import MOE_INPUTS, MOE_WEIGHT_FORMAT
+
 STANDIN_DOMAIN = "ai.onnx.contrib"
 DLLM_MOE_STANDIN = "DllmMoEStandin"
+# one stand-in op per weight format: the PyOp protocol fixes an op's input count
+DLLM_MOE_STANDINS = {"float": DLLM_MOE_STANDIN, "fp8": "DllmMoEFp8Standin", "nvfp4": "DllmMoENvfp4Standin"}
 ORT_MOE_STANDIN = "OrtMoEStandin"
 
 # com.microsoft.MoE attributes a stand-in node always carries (defaults of the 1.32 schema);
@@ -66,19 +76,36 @@ _registered = False
 # --------------------------------------------------------------------------------------------
 
 
-def dllm_moe_standin(hidden, router_logits, per_expert_scale, gate_up_proj, down_proj, top_k, activation):  # noqa: ANN001, ANN201
-    """``dllm_trt::DllmMoE`` = ``moe_reference`` (numpy in, numpy out)."""
+def dllm_moe_standin(hidden, router_logits, per_expert_scale, gate_up_proj, down_proj, *scales, top_k, activation,
+                     weight_format: str = "float"):  # noqa: ANN001, ANN201  # fmt: skip
+    """``dllm_trt::DllmMoE`` = ``moe_reference`` over the dequantized experts (numpy in, numpy out)."""
     import torch
 
     from dllm_trt.kernels.moe_triton import moe_reference
+    from dllm_trt.kernels.quantization import dequantize_experts
 
     if activation != "gelu_tanh":
         raise ValueError(f"DllmMoE activation '{activation}' is not gelu_tanh")
+    gate_up_proj, down_proj = dequantize_experts(weight_format, gate_up_proj, down_proj, *scales)
     out = moe_reference(
         *(torch.from_numpy(np.asarray(a)) for a in (hidden, router_logits, per_expert_scale, gate_up_proj, down_proj)),
         top_k=int(top_k),
     )
     return out.numpy()
+
+
+def _fp8_standin(hidden, router_logits, per_expert_scale, gate_up_proj, down_proj, gate_up_scale, down_scale,
+                 top_k, activation):  # noqa: ANN001, ANN201  # fmt: skip
+    return dllm_moe_standin(hidden, router_logits, per_expert_scale, gate_up_proj, down_proj, gate_up_scale,
+                            down_scale, top_k=top_k, activation=activation, weight_format="fp8")  # fmt: skip
+
+
+def _nvfp4_standin(hidden, router_logits, per_expert_scale, gate_up_proj, down_proj, gate_up_block_scale,
+                   down_block_scale, gate_up_global_scale, down_global_scale, top_k, activation):  # noqa: ANN001, ANN201  # fmt: skip
+    return dllm_moe_standin(
+        hidden, router_logits, per_expert_scale, gate_up_proj, down_proj, gate_up_block_scale, down_block_scale,
+        gate_up_global_scale, down_global_scale, top_k=top_k, activation=activation, weight_format="nvfp4",
+    )  # fmt: skip
 
 
 def _gelu_tanh(z: np.ndarray) -> np.ndarray:
@@ -165,9 +192,12 @@ def register_cpu_standins() -> None:
             "pip install 'onnxruntime-extensions>=0.15'"
         ) from exc
     fp32, i64, text = PyCustomOpDef.dt_float, PyCustomOpDef.dt_int64, PyCustomOpDef.dt_string
-    onnx_op(op_type=DLLM_MOE_STANDIN, inputs=[fp32] * 5, outputs=[fp32], attrs={"top_k": i64, "activation": text})(
-        dllm_moe_standin
-    )
+    functions = {"float": dllm_moe_standin, "fp8": _fp8_standin, "nvfp4": _nvfp4_standin}
+    for weight_format, op_type in DLLM_MOE_STANDINS.items():
+        onnx_op(
+            op_type=op_type, inputs=[fp32] * len(MOE_INPUTS[weight_format]), outputs=[fp32],
+            attrs={"top_k": i64, "activation": text},
+        )(functions[weight_format])  # fmt: skip
     kinds = {int: i64, float: PyCustomOpDef.dt_float, str: text}
     onnx_op(
         op_type=ORT_MOE_STANDIN,
@@ -208,7 +238,11 @@ def _standin(domain: str, op_type: str, inputs: list[str], attributes: dict, all
     if not (needs_standin(domain, op_type, attributes) or (all_moe and (domain, op_type) == ("com.microsoft", "MoE"))):
         return None
     if op_type == "DllmMoE":
-        return DLLM_MOE_STANDIN, inputs, {"top_k": attributes["top_k"], "activation": attributes["activation"]}
+        weight_format = attributes.get(MOE_WEIGHT_FORMAT, "float")
+        if weight_format not in DLLM_MOE_STANDINS or len(inputs) != len(MOE_INPUTS[weight_format]):
+            raise ValueError(f"DllmMoE weight_format '{weight_format}' with {len(inputs)} inputs: not the contract's")
+        attrs = {"top_k": attributes["top_k"], "activation": attributes["activation"]}
+        return DLLM_MOE_STANDINS[weight_format], inputs, attrs
     padded = inputs + [""] * (8 - len(inputs))
     if any(padded[i] for i in (3, 5, 6, 7)):
         raise ValueError("the com.microsoft.MoE stand-in takes no biases and no fc3; drop them or extend the stand-in")
@@ -226,6 +260,8 @@ def _retarget_proto(model: onnx.ModelProto, all_moe: bool) -> int:
         found = _standin(node.domain, node.op_type, list(node.input), attributes, all_moe)
         if found is None:
             continue
+        if found[0] != DLLM_MOE_STANDIN and found[0] in DLLM_MOE_STANDINS.values():
+            raise ValueError("a DllmMoE node with quantized experts is retargeted on an onnx_ir Model only")
         op_type, inputs, attrs = found
         new = onnx.helper.make_node(op_type, inputs, list(node.output), name=node.name, domain=STANDIN_DOMAIN, **attrs)
         node.CopyFrom(new)
@@ -233,6 +269,17 @@ def _retarget_proto(model: onnx.ModelProto, all_moe: bool) -> int:
     if count and not any(o.domain == STANDIN_DOMAIN for o in model.opset_import):
         model.opset_import.append(onnx.helper.make_opsetid(STANDIN_DOMAIN, 1))
     return count
+
+
+def _fp32_copy(graph: ir.Graph, value: ir.Value) -> ir.Value:
+    """An fp32 initializer with the values of a (fp4) initializer; exact."""
+    name = f"{value.name}.float"
+    if name not in graph.initializers:
+        array = value.const_value.numpy().astype(np.float32)
+        graph.register_initializer(
+            ir.Value(name=name, shape=value.shape, type=ir.TensorType(ir.DataType.FLOAT), const_value=ir.tensor(array))
+        )
+    return graph.initializers[name]
 
 
 def _retarget_ir(model: ir.Model, all_moe: bool) -> int:
@@ -248,7 +295,9 @@ def _retarget_ir(model: ir.Model, all_moe: bool) -> int:
         # The stand-ins compute in float32: fp16/bf16 values go through Casts on the way in and out.
         casts, inputs = [], []
         for value in (by_name[n] for n in names):
-            if value.dtype in _REDUCED:
+            if value.dtype == ir.DataType.FLOAT4E2M1:  # no CPU kernel reads fp4: the same values in fp32
+                value = _fp32_copy(model.graph, value)
+            elif value.dtype in _REDUCED or value.dtype == ir.DataType.FLOAT8E4M3FN:
                 casts.append(ir.node("Cast", [value], attributes={"to": ir.DataType.FLOAT}))
                 casts[-1].outputs[0].type = ir.TensorType(ir.DataType.FLOAT)
                 value = casts[-1].outputs[0]

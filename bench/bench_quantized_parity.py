@@ -7,11 +7,10 @@ expert are off by 2x (the down projection's global scale of the expert the route
 the first layer or in every layer; the trained checkpoint's router leaves some experts unused, so
 a fixed expert id can be a dead one) are validated the same way: a judge worth having fails them.
 
-Two judges: `dllm-trt validate` as it is (the fp32 reference, the envelope transformers in bf16),
-and the same validate handed the reference quantized the same way (`--quantized-reference`):
-transformers computing with exactly the dequantized weights the artifact stores (kernels.
-quantization), in fp32, its envelope the same in bf16; the bench swaps validate's model loader for
-that, until validate measures a quantized reference itself.
+Two judges, both `dllm-trt validate` against the fp32 reference with the envelope of the reference
+quantized the same way (transformers in bf16 holding exactly the dequantized weights the artifact
+stores, kernels.quantization): `validate` (whole generations replayed call by call) and
+`per-layer` (`validate --per-layer`: every layer against transformers' same layer).
 
     python bench/bench_quantized_parity.py [--workdir DIR] [--precisions bf16,fp8,nvfp4] [--reuse]
 
@@ -95,6 +94,11 @@ def corrupt_expert_scale(source: Path, out: Path, experts: list[int], factor: fl
 
 def figures(report: dict) -> dict:
     """What a validate report says per judged quantity (the envelope verdicts), and end to end."""
+    if "per_layer" in report:
+        layers = report["per_layer"]
+        return dict(first_divergent_layer=layers["first_divergent_layer"], block=layers["first_divergent_block"],
+                    layers=[dict(layer=x["layer"], passed=x["passed"], expert_agreement=x["expert_agreement"])
+                            for x in layers["layers"]])  # fmt: skip
     generation = report.get("generation", {})
     return dict(
         envelope_verdicts=generation.get("envelope_verdicts"),
@@ -104,50 +108,12 @@ def figures(report: dict) -> dict:
     )
 
 
-def quantized_loader(precision: str):  # noqa: ANN201
-    """validate's `load_model`, returning transformers with every weight the quantize pass stores
-    quantized replaced by its dequantized values (the same functions, the same fp32 source values)."""
-    import torch
-
-    from dllm_trt.kernels.quantization import dequantize_fp8, dequantize_nvfp4, quantize_fp8, quantize_nvfp4
-    from dllm_trt.models.checkpoint import load_model
-    from dllm_trt.optimize.quantize import PROJECTION
-
-    def fake(weight, nvfp4: bool):  # noqa: ANN001, ANN202
-        array = weight.detach().float().numpy()  # [..., out, in]: the layouts the quantizers take
-        values = dequantize_nvfp4(*quantize_nvfp4(array)) if nvfp4 else dequantize_fp8(*quantize_fp8(array))
-        return torch.from_numpy(values)
-
-    def load(checkpoint: Path, dtype=None):  # noqa: ANN001, ANN202
-        model = load_model(checkpoint, dtype=torch.float32)
-        with torch.no_grad():
-            for name, weight in model.named_parameters():
-                if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
-                    weight.copy_(fake(weight, precision == "nvfp4"))
-                elif PROJECTION.search(name):
-                    weight.copy_(fake(weight, False))
-        return model.to(dtype) if dtype is not None else model
-
-    return load
-
-
-def validate_with_quantized_reference(path: Path, precision: str, report_dir: Path) -> tuple[int, float, dict]:
-    from unittest import mock
-
-    from dllm_trt.validate import stage
-
-    start = time.perf_counter()
-    with mock.patch.object(stage, "load_model", quantized_loader(precision)):
-        result = stage.run(stage.ValidateOptions(path, CHECKPOINT, report_dir=report_dir, quiet=True))
-    return (0 if result.passed else 1), time.perf_counter() - start, result.report
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/dllm-bench-quant-parity"))
     parser.add_argument("--precisions", default="bf16,fp8,nvfp4")
     parser.add_argument("--reuse", action="store_true", help="keep the workdir's export and optimized graphs")
-    parser.add_argument("--judges", default="validate,quantized-reference")
+    parser.add_argument("--judges", default="validate,per-layer")
     args = parser.parse_args()
     work = args.workdir
     if not args.reuse:
@@ -182,23 +148,17 @@ def main() -> int:
             candidates[f"nvfp4, busiest expert's scale x2 ({label})"] = (out, "nvfp4")
     rows = []
     for judge in args.judges.split(","):
-        for name, (path, precision) in candidates.items():
-            if judge == "quantized-reference" and precision not in ("fp8", "nvfp4"):
-                continue
+        for name, (path, _) in candidates.items():
             slug = (
                 f"{judge}-{name}".replace(" ", "_").replace("(", "").replace(")", "").replace(",", "").replace("'", "")
             )
             report_dir = work / "reports" / slug
-            if judge == "validate":
-                code, seconds = cli("validate", path, "--reference", CHECKPOINT, "--report", report_dir,
-                                    log=work / "logs" / f"{slug}.log")  # fmt: skip
-                report = (
-                    json.loads((report_dir / "report.json").read_text())
-                    if (report_dir / "report.json").is_file()
-                    else {}
-                )
-            else:
-                code, seconds, report = validate_with_quantized_reference(path, precision, report_dir)
+            mode = ["--per-layer"] if judge == "per-layer" else []
+            code, seconds = cli("validate", path, "--reference", CHECKPOINT, *mode, "--report", report_dir,
+                                log=work / "logs" / f"{slug}.log")  # fmt: skip
+            report = (
+                json.loads((report_dir / "report.json").read_text()) if (report_dir / "report.json").is_file() else {}
+            )
             rows.append((judge, name, code, seconds, report))
             print(f"{judge}: {name}: exit {code} in {seconds:.0f} s; failures: {report.get('failures')}", flush=True)
     print("\n| judge | artifact | verdict | s | failures |\n|---|---|---|---|---|")

@@ -49,16 +49,24 @@ def main() -> int:
     parser.add_argument("--layers", default="2,4")
     parser.add_argument("--canvas", type=int, default=32)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/dllm-bench-pl"))
+    parser.add_argument("--reuse", action="store_true", help="keep a workdir's checkpoint and export")
     args = parser.parse_args()
     rows = []
     for layers in [int(n) for n in args.layers.split(",")]:
         work = args.workdir / f"L{layers}"
-        shutil.rmtree(work, ignore_errors=True)
-        work.mkdir(parents=True)
         ckpt, out, bad = work / "ckpt", work / "onnx", work / "onnx-perturbed"
+        reuse = args.reuse and (out / "manifest.json").is_file()
+        if not reuse:
+            shutil.rmtree(work, ignore_errors=True)
+            work.mkdir(parents=True)
+        shutil.rmtree(bad, ignore_errors=True)
         for argv in (
-            [*CLI, "make-tiny", str(ckpt), "--preset", "full-width", "--layers", str(layers)],
-            [*CLI, "export", str(ckpt), "-o", str(out), "--no-parity"],
+            ()
+            if reuse
+            else (
+                [*CLI, "make-tiny", str(ckpt), "--preset", "full-width", "--layers", str(layers)],
+                [*CLI, "export", str(ckpt), "-o", str(out), "--no-parity"],
+            )
         ):
             made = run_measured(argv, work / "prepare.log")
             if made.returncode:
@@ -77,9 +85,10 @@ def main() -> int:
             print(f"{layers} layers, {label}: exit {measured.returncode}, peak RSS {measured.peak_rss / 2**30:.2f} "
                   f"GiB, {measured.seconds:.0f} s, first divergent layer {first}", flush=True)  # fmt: skip
         print(f"  perturbed {name}", flush=True)
-        shutil.rmtree(ckpt)
         shutil.rmtree(bad)
-        shutil.rmtree(out)
+        if not args.reuse:
+            shutil.rmtree(ckpt)
+            shutil.rmtree(out)
     print("\n| layers | artifact | exit | peak RSS | time | first divergent layer (block) |\n|---|---|---|---|---|---|")
     for layers, label, measured, result in rows:
         first = f"{result['first_divergent_layer']} ({result['first_divergent_block']})"

@@ -11,9 +11,9 @@ import onnx_ir as ir
 from dllm_trt.manifest import read_manifest, save_graphs, write_manifest
 
 
-def scaled_copy(source: Path, out: Path, weight: str, factor: float) -> Path:
-    """`source` copied to `out` with every initializer named `weight` (under any pass's suffixes) times `factor`,
-    saved as a stage saves (manifest rewritten)."""
+def scaled_copy(source: Path, out: Path, weight: str, factor: float, index: int | None = None) -> Path:
+    """`source` copied to `out` with every initializer named `weight` (under any pass's suffixes) times `factor`
+    (only its entry `index` along axis 0 when given: one expert's), saved as a stage saves (manifest rewritten)."""
     shutil.copytree(source, out, ignore=shutil.ignore_patterns("*.onnx", "*.onnx.data", "manifest.json"))
     manifest = read_manifest(source)
     files = {name: entry["file"] for name, entry in manifest["graphs"].items()}
@@ -23,7 +23,12 @@ def scaled_copy(source: Path, out: Path, weight: str, factor: float) -> Path:
         for value in model.graph.initializers.values():
             if value.name == weight or value.name.startswith(weight + "."):
                 array = value.const_value.numpy()
-                value.const_value = ir.tensor((array.astype(np.float32) * factor).astype(array.dtype), name=value.name)
+                scaled = array.astype(np.float32)
+                if index is None:
+                    scaled *= factor
+                else:
+                    scaled[index] *= factor
+                value.const_value = ir.tensor(scaled.astype(array.dtype), name=value.name)
                 touched += 1
     assert touched, f"no initializer named {weight}"
     manifest["graphs"] = save_graphs(graphs, out, files)

@@ -13,7 +13,7 @@ from perturb import scaled_copy
 
 from dllm_trt.cli import main
 from dllm_trt.contract import STEP_FILE
-from dllm_trt.validate.layer_graphs import BLOCKS, PROLOGUE, LayerGraphs, split_step_graph
+from dllm_trt.validate.layer_graphs import BLOCKS, PICKS, PROLOGUE, LayerGraphs, split_step_graph
 
 TRAINED = Path(__file__).resolve().parents[2] / "src" / "dllm_trt" / "assets" / "pycode-tiny"
 
@@ -44,7 +44,8 @@ def test_cut_graph_run_piece_by_piece_equals_the_whole_graph(tiny_export, tmp_pa
     model = onnx.load(str(tiny_export / STEP_FILE), load_external_data=False)
     pieces = split_step_graph(model, layers)
     assert [p.index for p in pieces] == [PROLOGUE, 0, 1, 2]
-    assert all(set(p.blocks) == {b for b, _, _ in BLOCKS} for p in pieces if 0 <= p.index < layers)
+    # every block located, and the experts this graph picks itself (its TopK)
+    assert all(set(p.blocks) == {b for b, _, _ in BLOCKS} | {PICKS} for p in pieces if 0 <= p.index < layers)
     assert [p.kv for p in pieces[1:3]] == [["key.0", "value.0"], ["key.1", "value.1"]]
 
     session = open_session(tiny_export / STEP_FILE)
@@ -112,6 +113,34 @@ def test_bf16_graph_judged_against_the_envelope(tiny_ckpt, tiny_bf16, tmp_path):
     code, report = _per_layer(broken, tiny_ckpt, tmp_path / "broken-report")
     result = report["per_layer"]
     assert code == 1 and (result["first_divergent_layer"], result["first_divergent_block"]) == (0, "MoE input norm")
+
+
+def test_nvfp4_graph_judged_against_the_reference_quantized_alike(tiny_ckpt, tiny_export, tmp_path):
+    """The envelope of an nvfp4 artifact is transformers with its weights quantized as the artifact stores
+    them: the honest graph passes; one expert's global scale doubled in one layer fails, at that layer's MoE."""
+    from dllm_trt import optimize
+
+    honest = tmp_path / "nvfp4"
+    optimize.run(optimize.OptimizeOptions(tiny_export, honest, "trt", "nvfp4", parity="none", quiet=True))
+    code, report = _per_layer(honest, tiny_ckpt, tmp_path / "honest")
+    result = report["per_layer"]
+    assert code == 0, result["failures"]
+    assert (
+        result["precision"] == "nvfp4"
+        and "quantized as the nvfp4 artifact stores them" in (tmp_path / "honest" / "report.md").read_text()
+    )
+    weight = "model.decoder.layers.1.experts.down_proj.global_scale"
+    broken = scaled_copy(honest, tmp_path / "broken", weight, 2.0, index=0)
+    code, report = _per_layer(broken, tiny_ckpt, tmp_path / "broken-report")
+    result = report["per_layer"]
+    assert code == 1 and (result["first_divergent_layer"], result["first_divergent_block"]) == (1, "MoE")
+    assert result["layers"][0]["passed"]
+    # plain validate runs the per-layer check too for a quantized artifact
+    code = main(
+        ["validate", str(broken), "--reference", str(tiny_ckpt), "--seeds", "0", "--report", str(tmp_path / "v")]
+    )
+    report = json.loads((tmp_path / "v" / "report.json").read_text())
+    assert code == 1 and report["per_layer"]["first_divergent_layer"] == 1
 
 
 @pytest.mark.skipif(not (TRAINED / "model.safetensors").exists(), reason="no trained checkpoint")

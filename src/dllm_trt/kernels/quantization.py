@@ -29,6 +29,8 @@ calibration data is involved, because nothing here quantizes an activation.
 
 from __future__ import annotations
 
+import re
+
 import ml_dtypes
 import numpy as np
 
@@ -37,6 +39,27 @@ FP4_MAX = 6.0  # float4e2m1's largest value
 NVFP4_BLOCK = 16  # values per block scale along K (the only block size TensorRT takes for FP4)
 FP8 = ml_dtypes.float8_e4m3fn
 FP4 = ml_dtypes.float4_e2m1fn
+
+
+# The dense projections an fp8 or nvfp4 artifact stores in fp8 (checkpoint names): attention q/k/v/o and
+# the dense GeGLU MLPs. Not the router (its logits choose experts: kept as the reference keeps it),
+# not the embedding / tied LM head.
+PROJECTION = re.compile(r"\.(self_attn\.[qkvo]|mlp\.(gate|up|down)|self_conditioning\.(gate|up|down))_proj\.weight")
+EXPERTS = ("experts.gate_up_proj", "experts.down_proj")
+
+
+def as_stored(name: str, weight: np.ndarray, precision: str) -> np.ndarray | None:
+    """The values (dequantized, fp32) an artifact of `precision` holds for the checkpoint tensor `name`
+    ([..., out, in], the checkpoint's layout), or None where it keeps the tensor as it is."""
+    if precision not in ("fp8", "nvfp4"):
+        return None
+    if name.endswith(EXPERTS):
+        return (
+            dequantize_nvfp4(*quantize_nvfp4(weight)) if precision == "nvfp4" else dequantize_fp8(*quantize_fp8(weight))
+        )
+    if PROJECTION.search("." + name.lstrip(".")):
+        return dequantize_fp8(*quantize_fp8(weight))
+    return None
 
 
 def _safe(scale: np.ndarray) -> np.ndarray:

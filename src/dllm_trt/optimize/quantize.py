@@ -32,21 +32,16 @@ the fp32 values of the export (a bf16 checkpoint upcast exactly).
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 
 import numpy as np
 import onnx_ir as ir
 
 from dllm_trt.contract import MOE_INPUTS, MOE_OP, MOE_WEIGHT_FORMAT, PLUGIN_NAMESPACE, QUANTIZED_PRECISIONS
-from dllm_trt.kernels.quantization import NVFP4_BLOCK, quantize_fp8, quantize_nvfp4
+from dllm_trt.kernels.quantization import NVFP4_BLOCK, PROJECTION, quantize_fp8, quantize_nvfp4
 from dllm_trt.optimize.context import PassContext
 
 LAZY_ELEMENTS = 1 << 20  # as convert_precision: larger tensors are computed when saved
-# The projections quantized to fp8 (checkpoint names; the export appends `.T`): attention q/k/v/o and
-# the dense GeGLU MLPs. Not the router (its logits choose experts: kept as the reference keeps it),
-# not the embedding / tied LM head.
-PROJECTION = re.compile(r"\.(self_attn\.[qkvo]|mlp\.(gate|up|down)|self_conditioning\.(gate|up|down))_proj\.weight")
 
 
 def _array(value: ir.Value) -> np.ndarray:

@@ -7,10 +7,11 @@ router the probabilities and picks; after an encoder call the layer's new K/V ar
 cache. Nothing of the forward is restated here.
 
 The envelope of a reduced-precision artifact is measured on the same layer while its weights are
-loaded: transformers' layer run again in that dtype (weights cast as from_pretrained casts them)
-on the fp32 layer's very inputs. It is local, like the artifact's comparison (every layer of the
-artifact starts from the reference's input too), so a layer's error is its own, not its
-predecessors'. Letters: B batch, T tokens, N = B*T, E experts, K picks, H hidden.
+loaded: transformers' layer run again in that dtype (weights cast as from_pretrained casts them,
+and for fp8/nvfp4 artifacts quantized as they store them) on the fp32 layer's very inputs. It is
+local, like the artifact's comparison (every layer of the artifact starts from the reference's
+input too), so a layer's error is its own, not its predecessors'.
+Letters: B batch, T tokens, N = B*T, E experts, K picks, H hidden.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from dataclasses import dataclass, field
 
 import torch
 from transformers.cache_utils import DynamicCache
+
+from dllm_trt.kernels.quantization import as_stored
 
 NORMS = (
     "input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm_1",
@@ -51,6 +54,17 @@ class CallRecord:
     logits: torch.Tensor | None = None  # denoise calls: [B, T, V] fp32
 
 
+def envelope_weights(module: torch.nn.Module, dtype: torch.dtype, precision: str, prefix: str = "") -> dict:
+    """`module`'s weights as an artifact of `precision` holds them, in `dtype`: cast as from_pretrained casts, and
+    for fp8/nvfp4 the quantized ones quantized the same way (kernels.quantization: the envelope of a quantized
+    artifact is the reference quantized as it is, against the reference)."""
+    out = {}
+    for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
+        stored = as_stored(prefix + name, tensor.detach().float().numpy(), precision)
+        out[name] = (tensor.detach() if stored is None else torch.from_numpy(stored)).to(dtype)
+    return out
+
+
 def _low(value, dtype: torch.dtype):  # noqa: ANN001, ANN202
     """An fp32 layer input as the same layer would get it in `dtype` (bool masks stay bool)."""
     if isinstance(value, torch.Tensor):
@@ -67,8 +81,8 @@ def _low(value, dtype: torch.dtype):  # noqa: ANN001, ANN202
 class LayerRecorder:
     """Hooks on the encoder's and the decoder's layers of an offloaded transformers model."""
 
-    def __init__(self, model, envelope_dtype: torch.dtype | None) -> None:  # noqa: ANN001
-        self.model, self.envelope_dtype = model, envelope_dtype
+    def __init__(self, model, envelope_dtype: torch.dtype | None, precision: str = "") -> None:  # noqa: ANN001
+        self.model, self.envelope_dtype, self.precision = model, envelope_dtype, precision
         self.config = model.config.get_text_config(decoder=True)
         self.calls: list[CallRecord] = []
         self._run: LayerRun | None = None  # where the norm and router hooks write now
@@ -121,7 +135,7 @@ class LayerRecorder:
     def _envelope(self, layer, args, kwargs, kind: str) -> LayerRun:  # noqa: ANN001
         """The same layer in the envelope's dtype on the same inputs (its own cache, seeded as the fp32 one was)."""
         dtype, index = self.envelope_dtype, layer.self_attn.layer_idx
-        weights = {name: t.detach().to(dtype) for name, t in [*layer.named_parameters(), *layer.named_buffers()]}
+        weights = envelope_weights(layer, dtype, self.precision)
         cache = DynamicCache(config=self.config)
         if kind == "denoise":  # the decoder reads the encoder's K/V; the encoder's own call starts empty
             seen = kwargs["cache"].layers[index]

@@ -11,6 +11,10 @@ def per_layer_markdown(report: dict) -> str:
     result = report["per_layer"]
     first = result["first_divergent_layer"]
     verdict = "PASS" if report["passed"] else "FAIL"
+    precision = result.get("precision") or ""
+    quantized = (
+        f", its weights quantized as the {precision} artifact stores them" if precision in ("fp8", "nvfp4") else ""
+    )
     where = (
         "every layer within its bound"
         if first is None
@@ -27,8 +31,10 @@ def per_layer_markdown(report: dict) -> str:
             "fp32: max relative error <= 1e-4 per block, every expert pick equal."
             if result["dtype"] == "float32"
             else f"Reduced precision is judged against the envelope, transformers' same layer in {result['dtype']} on "
-            f"the same inputs: typical-token error <= {result['envelope_multiple']:g} x the envelope's, expert picks "
-            f"differing <= {result['envelope_multiple']:g} x the envelope's share plus one token."
+            f"the same inputs{quantized}: the median and the 90th percentile of the per-token errors each <= "
+            f"{result['envelope_multiple']:g} x the envelope's, expert picks differing <= "
+            f"{result['envelope_multiple']:g} x the envelope's share plus one token; what a pick feeds is judged "
+            "where the pick equals the reference's."
         ),
         f" Judged tokens: {result['judged_tokens']} of {result['tokens']} (a token whose fp32 router pick is tied "
         f"within {result['near_tie_ulps']} ulps is not judged on what the pick feeds).",
@@ -39,7 +45,7 @@ def per_layer_markdown(report: dict) -> str:
     if result["failures"]:
         lines += ["**Failed:**", ""] + [f"- {f}" for f in result["failures"]] + [""]
     lines += [
-        "| layer | ok | first failing block | worst block (call) | ours | envelope | bound "
+        "| layer | ok | first failing block | worst block (statistic, worst call) | ours | envelope | bound "
         "| expert picks equal (envelope) |",
         "|---|---|---|---|---|---|---|---|",
     ]
@@ -54,8 +60,8 @@ def per_layer_markdown(report: dict) -> str:
             agreement += f" ({100 * layer['envelope_expert_agreement']:.1f}%)"
         lines.append(
             f"| {layer['layer']} | {'yes' if layer['passed'] else '**NO**'} | {layer['first_failing_block'] or ''} | "
-            f"{worst['block']} ({worst['call']}) | {worst['value']:.2e} | {envelope} | {worst['bound']:.2e} | "
-            f"{agreement} |"
+            f"{worst['block']} ({worst.get('statistic', 'max')}, {worst['call']}) | {worst['value']:.2e} | "
+            f"{envelope} | {worst['bound']:.2e} | {agreement} |"
         )
     lines.append("")
     return "\n".join(lines)

@@ -34,6 +34,19 @@ def tiny_export(tiny_ckpt, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_trt(tiny_export, tmp_path_factory) -> dict:
+    """The tiny export optimized for TensorRT in bf16, fp8 and nvfp4, by precision."""
+    from dllm_trt import optimize
+
+    out = {}
+    for precision in ("bf16", "fp8", "nvfp4"):
+        path = tmp_path_factory.mktemp("tiny-trt") / precision
+        optimize.run(optimize.OptimizeOptions(tiny_export, path, "trt", precision, parity="none", quiet=True))
+        out[precision] = path
+    return out
+
+
+@pytest.fixture(scope="session")
 def hf_router_and_experts():
     """Builds transformers' DiffusionGemmaTextRouter + DiffusionGemmaTextExperts at the given sizes
     with random weights of useful spread (the MoE tests' reference)."""

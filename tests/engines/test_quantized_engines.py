@@ -8,7 +8,6 @@ a test on 2 cores); here the tiny preset shows what is stored: the FP8 / FP4 byt
 import onnx
 import pytest
 
-from dllm_trt import optimize
 from dllm_trt.engines import engine as trt_engine
 from dllm_trt.engines.moe_plugin import kernels_in_engine, register_moe_plugin
 from dllm_trt.engines.stage import BuildOptions, build_engines, plan_build
@@ -19,13 +18,8 @@ needs_rtx = pytest.mark.skipif(not installed(TENSORRT_RTX), reason="TensorRT for
 
 
 @pytest.fixture(scope="module")
-def tiny_quantized(tiny_export, tmp_path_factory):
-    out = {}
-    for precision in ("bf16", "fp8", "nvfp4"):
-        path = tmp_path_factory.mktemp("trt-q") / precision
-        optimize.run(optimize.OptimizeOptions(tiny_export, path, "trt", precision, parity="none", quiet=True))
-        out[precision] = path
-    return out
+def tiny_quantized(tiny_trt):
+    return tiny_trt
 
 
 def _probe(raw: bytes) -> bytes:

@@ -69,13 +69,8 @@ def test_zero_weights_quantize_to_zeros_without_nan():
 
 
 @pytest.fixture(scope="module")
-def quantized(tiny_export, tmp_path_factory):
-    out = {}
-    for precision in ("bf16", "fp8", "nvfp4"):
-        path = tmp_path_factory.mktemp("q") / precision
-        optimize.run(optimize.OptimizeOptions(tiny_export, path, "trt", precision, parity="none", quiet=True))
-        out[precision] = path
-    return out
+def quantized(tiny_trt):
+    return tiny_trt
 
 
 def _graph(path):

@@ -19,12 +19,8 @@ TRAINED = Path(__file__).resolve().parents[2] / "src" / "dllm_trt" / "assets" / 
 
 
 @pytest.fixture(scope="module")
-def tiny_bf16(tiny_export, tmp_path_factory) -> Path:
-    from dllm_trt import optimize
-
-    out = tmp_path_factory.mktemp("pl") / "bf16-trt"
-    optimize.run(optimize.OptimizeOptions(tiny_export, out, "trt", "bf16", parity="none", quiet=True))
-    return out
+def tiny_bf16(tiny_trt) -> Path:
+    return tiny_trt["bf16"]
 
 
 def _per_layer(artifacts: Path, reference: Path, report: Path | None = None, *extra: str) -> tuple[int, dict]:
@@ -115,13 +111,10 @@ def test_bf16_graph_judged_against_the_envelope(tiny_ckpt, tiny_bf16, tmp_path):
     assert code == 1 and (result["first_divergent_layer"], result["first_divergent_block"]) == (0, "MoE input norm")
 
 
-def test_nvfp4_graph_judged_against_the_reference_quantized_alike(tiny_ckpt, tiny_export, tmp_path):
+def test_nvfp4_graph_judged_against_the_reference_quantized_alike(tiny_ckpt, tiny_trt, tmp_path):
     """The envelope of an nvfp4 artifact is transformers with its weights quantized as the artifact stores
     them: the honest graph passes; one expert's global scale doubled in one layer fails, at that layer's MoE."""
-    from dllm_trt import optimize
-
-    honest = tmp_path / "nvfp4"
-    optimize.run(optimize.OptimizeOptions(tiny_export, honest, "trt", "nvfp4", parity="none", quiet=True))
+    honest = tiny_trt["nvfp4"]
     code, report = _per_layer(honest, tiny_ckpt, tmp_path / "honest")
     result = report["per_layer"]
     assert code == 0, result["failures"]

@@ -292,11 +292,6 @@ def _topk_of(graph: _Graph, logits: str | None) -> str | None:
     return None
 
 
-def layer_output(segments: list[Segment], index: int) -> str:
-    """The residual stream leaving layer `index`: what the next piece takes in."""
-    return next(s for s in segments if s.index == index + 1).hidden_in
-
-
 def _value_types(model: onnx.ModelProto) -> dict[str, onnx.TypeProto]:
     try:
         inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)

@@ -114,7 +114,6 @@ class PerLayerResult:
     judged_tokens: int
     layers: list[LayerVerdict]
     multiple: float = ENVELOPE_MULTIPLE
-    notes: list[str] = field(default_factory=list)
     precision: str = ""  # the optimize stage's precision ("" for an export)
 
     @property
@@ -148,7 +147,7 @@ class PerLayerResult:
             first_divergent_layer=None if first is None else first.layer,
             first_divergent_block=None if first is None else first.first_failing_block(),
             judged_tokens=self.judged_tokens, tokens=self.tokens, envelope_multiple=self.multiple,
-            near_tie_ulps=NEAR_TIE_ULPS, notes=self.notes, layers=[layer.to_dict() for layer in self.layers],
+            near_tie_ulps=NEAR_TIE_ULPS, layers=[layer.to_dict() for layer in self.layers],
         )  # fmt: skip
 
 

@@ -2,12 +2,13 @@
 graph, one copy of every weight), self_conditioning.onnx (sharing the step's embedding) and manifest.json.
 
 `run(ExportOptions) -> ExportResult`. Streaming, so that peak memory does not grow with the
-checkpoint: the graphs are traced over a model without weights (`skeleton.py`, `lazy_graph.py`),
+checkpoint: the graphs are traced over a model without weights (`models/skeleton.py`, `lazy_graph.py`),
 then every weight is read from the safetensors shards and written to external-data shards one
 chunk at a time, transposed and cast as the graph expects (`weights.py`, `writer.py`). Finished
-shards are journaled, so an interrupted export resumes (`journal.py`). The parity check loads one
-layer and one onnxruntime session at a time (`offload.py`). `onnx_export.export_step` and
-friends remain the in-memory path; both paths produce the same nodes and byte-identical weights.
+shards are journaled, so an interrupted export resumes (`journal.py`). The parity check holds one
+layer of the reference (`models/offloaded.py`) and, above PER_LAYER_PARITY_ABOVE, one layer of the
+graph. `onnx_export.export_step` and friends remain the in-memory path; both paths produce the same
+nodes and byte-identical weights.
 """
 
 from __future__ import annotations
@@ -108,11 +109,10 @@ def run(options: ExportOptions) -> ExportResult:
         digest = checkpoint_hash(ckpt, files, meter.advance)
         meter.finish()
         cast = "" if export_dtype == source_dtype else f", exported as {_name(export_dtype)}"
+        weight_bytes = sum(f.stat().st_size for f in files)
         notes.append(
-            f"{len(files)} weight file(s), {human_bytes(sum(f.stat().st_size for f in files))}, "
-            f"{_name(source_dtype)}{cast}, {digest[:19]}…"
+            f"{len(files)} weight file(s), {human_bytes(weight_bytes)}, {_name(source_dtype)}{cast}, {digest[:19]}…"
         )
-    weight_bytes = sum(f.stat().st_size for f in files)
     per_layer = export_dtype == torch.bfloat16 or weight_bytes > options.per_layer_parity_above
     key = _journal_key(digest, export_dtype, max_shard_bytes, eager_max_elements)
     with resumable_output(out, force=force) as work:

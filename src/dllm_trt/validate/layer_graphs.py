@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import onnx
@@ -91,11 +92,12 @@ class _Graph:
         index = self.producer.get(value)
         return None if index is None else self.graph.node[index]
 
-    def through_casts_down(self, value: str) -> str:
-        """`value`, or the output of the Cast chain that is its only consumer."""
-        while len(users := self.consumers.get(value, [])) == 1 and self.graph.node[users[0]].op_type == "Cast":
-            value = self.graph.node[users[0]].output[0]
-        return value
+    def cast_chain(self, value: str) -> list[str]:
+        """`value`, then the output of each Cast that is, in turn, the only reader of the one before."""
+        chain = [value]
+        while len(users := self.consumers.get(chain[-1], [])) == 1 and self.graph.node[users[0]].op_type == "Cast":
+            chain.append(self.graph.node[users[0]].output[0])
+        return chain
 
     def ancestors(self, value: str) -> set[str]:
         seen, todo = set(), [value]
@@ -109,17 +111,15 @@ class _Graph:
                     todo.append(name)
         return seen
 
-    def weight_node(self, weight: str) -> onnx.NodeProto | None:
-        """The node that uses initializer `weight`, past any Cast of it."""
-        value = weight
-        while True:
-            users = self.consumers.get(value, [])
-            if len(users) != 1:
-                return None
-            node = self.graph.node[users[0]]
-            if node.op_type != "Cast":
-                return node
-            value = node.output[0]
+    def weight_use(self, matches) -> tuple[onnx.NodeProto, set[str]] | None:  # noqa: ANN001 (name -> bool)
+        """The one node using the initializer `matches` picks (past any Casts of it), and the weight's values
+        (the initializer and those Casts' outputs); None where there is no such weight or it has several users."""
+        weight = next((name for name in self.initializers if matches(name)), None)
+        if weight is None:
+            return None
+        chain = self.cast_chain(weight)
+        users = self.consumers.get(chain[-1], [])
+        return (self.graph.node[users[0]], set(chain)) if len(users) == 1 else None
 
     def norm_input(self, node: onnx.NodeProto, weight_value: set[str]) -> str | None:
         """The data input x of a norm whose weight `node` uses (RMSNormalization, or x * r(x) * w)."""
@@ -143,26 +143,14 @@ class _Graph:
         return None
 
 
-def _weight_values(graph: _Graph, weight: str) -> set[str]:
-    """The initializer and the outputs of the Casts applied to it."""
-    values, value = {weight}, weight
-    while len(users := graph.consumers.get(value, [])) == 1 and graph.graph.node[users[0]].op_type == "Cast":
-        value = graph.graph.node[users[0]].output[0]
-        values.add(value)
-    return values
-
-
 def _boundaries(graph: _Graph, layers: int) -> list[str]:
     """The residual stream entering each layer, then the epilogue: the data input of each layer's input norm
     (of the final norm), above any Cast or Slice of it."""
     out = []
     for index in range(layers + 1):
         module = "input_layernorm" if index < layers else None
-        weight = next(
-            (w for w in graph.initializers if (weight_of(w, module, index) if module else _is_final_norm(w))), None
-        )
-        node = graph.weight_node(weight) if weight else None
-        value = graph.norm_input(node, _weight_values(graph, weight)) if node is not None else None
+        use = graph.weight_use(partial(weight_of, module=module, layer=index) if module else _is_final_norm)
+        value = graph.norm_input(*use) if use is not None else None
         while (
             value is not None
             and (producer := graph.node_of(value)) is not None
@@ -258,14 +246,10 @@ def _locate(graph: _Graph, segment: Segment, label_of: dict[str, int], layers: i
     if index == layers:
         return
     for block, module, side in BLOCKS:
-        weight = next((w for w in graph.initializers if weight_of(w, module, index)), None)
-        node = graph.weight_node(weight) if weight else None
-        if node is None:
+        use = graph.weight_use(partial(weight_of, module=module, layer=index))
+        if use is None:
             continue
-        if side == "out":
-            value = graph.through_casts_down(node.output[0])
-        else:
-            value = graph.norm_input(node, _weight_values(graph, weight))
+        value = graph.cast_chain(use[0].output[0])[-1] if side == "out" else graph.norm_input(*use)
         if value is not None:
             segment.blocks[block] = value
     picks = _topk_of(graph, segment.blocks.get(ROUTER))

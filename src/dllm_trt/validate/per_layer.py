@@ -484,8 +484,7 @@ def _envelope_embedding(model, feeds: dict, dtype: torch.dtype, precision: str) 
 def _envelope_logits(model, hidden: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:  # noqa: ANN001
     """The reference's final norm, LM head and softcap in `dtype` (DiffusionGemmaForBlockDiffusion.forward's tail)."""
     norm, head = model.model.decoder.norm, model.lm_head
-    low = {n: t.to(dtype) for n, t in norm.named_parameters()}
-    normed = torch.func.functional_call(norm, low, (hidden.to(dtype),))
-    logits = torch.func.functional_call(head, {n: t.to(dtype) for n, t in head.named_parameters()}, (normed,))
+    normed = torch.func.functional_call(norm, envelope_weights(norm, dtype, ""), (hidden.to(dtype),))
+    logits = torch.func.functional_call(head, envelope_weights(head, dtype, ""), (normed,))
     cap = model.final_logit_softcapping
     return torch.tanh(logits.float() / cap) * cap

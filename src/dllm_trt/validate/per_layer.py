@@ -207,12 +207,10 @@ class _Judge:
             sample.envelope.append(
                 _token_errors(envelope, reference, valid if envelope_valid is None else envelope_valid)[0]
             )
-        typical = (
-            float(errors.median())
-            if self.envelope and errors.numel()
-            else (float(errors.max()) if errors.numel() else 0.0)
-        )
-        sample.calls.append((call, typical))
+        if errors.numel():
+            sample.calls.append((call, float(errors.median() if self.envelope else errors.max())))
+        else:
+            sample.calls.append((call, 0.0))
 
     def decisions(self, layer, call: str, block: str, ours, envelope) -> None:  # noqa: ANN001
         """Shares of decisions differing: `ours`/`envelope` [n] bool per decision (True: differs)."""
@@ -235,6 +233,7 @@ class _Judge:
                 envelope = float(torch.cat(sample.envelope).mean()) if sample.envelope else None
                 slack = 1.0 / max(tokens, 1) if block != EXPERT_PICKS else 1.0 / max(tokens // self.top_k, 1)
                 bound = 0.0 if envelope is None else ENVELOPE_MULTIPLE * envelope + slack
+                statistic = "share"
             elif sample.envelope:
                 pooled = torch.cat(sample.envelope)
                 # the typical token, and the tail (an error confined to one expert's tokens moves only that)
@@ -247,7 +246,7 @@ class _Judge:
                 _, statistic, value, envelope, bound = max(candidates)
             else:
                 value, envelope, bound = (float(ours.max()) if tokens else 0.0), None, self.strict
-            statistic = "share" if sample.decision else ("max" if not sample.envelope else statistic)
+                statistic = "max"
             out.append(BlockVerdict(worst, block, value, envelope, bound, tokens, sample.finite, statistic))
         return out
 

@@ -1,18 +1,24 @@
 """Benchmark the fused MoE experts at DiffusionGemma 26B sizes on one CUDA GPU.
 
-    PYTHONPATH=src python bench/bench_moe_kernel.py            # N = 256, 1024, 2048, bf16
+    PYTHONPATH=src python bench/bench_moe_kernel.py            # N = 256, 1024, 2048; bf16, fp8, nvfp4 experts
+    PYTHONPATH=src python bench/bench_moe_kernel.py --tokens 256 --formats nvfp4 --json moe.json
 
-Compares, per token count N (256 = one batch-1 denoise step): ``fused_moe`` (5 Triton launches,
-the plan the TensorRT plugin runs), a dense torch form (every expert on every token) and a
-per-expert gather loop like transformers' eager experts. Prints median ms (CUDA events) called
-eagerly and replayed from a CUDA graph (what an engine or a captured runtime pays), the
-bytes of the experts actually routed to, the bandwidth that implies, the ratio to the
-weight-read floor (3.35 TB/s H100, 4.8 TB/s H200), and max abs error against ``moe_reference``
-computed in fp32. A short correctness preflight (fp32, odd sizes, both Triton paths; routing
-ties against CUDA torch.topk) runs first. Needs only torch and triton; no network.
+Compares, per token count N (256 = one batch-1 denoise step) and per expert format: ``fused_moe``
+(5 Triton launches, the plan the TensorRT plugin runs) with the experts stored in the activations'
+dtype, in fp8 and in NVFP4 (quantized from the same fp32 experts exactly as `optimize --precision`
+stores them, dequantized inside the kernels); for the unquantized experts also a dense torch form
+(every expert on every token) and a per-expert gather loop like transformers' eager experts.
+Prints median ms (CUDA events) called eagerly and replayed from a CUDA graph (what an engine or a
+captured runtime pays), the bytes of the experts actually routed to in their stored format (values
+and scales), the bandwidth that implies, the ratio to that format's weight-read floor (3.35 TB/s
+H100, 4.8 TB/s H200), the speed-up over the unquantized fused_moe of the same run, and max abs error
+against ``moe_reference`` computed in fp32 over the experts as stored (dequantized). A short
+correctness preflight (fp32, odd sizes; each quantized format; routing ties against CUDA
+torch.topk) runs first. `--json` writes every row. Needs only torch and triton; no network.
 """
 
 import argparse
+import json
 import statistics
 import sys
 import time
@@ -23,6 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 HIDDEN, EXPERTS, WIDTH, TOP_K = 2816, 128, 704, 8
+DEVICE = "cuda"  # tests run the bench's code paths on the CPU under TRITON_INTERPRET=1
 PEAK_TBPS = {"H200": 4.8, "H100": 3.35}
 CAPTURABLE = {"fused_moe", "torch_dense"}  # torch_loop syncs on the host (unique/where)
 
@@ -34,11 +41,35 @@ def peak_bandwidth(gpu_name: str) -> tuple[float, str]:
     return PEAK_TBPS["H100"] * 1e12, f"unknown GPU, H100's {PEAK_TBPS['H100']} TB/s assumed"
 
 
-def make_weights(dtype: torch.dtype, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    gate_up = torch.randn(EXPERTS, 2 * WIDTH, HIDDEN, device="cuda", generator=gen, dtype=dtype) * HIDDEN**-0.5
-    down = torch.randn(EXPERTS, HIDDEN, WIDTH, device="cuda", generator=gen, dtype=dtype) * WIDTH**-0.5
-    scale = torch.rand(EXPERTS, device="cuda", generator=gen) + 0.5
+FORMATS = ("float", "fp8", "nvfp4")  # contract.MOE_WEIGHT_FORMATS; "float" = the activations' dtype
+
+
+def make_weights(gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """fp32 experts (every format is made from these) and the per-expert routing scale."""
+    gate_up = torch.randn(EXPERTS, 2 * WIDTH, HIDDEN, device=DEVICE, generator=gen) * HIDDEN**-0.5
+    down = torch.randn(EXPERTS, HIDDEN, WIDTH, device=DEVICE, generator=gen) * WIDTH**-0.5
+    scale = torch.rand(EXPERTS, device=DEVICE, generator=gen) + 0.5
     return gate_up, down, scale
+
+
+def format_case(weight_format: str, gate_up: torch.Tensor, down: torch.Tensor, dtype: torch.dtype) -> dict:
+    """The experts as fused_moe takes them in one format, what moe_reference takes for them (fp32, as
+    stored), and the bytes one expert occupies in that format (values and scales)."""
+    from dllm_trt.kernels import moe_triton as mt
+    from dllm_trt.kernels.quantization import dequantize_experts
+
+    if weight_format == "float":
+        weights, scales = (gate_up.to(dtype), down.to(dtype)), ()
+        reference = weights
+    else:
+        started = time.perf_counter()
+        tensors, stored = mt.quantized_experts(weight_format, gate_up.cpu().numpy(), down.cpu().numpy())
+        tensors = tuple(t.to(DEVICE) for t in tensors)
+        weights, scales = tensors[:2], tensors[2:]
+        reference = tuple(torch.from_numpy(w).to(DEVICE) for w in dequantize_experts(weight_format, *stored))
+        print(f"  {weight_format}: quantized {EXPERTS} experts on the host in {time.perf_counter() - started:.1f} s")
+    per_expert = sum(t.numel() * t.element_size() for t in (*weights, *scales)) / EXPERTS
+    return dict(weights=weights, scales=scales, reference=reference, bytes_per_expert=per_expert)
 
 
 def dense_all_experts(hidden, logits, scale, gate_up, down, top_k):
@@ -117,6 +148,17 @@ def preflight() -> None:
     ref = mt.moe_reference(*args, k)
     err = (mt.fused_moe(*args, k) - ref).abs().max().item()
     print(f"preflight fp32 N={n} H={h} E={e} I={i} K={k} fused_moe: max abs err {err:.2e}")
+    h, i = 208, 80  # NVFP4 blocks: both reduction axes multiples of 16
+    hidden, logits, scale = args[0][:, :h].contiguous(), args[1], args[2]
+    experts = args[3][:, : 2 * i, :h].contiguous(), args[4][:, :h, :i].contiguous()
+    for weight_format in FORMATS[1:]:
+        case = format_case(weight_format, *experts, torch.float32)
+        ref = mt.moe_reference(hidden, logits, scale, *case["reference"], k)
+        out = mt.fused_moe(
+            hidden, logits, scale, *case["weights"], k, weight_format=weight_format, scales=case["scales"]
+        )
+        err = (out - ref).abs().max().item()
+        print(f"preflight {weight_format} experts, fp32 activations N={n} H={h} I={i}: max abs err {err:.2e}")
     logits = torch.zeros(4, EXPERTS, device="cuda")
     logits[2:, 5:] = 1.0  # more than K equal maxima
     ours, _ = mt.moe_route(logits, torch.ones(EXPERTS, device="cuda"), TOP_K)
@@ -130,29 +172,48 @@ def preflight() -> None:
     print(f"preflight random logits N=4096: ordered top-k id agreement with CUDA torch {agree:.4f}")
 
 
-def bench_tokens(n_tokens, impls, weights, dtype, args, gen, peak) -> None:
-    from dllm_trt.kernels.moe_triton import moe_reference, route_reference
+def bench_tokens(n_tokens, cases, dtype, args, gen, peak) -> list[dict]:
+    """Time every format's implementations on one set of N tokens; returns the rows printed."""
+    from dllm_trt.kernels import moe_triton as mt
 
-    gate_up, down, scale = weights
-    hidden = torch.randn(n_tokens, HIDDEN, device="cuda", generator=gen).to(dtype)
-    logits = torch.randn(n_tokens, EXPERTS, device="cuda", generator=gen)  # random router logits
-    routed = torch.unique(route_reference(logits, scale, TOP_K)[0]).numel()
-    weight_bytes = routed * 3 * WIDTH * HIDDEN * gate_up.element_size()
-    floor_ms = weight_bytes / peak * 1e3
-    ref = moe_reference(hidden, logits, scale, gate_up, down, TOP_K).float()  # fp32 math inside
-    for name, fn in impls.items():
-        call = lambda fn=fn: fn(hidden, logits, scale, gate_up, down, TOP_K)  # noqa: E731
-        err = (call().float() - ref).abs().max().item()
-        eager = time_ms(call, args.warmup, args.iters, args.budget_s)
-        graph = time_graph_ms(call, args.warmup, args.iters, args.budget_s) if name in CAPTURABLE else None
-        ms = graph if graph is not None else eager
-        gbps = weight_bytes / (ms * 1e-3) / 1e9
-        graph_txt = f"{graph:>9.3f}" if graph is not None else f"{'n/a':>9}"
-        print(
-            f"{name:>14} {n_tokens:>6} {eager:>9.3f} {graph_txt} {routed:>7} {weight_bytes / 1e6:>9.1f} "
-            f"{gbps:>8.0f} {ms / floor_ms:>8.2f}x {err:>10.2e}"
-        )
-        torch.cuda.empty_cache()
+    hidden = torch.randn(n_tokens, HIDDEN, device=DEVICE, generator=gen).to(dtype)
+    logits = torch.randn(n_tokens, EXPERTS, device=DEVICE, generator=gen)  # random router logits
+    scale = cases["scale"]
+    routed = torch.unique(mt.route_reference(logits, scale, TOP_K)[0]).numel()
+    rows, baseline = [], None
+    for weight_format in args.formats:
+        case = cases[weight_format]
+        weight_bytes = routed * case["bytes_per_expert"]
+        floor_ms = weight_bytes / peak * 1e3
+        ref = mt.moe_reference(hidden, logits, scale, *case["reference"], TOP_K).float()  # fp32 math inside
+        impls = {"fused_moe": mt.fused_moe}
+        if weight_format == "float":
+            impls |= {"torch_dense": dense_all_experts, "torch_loop": per_expert_loop}
+        for name, fn in impls.items():
+            quantized = dict(weight_format=weight_format, scales=case["scales"]) if weight_format != "float" else {}
+            call = lambda fn=fn, w=case["weights"], q=quantized: fn(hidden, logits, scale, *w, TOP_K, **q)  # noqa: E731
+            err = (call().float() - ref).abs().max().item()
+            eager = time_ms(call, args.warmup, args.iters, args.budget_s)
+            graph = time_graph_ms(call, args.warmup, args.iters, args.budget_s) if name in CAPTURABLE else None
+            ms = graph if graph is not None else eager
+            if weight_format == "float" and name == "fused_moe":
+                baseline = ms
+            label = args.dtype if weight_format == "float" else weight_format
+            row = dict(
+                experts_format=label, impl=name, tokens=n_tokens, eager_ms=eager, graph_ms=graph, experts_routed=routed,
+                weight_mb=weight_bytes / 1e6, gb_per_s=weight_bytes / (ms * 1e-3) / 1e9, x_floor=ms / floor_ms,
+                floor_ms=floor_ms, speedup_vs_unquantized=(baseline / ms) if baseline else None, max_abs_err=err,
+            )  # fmt: skip
+            rows.append(row)
+            graph_txt = f"{graph:>9.3f}" if graph is not None else f"{'n/a':>9}"
+            speedup = f"{row['speedup_vs_unquantized']:>7.2f}x" if baseline else f"{'n/a':>8}"
+            print(
+                f"{label:>6} {name:>12} {n_tokens:>6} {eager:>9.3f} {graph_txt} {routed:>7} {row['weight_mb']:>9.1f} "
+                f"{row['gb_per_s']:>8.0f} {row['x_floor']:>8.2f}x {speedup} {err:>10.2e}"
+            )
+            if DEVICE == "cuda":
+                torch.cuda.empty_cache()
+    return rows
 
 
 def main() -> int:
@@ -163,7 +224,19 @@ def main() -> int:
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--budget-s", type=float, default=3.0, help="stop timing one case after this long")
     parser.add_argument("--no-preflight", action="store_true")
+    parser.add_argument(
+        "--formats", default=",".join(FORMATS), help="expert formats, of: float (the --dtype), fp8, nvfp4"
+    )
+    parser.add_argument("--json", type=Path, help="write every row (and the GPU's name) to this file")
     args = parser.parse_args()
+    args.formats = [f.strip() for f in args.formats.split(",") if f.strip()]
+    unknown = sorted(set(args.formats) - set(FORMATS))
+    if unknown or not args.formats:
+        print(f"--formats: unknown {', '.join(unknown) or '(none given)'}; choose from {', '.join(FORMATS)}")
+        return 2
+    if "float" in args.formats:  # first: the speed-ups of the quantized formats are against it
+        args.formats.remove("float")
+        args.formats.insert(0, "float")
 
     if not torch.cuda.is_available():
         print("bench_moe_kernel.py needs a CUDA GPU (torch.cuda.is_available() is False); nothing to do.")
@@ -173,7 +246,6 @@ def main() -> int:
     except ImportError:
         print("bench_moe_kernel.py needs triton (pip install 'dllm-trt[triton]').")
         return 2
-    from dllm_trt.kernels import moe_triton as mt
 
     gpu = torch.cuda.get_device_name()
     peak, peak_label = peak_bandwidth(gpu)
@@ -183,21 +255,26 @@ def main() -> int:
         preflight()
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     gen = torch.Generator(device="cuda").manual_seed(0)
-    weights = make_weights(dtype, gen)
-    impls = {
-        "fused_moe": mt.fused_moe,
-        "torch_dense": dense_all_experts,
-        "torch_loop": per_expert_loop,
-    }
-    print("weight_MB = bytes of the experts routed to (3*I*H each). GB/s and x_floor use graph_ms (CUDA graph")
-    print("replay: GPU time without launch overhead) where the impl can be captured, eager_ms otherwise.")
+    gate_up, down, scale = make_weights(gen)
+    cases = {f: format_case(f, gate_up, down, dtype) for f in args.formats} | dict(scale=scale)
+    del gate_up, down
+    torch.cuda.empty_cache()
+    print("weight_MB = bytes of the experts routed to, as stored (3*I*H values and their scales). GB/s, x_floor")
+    print("and vs_float use graph_ms (CUDA graph replay: GPU time without launch overhead) where the impl can be")
+    print(f"captured, eager_ms otherwise; vs_float = the {args.dtype} fused_moe's time over this row's.")
     header = (
-        f"{'impl':>14} {'N':>6} {'eager_ms':>9} {'graph_ms':>9} {'experts':>7} {'weight_MB':>9} {'GB/s':>8} "
-        f"{'x_floor':>9}"
+        f"{'format':>6} {'impl':>12} {'N':>6} {'eager_ms':>9} {'graph_ms':>9} {'experts':>7} {'weight_MB':>9} "
+        f"{'GB/s':>8} {'x_floor':>9} {'vs_float':>8}"
     )
     print(f"{header} {'max_abs_err':>10}")
+    rows = []
     for n_tokens in args.tokens:
-        bench_tokens(n_tokens, impls, weights, dtype, args, gen, peak)
+        rows += bench_tokens(n_tokens, cases, dtype, args, gen, peak)
+    if args.json:
+        summary = dict(gpu=gpu, torch=torch.__version__, triton=triton.__version__, peak_bytes_per_s=peak,
+                       hidden=HIDDEN, experts=EXPERTS, width=WIDTH, top_k=TOP_K, rows=rows)  # fmt: skip
+        args.json.write_text(json.dumps(summary, indent=1))
+        print(f"wrote {args.json}")
     return 0
 
 

@@ -11,17 +11,14 @@ import torch
 os.environ["TRITON_INTERPRET"] = "1"  # also set by conftest.py; must precede the first triton import
 pytest.importorskip("triton", reason="triton is not installed (pip install 'dllm-trt[triton]')")
 
-from dllm_trt.kernels.quantization import dequantize_experts, pack_fp4, quantize_fp8, quantize_nvfp4  # noqa: E402
+from dllm_trt.contract import MOE_INPUTS  # noqa: E402
+from dllm_trt.kernels.quantization import dequantize_experts, unpack_fp4  # noqa: E402
 from dllm_trt.runtime.cpu_standins import dllm_moe_standin  # noqa: E402
 
 mt = importlib.reload(importlib.import_module("dllm_trt.kernels.moe_triton"))
 
 # multiples of 16 along both input axes (NVFP4 blocks), nothing a power of two beyond that
 HIDDEN, EXPERTS, WIDTH, TOP_K = 48, 6, 32, 2
-
-
-def _fp8(array: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(array).view(np.uint8)).view(torch.float8_e4m3fn)
 
 
 def _case(weight_format, n_tokens, seed=0):
@@ -34,16 +31,8 @@ def _case(weight_format, n_tokens, seed=0):
     down = (torch.randn(EXPERTS, HIDDEN, WIDTH, generator=gen) / WIDTH**0.5).numpy()
     # a spread of channel magnitudes, so per-channel and per-block scales differ
     gate_up *= np.linspace(0.2, 3.0, 2 * WIDTH, dtype=np.float32)[None, :, None]
-    if weight_format == "fp8":
-        (gu, gu_s), (dn, dn_s) = quantize_fp8(gate_up), quantize_fp8(down)
-        stored = [gu, dn, gu_s, dn_s]
-        weights, scales = (_fp8(gu), _fp8(dn)), (torch.from_numpy(gu_s), torch.from_numpy(dn_s))
-    else:
-        (gu, gu_b, gu_g), (dn, dn_b, dn_g) = quantize_nvfp4(gate_up), quantize_nvfp4(down)
-        stored = [gu, dn, gu_b, dn_b, gu_g, dn_g]
-        weights = (torch.from_numpy(pack_fp4(gu)), torch.from_numpy(pack_fp4(dn)))
-        scales = (_fp8(gu_b), _fp8(dn_b), torch.from_numpy(gu_g), torch.from_numpy(dn_g))
-    return (hidden, logits, scale, *weights), scales, stored
+    tensors, stored = mt.quantized_experts(weight_format, gate_up, down)
+    return (hidden, logits, scale, *tensors[:2]), tensors[2:], stored
 
 
 def _reference(args, weight_format, stored):
@@ -107,3 +96,24 @@ def test_wrong_stored_dtypes_and_shapes_are_refused():
         mt.fused_moe(*args, TOP_K, weight_format="fp8", scales=(scales[0][:, :-1], scales[1]))
     with pytest.raises(ValueError, match="takes"):
         mt.fused_moe(*args, TOP_K, weight_format="nvfp4", scales=scales)
+
+
+@pytest.mark.parametrize("weight_format", ["fp8", "nvfp4"])
+def test_quantized_experts_hand_the_kernels_the_stored_values(weight_format):
+    """What fused_moe is given (bench_moe_kernel and these tests) holds exactly the graph's stored tensors."""
+    gen = np.random.default_rng(3)
+    experts = (
+        gen.standard_normal((EXPERTS, 2 * WIDTH, HIDDEN), np.float32),
+        gen.standard_normal((EXPERTS, HIDDEN, WIDTH), np.float32),
+    )
+    tensors, stored = mt.quantized_experts(weight_format, *experts)
+    assert len(tensors) == len(stored) == len(MOE_INPUTS[weight_format]) - 3
+    for tensor, array in zip(tensors, stored, strict=True):
+        if weight_format == "nvfp4" and array.dtype.itemsize == 1 and array.shape[-1] == 2 * tensor.shape[-1]:
+            np.testing.assert_array_equal(unpack_fp4(tensor.numpy()).view(np.uint8), array.view(np.uint8))
+        elif tensor.dtype == torch.float8_e4m3fn:
+            np.testing.assert_array_equal(tensor.view(torch.uint8).numpy(), array.view(np.uint8))
+        else:
+            np.testing.assert_array_equal(tensor.numpy(), array)
+    with pytest.raises(ValueError, match="fp8 or nvfp4"):
+        mt.quantized_experts("float", *experts)

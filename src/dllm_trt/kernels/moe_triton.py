@@ -68,10 +68,12 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import torch
 
 from dllm_trt.contract import MOE_INPUTS
 from dllm_trt.kernels.moe_launches import STAGES, MoEShape, grids, intermediates, kernel_specs, tile_m
+from dllm_trt.kernels.quantization import FP4, FP8, pack_fp4, quantize_fp8, quantize_nvfp4
 
 try:
     import triton
@@ -501,6 +503,32 @@ def run_plan(
         arguments = {param: buffers[arg] for (param, _), arg in zip(spec.signature, spec.args, strict=True)}
         kernel[grid[stage]](**arguments, **spec.constants(), num_warps=spec.num_warps, num_stages=spec.num_stages)
     return buffers
+
+
+def quantized_experts(
+    weight_format: str, gate_up_proj: np.ndarray, down_proj: np.ndarray
+) -> tuple[tuple[torch.Tensor, ...], list[np.ndarray]]:
+    """fp32 experts (gate_up [E, 2I, H], down [E, H, I], numpy) quantized as optimize stores them ->
+    (what ``fused_moe`` takes from gate_up_proj on: the two weights then `scales`, as CPU tensors in
+    contract.MOE_INPUTS order; the same tensors as numpy in their ONNX dtypes, which is what the
+    graph's initializers hold and ``dequantize_experts`` reads)."""
+    if weight_format == "fp8":
+        (gu, gu_s), (dn, dn_s) = quantize_fp8(gate_up_proj), quantize_fp8(down_proj)
+        stored = [gu, dn, gu_s, dn_s]
+    elif weight_format == "nvfp4":
+        (gu, gu_b, gu_g), (dn, dn_b, dn_g) = quantize_nvfp4(gate_up_proj), quantize_nvfp4(down_proj)
+        stored = [gu, dn, gu_b, dn_b, gu_g, dn_g]
+    else:
+        raise ValueError(f"quantized_experts takes fp8 or nvfp4, not '{weight_format}'")
+
+    def as_torch(array: np.ndarray) -> torch.Tensor:
+        if array.dtype == FP4:  # the kernels read ONNX's packing: two codes a byte
+            return torch.from_numpy(pack_fp4(array))
+        if array.dtype == FP8:
+            return torch.from_numpy(np.ascontiguousarray(array).view(np.uint8)).view(torch.float8_e4m3fn)
+        return torch.from_numpy(np.ascontiguousarray(array, np.float32))
+
+    return tuple(as_torch(a) for a in stored), stored
 
 
 def moe_route(

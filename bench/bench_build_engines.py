@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -35,6 +36,21 @@ def weight_bytes(optimized: Path) -> int:
     size = {t: helper.tensor_dtype_to_np_dtype(t).itemsize for t in {i.data_type for i in graph.initializer}}
     size[onnx.TensorProto.FLOAT4E2M1] = 0.5  # two values a byte (numpy holds one a byte)
     return int(sum(size[i.data_type] * int(np.prod(i.dims)) for i in graph.initializer))
+
+
+# CUDA C++ that TensorRT for RTX keeps in an engine for its just-in-time compilation on the device: one
+# translation unit per generated kernel (~130-230 KB each, most of it a shared prelude), plain text.
+_SOURCE_RUN = re.compile(rb"[\t\n\r\x20-\x7e]{4096,}")
+_SOURCE_MARK = re.compile(rb"#include|#undef|__global__")
+
+
+def jit_source_bytes(engine: Path) -> tuple[int, int]:
+    """(bytes, translation units) of kernel source in an engine, found by scanning it for long runs of
+    text that hold C preprocessor lines or kernels; no TensorRT API reports it. An estimate from below:
+    a unit split by a non-text byte is counted in its parts, parts shorter than 4 KB not at all."""
+    runs = [m.group() for m in _SOURCE_RUN.finditer(engine.read_bytes())]
+    source = [r for r in runs if _SOURCE_MARK.search(r)]
+    return sum(map(len, source)), len(source)
 
 
 def directory_bytes(directory: Path, pattern: str) -> int:
@@ -64,7 +80,7 @@ def main() -> int:
         stages.append((argv[0], measured.seconds, measured.peak_rss))
     checkpoint = directory_bytes(work / "ckpt", "*.safetensors")
     export = directory_bytes(work / "onnx", "*.onnx") + directory_bytes(work / "onnx", "*.data")
-    rows = []
+    rows, sizes = [], {}  # sizes: (precision, gpu) -> (engine bytes, JIT source bytes)
     for precision in args.precisions.split(","):
         optimized = work / f"trt-{precision}"
         argv = [cli, "optimize", str(work / "onnx"), "--target", "trt", "--precision", precision, "-o", str(optimized),
@@ -80,17 +96,28 @@ def main() -> int:
             measured = run_measured([cli, "build", str(optimized), "--gpu", gpu, "-o", str(out)],
                                     logs / f"build-{precision}-{gpu}.log")  # fmt: skip
             if measured.returncode:
-                rows.append((precision, gpu, "failed", "", "", "", "", "", ""))
+                rows.append((precision, gpu, "failed", *[""] * 9))
                 continue
             info = json.loads((out / "build_info.json").read_text())
             engine = info["engines"]["step"]
+            source, units = jit_source_bytes(out / engine["file"])
+            sizes[precision, gpu] = (engine["bytes"], source)
+            first = sizes.get((args.precisions.split(",")[0], gpu))
+            versus = f"{engine['bytes'] / first[0]:.2f}" if first else ""
+            versus_less = f"{(engine['bytes'] - source) / (first[0] - first[1]):.2f}" if first else ""
             rows.append((precision, gpu, f"sm_{''.join(map(str, info['gpu']['compute_capability']))}",
                          f"{measured.seconds:.1f}", f"{measured.peak_rss / 2**20:.0f}",
                          f"{engine['bytes'] / 2**20:.1f}", f"{engine['bytes'] / weights:.2f}",
+                         f"{source / 2**20:.1f} ({units})", versus, versus_less,
                          str(len(info["graph_profiles"]["step"])), str(engine["fused_attention_kernels"])))  # fmt: skip
+    first = args.precisions.split(",")[0]
     print(f"\n**TensorRT for RTX builds of the {args.preset} preset on this machine (no GPU)**\n")
-    print("| precision | GPU | target | build s | peak RSS MB | engine MB | x weights | profiles | fused MHA |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print(f"JIT source: CUDA C++ kept in the engine for compilation on the device (kernels in brackets), found by "
+          f"a byte scan; x {first}: engine bytes against the {first} engine's for the same GPU, with and without "
+          "it.\n")  # fmt: skip
+    print(f"| precision | GPU | target | build s | peak RSS MB | engine MB | x weights | JIT source MB | x {first} | "
+          f"x {first} less source | profiles | fused MHA |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         print("| " + " | ".join(row) + " |")
     for precision in args.precisions.split(","):

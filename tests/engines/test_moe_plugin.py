@@ -2,8 +2,9 @@
 
 What runs here: the plugin's build-time callbacks inside a real builder (TensorRT for RTX, ahead of
 time for sm_121 and sm_89, no GPU), the kernels it compiles and stores in the engine, the workspace
-it asks for, and its refusals. What cannot run here: its enqueue (the CUDA driver launch), which
-the GPU check script runs; the kernels' arithmetic is the plan that tests/kernels proves.
+it asks for, and its refusals. Its enqueue is engines.moe_plugin.launch_moe, tested in
+test_moe_launch.py (interpreted here, through the CUDA driver on a GPU); the kernels' arithmetic is the
+plan that tests/kernels proves.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Launch kernels compiled by engines.triton_aot through the CUDA driver, on a given stream.
 
 What the MoE plugin's enqueue calls inside an engine, and what a GPU check calls directly with torch
-tensors' pointers on a GPU that has no TensorRT (bench/gpu_check_moe_plugin.py). Thin on purpose:
+tensors' pointers on a GPU that has no TensorRT (tests/engines/test_moe_launch.py). Thin on purpose:
 load the cubin into the current context, look its entry up, launch with the arguments as the cubin
 declares them (pointers, int32; Triton's trailing scratch pointers get null). Needs cuda-bindings
 and an NVIDIA driver; it has never run on the machines this was written on (no GPU there).

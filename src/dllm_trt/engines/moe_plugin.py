@@ -28,9 +28,11 @@ the plugin, the five kernels are compiled with Triton for the build's target arc
 (engines.triton_aot) and stored in the plugin's fields: the engine carries its kernels, and needs
 only this module registered (`register_moe_plugin`) in the process that deserializes it.
 
-Run (never run here: no GPU): enqueue carves the intermediates out of the workspace, computes the
-five grids for the call's token count and launches the stored cubins on TensorRT's stream through
-the CUDA driver (engines.cuda_launch).
+Run: enqueue hands `launch_moe` the addresses TensorRT gives it; that carves the intermediates out of
+the workspace, computes the five grids for the call's token count and launches the stored cubins on
+TensorRT's stream through the CUDA driver (engines.cuda_launch). `launch_moe` needs no TensorRT: its
+tests run it on the CPU with each launch interpreted by Triton, and on a GPU with the compiled
+kernels and torch tensors' addresses (never run: no GPU where this was written).
 """
 
 from __future__ import annotations
@@ -38,7 +40,9 @@ from __future__ import annotations
 import ctypes
 import json
 import zlib
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
@@ -63,6 +67,33 @@ def kernels_for(shape: MoEShape, bm: int, arch: int, ptx_version: int | None = N
     specs = {(stage, rows): spec for rows in BLOCK_ROWS for stage, spec in kernel_specs(shape, rows).items()}
     compiled = dict(zip(specs, compile_specs(tuple(dict.fromkeys(specs.values())), arch, ptx_version)))
     return {stage: compiled[(stage, bm)] for stage in STAGES}
+
+
+class Launcher(Protocol):
+    def launch(self, grid: tuple[int, int, int], args: list[int], stream: int) -> None: ...
+
+
+def launch_moe(
+    kernels: Mapping[str, Launcher], shape: MoEShape, bm: int, inputs: Sequence[int], output: int, workspace: int,
+    n_tokens: int, stream: int,
+) -> None:  # fmt: skip
+    """What the plugin's enqueue does, without TensorRT: carve the intermediates out of the workspace
+    (device addresses), compute the five grids for `n_tokens` and launch each stage's kernel on
+    `stream`. `inputs`: the node's input addresses in contract.MOE_INPUTS order; `kernels`: per stage,
+    a kernel compiled for `shape` and `bm` (engines.cuda_launch.LoadedKernel), so a GPU without
+    TensorRT runs exactly this with torch tensors' addresses."""
+    if n_tokens == 0:
+        return
+    names = MOE_INPUTS[shape.weight_format]
+    if len(inputs) != len(names):
+        raise ValueError(f"DllmMoE with {shape.weight_format} experts takes {len(names)} inputs, got {len(inputs)}")
+    offsets, _ = workspace_layout(shape, n_tokens)
+    buffers = dict(zip(names, inputs, strict=True), out=output, n_tokens=n_tokens)
+    buffers |= {name: workspace + offset for name, offset in offsets.items()}
+    specs = kernel_specs(shape, bm)
+    grid = grids(specs, shape, n_tokens)
+    for stage in STAGES:
+        kernels[stage].launch(grid[stage], [buffers[arg] for arg in specs[stage].args], stream)
 
 
 def compile_for_graphs(paths: list[Path], arch: int, ptx_version: int | None = None) -> set[MoEShape]:
@@ -263,17 +294,11 @@ def plugin_classes(trt) -> tuple[type, type]:  # noqa: ANN001
                 raise RuntimeError("this DllmMoE plugin carries no compiled kernels (an engine from another build?)")
             if not self.loaded:  # first enqueue: TensorRT's warm-up, before any CUDA graph capture
                 self.loaded = {stage: LoadedKernel(kernel) for stage, kernel in self.compiled.items()}
+            pointers = [int(p) for p in inputs]
             n_tokens = int(input_desc[0].dims[0])
-            if n_tokens == 0:
-                return 0
-            offsets, _ = workspace_layout(self.shape, n_tokens)
-            names = MOE_INPUTS[self.shape.weight_format]
-            buffers = dict(zip(names, (int(p) for p in inputs)), out=int(outputs[0]), n_tokens=n_tokens)
-            buffers |= {name: int(workspace) + offset for name, offset in offsets.items()}
-            specs = kernel_specs(self.shape, self.bm)
-            grid = grids(specs, self.shape, n_tokens)
-            for stage in STAGES:
-                self.loaded[stage].launch(grid[stage], [buffers[arg] for arg in specs[stage].args], int(stream))
+            launch_moe(
+                self.loaded, self.shape, self.bm, pointers, int(outputs[0]), int(workspace), n_tokens, int(stream)
+            )
             return 0
 
     class DllmMoECreator(trt.IPluginCreatorV3One):

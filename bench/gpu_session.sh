@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# The GPU checks a session lent a CUDA GPU runs, as one prepared command (about 4 minutes on an H200):
+#   1. the tests that skip without a GPU: the MoE plugin's kernels compiled for this GPU and launched
+#      through the CUDA driver with torch tensors' addresses (float, fp8, nvfp4 experts), and the
+#      TensorRT runtime test where a TensorRT that builds for this GPU is installed (it skips otherwise);
+#   2. bench_moe_kernel.py at the released sizes: bf16, fp8 and nvfp4 experts against their byte floors.
+# Needs torch, triton, cuda-bindings, ml-dtypes and pytest (the device image has them); nothing is installed.
+# Writes its logs and the kernel bench's JSON under $OUT (a temporary folder when unset).
+#
+#   OUT=/tmp/gpu bash bench/gpu_session.sh
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$(mktemp -d)}
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+python3 -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 'no CUDA GPU here: nothing to check')" || exit 2
+python3 -c "import torch; print(torch.cuda.get_device_name(), torch.__version__)"
+status=0
+python3 -m pytest -q -rs -p no:cacheprovider tests/engines/test_moe_launch.py tests/runtime/test_tensorrt_step.py \
+  2>&1 | tee "$OUT/gpu_tests.log" || status=1
+timeout 300 python3 bench/bench_moe_kernel.py --tokens 256 1024 --json "$OUT/moe_kernel.json" \
+  2>&1 | tee "$OUT/moe_kernel.log" || status=1
+echo "logs in $OUT"
+exit $status

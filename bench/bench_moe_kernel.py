@@ -67,8 +67,9 @@ def format_case(weight_format: str, gate_up: torch.Tensor, down: torch.Tensor, d
         tensors = tuple(t.to(DEVICE) for t in tensors)
         weights, scales = tensors[:2], tensors[2:]
         reference = tuple(torch.from_numpy(w).to(DEVICE) for w in dequantize_experts(weight_format, *stored))
-        print(f"  {weight_format}: quantized {EXPERTS} experts on the host in {time.perf_counter() - started:.1f} s")
-    per_expert = sum(t.numel() * t.element_size() for t in (*weights, *scales)) / EXPERTS
+        seconds = time.perf_counter() - started
+        print(f"  {weight_format}: quantized {len(gate_up)} experts on the host in {seconds:.1f} s")
+    per_expert = sum(t.numel() * t.element_size() for t in (*weights, *scales)) / len(gate_up)
     return dict(weights=weights, scales=scales, reference=reference, bytes_per_expert=per_expert)
 
 
@@ -132,6 +133,29 @@ def time_graph_ms(fn, warmup: int, iters: int, budget_s: float) -> float | None:
     return time_ms(graph.replay, warmup, iters, budget_s)
 
 
+def preflight_quantized() -> dict[str, float]:
+    """fp8 and nvfp4 experts on odd sizes (multiples of 16 along both input axes, as NVFP4 blocks need)
+    against moe_reference over the experts as stored; max abs error per format, fp32 activations."""
+    from dllm_trt.kernels import moe_triton as mt
+
+    gen = torch.Generator(device=DEVICE).manual_seed(2)
+    n, h, e, i, k = 37, 208, 24, 80, 5
+    hidden = torch.randn(n, h, device=DEVICE, generator=gen)
+    logits = torch.randn(n, e, device=DEVICE, generator=gen) * 2
+    scale = torch.rand(e, device=DEVICE, generator=gen) + 0.5
+    gate_up = torch.randn(e, 2 * i, h, device=DEVICE, generator=gen) * h**-0.5
+    down = torch.randn(e, h, i, device=DEVICE, generator=gen) * i**-0.5
+    errors = {}
+    for weight_format in FORMATS[1:]:
+        case = format_case(weight_format, gate_up, down, torch.float32)
+        ref = mt.moe_reference(hidden, logits, scale, *case["reference"], k)
+        out = mt.fused_moe(
+            hidden, logits, scale, *case["weights"], k, weight_format=weight_format, scales=case["scales"]
+        )
+        errors[weight_format] = (out - ref).abs().max().item()
+    return errors
+
+
 def preflight() -> None:
     """fp32 on odd sizes through the compiled kernels, and routing ties against CUDA torch.topk."""
     from dllm_trt.kernels import moe_triton as mt
@@ -148,17 +172,8 @@ def preflight() -> None:
     ref = mt.moe_reference(*args, k)
     err = (mt.fused_moe(*args, k) - ref).abs().max().item()
     print(f"preflight fp32 N={n} H={h} E={e} I={i} K={k} fused_moe: max abs err {err:.2e}")
-    h, i = 208, 80  # NVFP4 blocks: both reduction axes multiples of 16
-    hidden, logits, scale = args[0][:, :h].contiguous(), args[1], args[2]
-    experts = args[3][:, : 2 * i, :h].contiguous(), args[4][:, :h, :i].contiguous()
-    for weight_format in FORMATS[1:]:
-        case = format_case(weight_format, *experts, torch.float32)
-        ref = mt.moe_reference(hidden, logits, scale, *case["reference"], k)
-        out = mt.fused_moe(
-            hidden, logits, scale, *case["weights"], k, weight_format=weight_format, scales=case["scales"]
-        )
-        err = (out - ref).abs().max().item()
-        print(f"preflight {weight_format} experts, fp32 activations N={n} H={h} I={i}: max abs err {err:.2e}")
+    for weight_format, err in preflight_quantized().items():
+        print(f"preflight {weight_format} experts, fp32 activations N=37 H=208 I=80: max abs err {err:.2e}")
     logits = torch.zeros(4, EXPERTS, device="cuda")
     logits[2:, 5:] = 1.0  # more than K equal maxima
     ours, _ = mt.moe_route(logits, torch.ones(EXPERTS, device="cuda"), TOP_K)

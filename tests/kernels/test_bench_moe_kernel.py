@@ -55,3 +55,9 @@ def test_every_format_runs_and_matches_the_reference(bench):
     # every row is timed from the CUDA-graph replay where it can be captured, and set against bf16 fused_moe
     assert by[("nvfp4", "fused_moe")]["speedup_vs_unquantized"] == pytest.approx(1.0)
     assert by[("bf16", "torch_loop")]["graph_ms"] is None and by[("bf16", "torch_loop")]["x_floor"] > 0
+
+
+def test_the_quantized_preflight_runs(bench):
+    errors = bench.preflight_quantized()
+    print(errors)
+    assert set(errors) == {"fp8", "nvfp4"} and all(e < 1e-4 for e in errors.values()), errors

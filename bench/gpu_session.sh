@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The GPU checks a session lent a CUDA GPU runs, as one prepared command (about 4 minutes on an H200):
+# The GPU checks a session lent a CUDA GPU runs, as one prepared command (estimated 4-6 minutes on an
+# H200; it has not run yet: no GPU was lent since it was written):
 #   1. the tests that skip without a GPU: the MoE plugin's kernels compiled for this GPU and launched
 #      through the CUDA driver with torch tensors' addresses (float, fp8, nvfp4 experts), and the
 #      TensorRT runtime test where a TensorRT that builds for this GPU is installed (it skips otherwise);
@@ -17,7 +18,7 @@ python3 -c "import torch; print(torch.cuda.get_device_name(), torch.__version__)
 status=0
 python3 -m pytest -q -rs -p no:cacheprovider tests/engines/test_moe_launch.py tests/runtime/test_tensorrt_step.py \
   2>&1 | tee "$OUT/gpu_tests.log" || status=1
-timeout 300 python3 bench/bench_moe_kernel.py --tokens 256 1024 --json "$OUT/moe_kernel.json" \
+timeout 420 python3 bench/bench_moe_kernel.py --tokens 256 1024 --json "$OUT/moe_kernel.json" \
   2>&1 | tee "$OUT/moe_kernel.log" || status=1
 echo "logs in $OUT"
 exit $status

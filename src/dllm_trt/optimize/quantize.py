@@ -38,7 +38,15 @@ import numpy as np
 import onnx_ir as ir
 
 from dllm_trt.contract import MOE_INPUTS, MOE_OP, MOE_WEIGHT_FORMAT, PLUGIN_NAMESPACE, QUANTIZED_PRECISIONS
-from dllm_trt.kernels.quantization import NVFP4_BLOCK, PROJECTION, quantize_fp8, quantize_nvfp4
+from dllm_trt.kernels.quantization import (
+    NVFP4_BLOCK,
+    PROJECTION,
+    fp8_scale,
+    nvfp4_global_scale,
+    nvfp4_scales,
+    quantize_fp8,
+    quantize_nvfp4,
+)
 from dllm_trt.optimize.context import PassContext
 
 LAZY_ELEMENTS = 1 << 20  # as convert_precision: larger tensors are computed when saved
@@ -70,29 +78,31 @@ def _unique(graph: ir.Graph, name: str) -> str:
     return candidate
 
 
-# What each format stores per expert weight [E, R, K]: (name suffix, dtype, shape, index into the
-# quantizer's result), in the order of contract.MOE_INPUTS after the weights.
+# What each format stores per expert weight [E, R, K]: (name suffix, dtype, shape, how it is computed
+# from the fp32 weight), in the order of contract.MOE_INPUTS after the weights. The scales have functions
+# of their own: quantizing the values is most of the cost, and each stored tensor is computed on its own.
 _STORED = {
-    "fp8": (quantize_fp8, [(".fp8", ir.DataType.FLOAT8E4M3FN, lambda e, r, k: (e, r, k), 0)],
-            [(".scale", ir.DataType.FLOAT, lambda e, r, k: (e, r), 1)]),
-    "nvfp4": (quantize_nvfp4, [(".nvfp4", ir.DataType.FLOAT4E2M1, lambda e, r, k: (e, r, k), 0)],
-              [(".block_scale", ir.DataType.FLOAT8E4M3FN, lambda e, r, k: (e, r, k // NVFP4_BLOCK), 1),
-               (".global_scale", ir.DataType.FLOAT, lambda e, r, k: (e,), 2)]),
+    "fp8": ([(".fp8", ir.DataType.FLOAT8E4M3FN, lambda e, r, k: (e, r, k), lambda w: quantize_fp8(w)[0])],
+            [(".scale", ir.DataType.FLOAT, lambda e, r, k: (e, r), fp8_scale)]),
+    "nvfp4": ([(".nvfp4", ir.DataType.FLOAT4E2M1, lambda e, r, k: (e, r, k), lambda w: quantize_nvfp4(w)[0])],
+              [(".block_scale", ir.DataType.FLOAT8E4M3FN, lambda e, r, k: (e, r, k // NVFP4_BLOCK),
+                lambda w: nvfp4_scales(w)[0]),
+               (".global_scale", ir.DataType.FLOAT, lambda e, r, k: (e,), nvfp4_global_scale)]),
 }  # fmt: skip
 
 
 def _quantize_experts(graph: ir.Graph, node: ir.Node, fmt: str) -> None:
     """DllmMoE inputs 3, 4 (fp32 [E, 2I, H], [E, H, I]) -> the format's quantized inputs (contract.MOE_INPUTS)."""
-    quantize, values, scales = _STORED[fmt]
+    values, scales = _STORED[fmt]
     weights, extra = [], []  # extra: [gate_up's, down's] per scale kind
     for kinds, out in ((values, weights), (scales, extra)):
-        for suffix, dtype, shape, index in kinds:
+        for suffix, dtype, shape, compute in kinds:
             for source in node.inputs[3:5]:
                 if source.const_value is None:
                     raise ValueError(f"{node.name}: expert weight {source.name} is not an initializer")
 
-                def make(source: ir.Value = source, index: int = index) -> np.ndarray:
-                    return quantize(_array(source))[index]
+                def make(source: ir.Value = source, compute: Callable = compute) -> np.ndarray:
+                    return compute(_array(source))
 
                 name = _unique(graph, source.name + suffix)
                 out.append(_initializer(graph, name, dtype, shape(*(int(d) for d in source.shape)), make))
@@ -117,7 +127,7 @@ def _quantize_projection(graph: ir.Graph, node: ir.Node, index: int) -> None:
         return np.ascontiguousarray(quantize_fp8(_array(source).T)[0].T)
 
     def scale() -> np.ndarray:
-        return quantize_fp8(_array(source).T)[1]
+        return fp8_scale(_array(source).T)
 
     q = _initializer(graph, _unique(graph, f"{base}.fp8"), ir.DataType.FLOAT8E4M3FN, (rows, cols), values)
     s = _initializer(graph, _unique(graph, f"{base}.scale"), ir.DataType.FLOAT, (cols,), scale)

@@ -62,6 +62,11 @@ def as_stored(name: str, weight: np.ndarray, precision: str) -> np.ndarray | Non
     return None
 
 
+def _per_block(global_scale: np.ndarray, ndim: int) -> np.ndarray:
+    """An NVFP4 global scale ([L] or 0-d) shaped to broadcast against block scales of `ndim` dimensions."""
+    return global_scale.reshape(global_scale.shape + (1,) * (ndim - global_scale.ndim))
+
+
 def _safe(scale: np.ndarray) -> np.ndarray:
     """A divisor that is 1 where the scale is 0 (those values quantize to 0 whatever it is)."""
     return np.where(scale == 0, np.float32(1.0), scale)
@@ -95,7 +100,7 @@ def nvfp4_scales(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         raise ValueError(f"NVFP4 needs the reduction axis to be a multiple of {NVFP4_BLOCK}, got {w.shape[-1]}")
     block_amax = np.abs(w.reshape(*w.shape[:-1], w.shape[-1] // NVFP4_BLOCK, NVFP4_BLOCK)).max(axis=-1)
     global_scale = nvfp4_global_scale(w)
-    expand = global_scale.reshape(global_scale.shape + (1,) * (block_amax.ndim - global_scale.ndim))
+    expand = _per_block(global_scale, block_amax.ndim)
     block_scale = np.clip(block_amax / np.float32(FP4_MAX) / _safe(expand), 0, FP8_MAX).astype(FP8)
     return block_scale, global_scale
 
@@ -105,8 +110,7 @@ def quantize_nvfp4(w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     global_scale [L] fp32 (a 0-d array for a 2-D w)). K must be a multiple of 16."""
     w = np.asarray(w, dtype=np.float32)
     block_scale, global_scale = nvfp4_scales(w)
-    expand = global_scale.reshape(global_scale.shape + (1,) * (block_scale.ndim - global_scale.ndim))
-    divisor = block_scale.astype(np.float32) * expand  # [..., R, K/16]
+    divisor = block_scale.astype(np.float32) * _per_block(global_scale, block_scale.ndim)  # [..., R, K/16]
     blocks = w.reshape(*w.shape[:-1], w.shape[-1] // NVFP4_BLOCK, NVFP4_BLOCK)
     q = np.clip(blocks / _safe(divisor)[..., None], -FP4_MAX, FP4_MAX).reshape(w.shape).astype(FP4)
     return q, block_scale, global_scale
@@ -122,8 +126,7 @@ def dequantize_nvfp4(q: np.ndarray, block_scale: np.ndarray, global_scale: np.nd
     values = np.asarray(q).astype(np.float32)
     blocks = values.reshape(*values.shape[:-1], -1, NVFP4_BLOCK)
     scale = np.asarray(block_scale).astype(np.float32)  # [..., R, K/16]
-    glob = np.asarray(global_scale, np.float32)
-    scale = scale * glob.reshape(glob.shape + (1,) * (scale.ndim - glob.ndim))
+    scale = scale * _per_block(np.asarray(global_scale, np.float32), scale.ndim)
     return (blocks * scale[..., None]).reshape(values.shape)
 
 

@@ -80,8 +80,10 @@ def main() -> int:
         stages.append((argv[0], measured.seconds, measured.peak_rss))
     checkpoint = directory_bytes(work / "ckpt", "*.safetensors")
     export = directory_bytes(work / "onnx", "*.onnx") + directory_bytes(work / "onnx", "*.data")
-    rows, sizes = [], {}  # sizes: (precision, gpu) -> (engine bytes, JIT source bytes)
-    for precision in args.precisions.split(","):
+    precisions = args.precisions.split(",")
+    baseline = precisions[0]  # the engines are set against this precision's, per GPU
+    rows, sizes, weights_of = [], {}, {}  # sizes: (precision, gpu) -> (engine bytes, JIT source bytes)
+    for precision in precisions:
         optimized = work / f"trt-{precision}"
         argv = [cli, "optimize", str(work / "onnx"), "--target", "trt", "--precision", precision, "-o", str(optimized),
                 "--parity", "none"]  # fmt: skip
@@ -90,7 +92,7 @@ def main() -> int:
             print(f"optimize {precision} failed: see the log")
             return 1
         stages.append((f"optimize {precision}", measured.seconds, measured.peak_rss))
-        weights = weight_bytes(optimized)
+        weights = weights_of[precision] = weight_bytes(optimized)
         for gpu in args.gpus.split(","):
             out = work / f"engines-{precision}-{gpu}"
             measured = run_measured([cli, "build", str(optimized), "--gpu", gpu, "-o", str(out)],
@@ -102,26 +104,25 @@ def main() -> int:
             engine = info["engines"]["step"]
             source, units = jit_source_bytes(out / engine["file"])
             sizes[precision, gpu] = (engine["bytes"], source)
-            first = sizes.get((args.precisions.split(",")[0], gpu))
-            versus = f"{engine['bytes'] / first[0]:.2f}" if first else ""
-            versus_less = f"{(engine['bytes'] - source) / (first[0] - first[1]):.2f}" if first else ""
+            base = sizes.get((baseline, gpu))
+            versus = f"{engine['bytes'] / base[0]:.2f}" if base else ""
+            versus_less = f"{(engine['bytes'] - source) / (base[0] - base[1]):.2f}" if base else ""
             rows.append((precision, gpu, f"sm_{''.join(map(str, info['gpu']['compute_capability']))}",
                          f"{measured.seconds:.1f}", f"{measured.peak_rss / 2**20:.0f}",
                          f"{engine['bytes'] / 2**20:.1f}", f"{engine['bytes'] / weights:.2f}",
                          f"{source / 2**20:.1f} ({units})", versus, versus_less,
                          str(len(info["graph_profiles"]["step"])), str(engine["fused_attention_kernels"])))  # fmt: skip
-    first = args.precisions.split(",")[0]
     print(f"\n**TensorRT for RTX builds of the {args.preset} preset on this machine (no GPU)**\n")
     print(f"JIT source: CUDA C++ kept in the engine for compilation on the device (kernels in brackets), found by "
-          f"a byte scan; x {first}: engine bytes against the {first} engine's for the same GPU, with and without "
-          "it.\n")  # fmt: skip
-    print(f"| precision | GPU | target | build s | peak RSS MB | engine MB | x weights | JIT source MB | x {first} | "
-          f"x {first} less source | profiles | fused MHA |")  # fmt: skip
+          f"a byte scan; x {baseline}: engine bytes against the {baseline} engine's for the same GPU, with and "
+          "without it.\n")  # fmt: skip
+    print(f"| precision | GPU | target | build s | peak RSS MB | engine MB | x weights | JIT source MB | "
+          f"x {baseline} | x {baseline} less source | profiles | fused MHA |")  # fmt: skip
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         print("| " + " | ".join(row) + " |")
-    for precision in args.precisions.split(","):
-        print(f"{precision} weights of the step graph: {weight_bytes(work / f'trt-{precision}') / 2**20:.1f} MB")
+    for precision, weights in weights_of.items():
+        print(f"{precision} weights of the step graph: {weights / 2**20:.1f} MB")
     for what, seconds, rss in stages:
         print(f"{what}: {seconds:.1f} s, peak RSS {rss / 2**20:.0f} MB")
     print(f"export: {export / 2**20:.1f} MB of graphs and external data for a {checkpoint / 2**20:.1f} MB checkpoint "

@@ -39,9 +39,9 @@ def peak_rss_mb() -> float:
 def child_generate(mode: str, workdir: Path, max_new_tokens: int, seed: int, batch: int) -> dict:
     import torch
 
+    from dllm_trt.generation.loop import GenerationSettings, generate, left_pad
+    from dllm_trt.generation.step import OnnxRuntimeStep
     from dllm_trt.models.checkpoint import load_model
-    from dllm_trt.runtime.loop import GenerationSettings, generate, left_pad
-    from dllm_trt.runtime.step import OnnxRuntimeStep
 
     ids, mask = left_pad(PROMPTS * batch, 0)
     if mode == "transformers":
@@ -71,7 +71,7 @@ def child_generate(mode: str, workdir: Path, max_new_tokens: int, seed: int, bat
     else:
         directory = workdir / ("optimized" if mode == "ort-optimized" else "onnx")
         if mode == "torch":  # the loop over transformers' own modules (the torch backend)
-            from dllm_trt.runtime.step import TorchStep
+            from dllm_trt.generation.step import TorchStep
 
             step = TorchStep(load_model(workdir / "checkpoint"))
         else:
@@ -100,9 +100,9 @@ def child_generate(mode: str, workdir: Path, max_new_tokens: int, seed: int, bat
 def child_step_table(workdir: Path, canvases: list[int], caches: list[int], repeats: int) -> list[dict]:
     import torch
 
-    from dllm_trt.runtime.kv_cache import StaticKVCache
-    from dllm_trt.runtime.sampler import sampling_noise
-    from dllm_trt.runtime.step import OnnxRuntimeStep
+    from dllm_trt.generation.kv_cache import StaticKVCache
+    from dllm_trt.generation.sampler import sampling_noise
+    from dllm_trt.generation.step import OnnxRuntimeStep
 
     rows = []
     for canvas in canvases:

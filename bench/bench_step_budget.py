@@ -59,8 +59,8 @@ class RecordingSession:
 
 def recorded_denoiser_feeds(workdir: Path, max_new_tokens: int, seed: int) -> list[dict]:
     """The optimized step's feeds of every denoise call of one generation (untimed)."""
-    from dllm_trt.runtime.loop import GenerationSettings, generate, left_pad
-    from dllm_trt.runtime.step import OnnxRuntimeStep
+    from dllm_trt.generation.loop import GenerationSettings, generate, left_pad
+    from dllm_trt.generation.step import OnnxRuntimeStep
 
     directory = workdir / "optimized"
     step = OnnxRuntimeStep.from_artifacts(directory)
@@ -83,7 +83,7 @@ def median_ms(fn, repeats: int) -> float:  # noqa: ANN001
 
 
 def noise_ms(count: int) -> dict[str, float]:
-    from dllm_trt.runtime import exponential_noise
+    from dllm_trt.generation import exponential_noise
 
     generator = torch.Generator().manual_seed(0)
     twister = np.random.Generator(np.random.MT19937(0))
@@ -118,7 +118,7 @@ def group_of(event: dict, vocab: int) -> str:
 
 
 def denoiser_breakdown(directory: Path, feeds: list[dict], vocab: int) -> tuple[float, dict[str, tuple[float, int]]]:
-    from dllm_trt.runtime.ort_session import open_session
+    from dllm_trt.generation.ort_session import open_session
 
     session = open_session(directory / STEP_FILE, spin=True)  # as the loop opens it
     names = [o.name for o in session.get_outputs()]

@@ -16,7 +16,7 @@ export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 python3 -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 'no CUDA GPU here: nothing to check')" || exit 2
 python3 -c "import torch; print(torch.cuda.get_device_name(), torch.__version__)"
 status=0
-python3 -m pytest -q -rs -p no:cacheprovider tests/engines/test_moe_launch.py tests/runtime/test_tensorrt_step.py \
+python3 -m pytest -q -rs -p no:cacheprovider tests/trt/test_moe_launch.py tests/generation/test_tensorrt_step.py \
   2>&1 | tee "$OUT/gpu_tests.log" || status=1
 timeout 420 python3 bench/bench_moe_kernel.py --tokens 256 1024 --json "$OUT/moe_kernel.json" \
   2>&1 | tee "$OUT/moe_kernel.log" || status=1

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
+
+# Modules several test folders share (graphs for TensorRT, perturbed checkpoints, graph comparison).
+sys.path.insert(0, str(Path(__file__).parent / "helpers"))
 
 # Triton kernels run on the CPU under the interpreter; this must be set before anything imports
 # triton, and tests/engines imports the kernels too, so it is set here rather than in tests/kernels.

@@ -1,5 +1,6 @@
 """The package's parts import one way (DESIGN.md, "Shape of the package"), every import counted,
-lazy ones inside functions too: cli -> demo -> stages -> models, kernels, contract, manifest, progress, errors."""
+lazy ones inside functions too: cli -> demo -> stages -> leaves. A stage imports no other stage: what two
+stages share lives in a leaf (the loop and its Steps, parity, the TensorRT plumbing)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import dllm_trt
 
 ROOT = Path(dllm_trt.__file__).parent
 STAGES = {"export", "optimize", "engines", "runtime", "validate"}
-LEAVES = {"contract", "errors", "manifest", "progress", "models", "kernels", "assets"}
+LEAVES = {"contract", "errors", "manifest", "progress", "models", "kernels", "generation", "parity", "trt", "assets"}
 TOP = {"cli", "demo"}
 
 
@@ -73,8 +74,29 @@ def test_imports_point_down_the_layers():
     for stage in STAGES:
         above = edges.get(stage, set()) & TOP
         assert not above, f"the {stage} stage imports {sorted(above)}"
+        beside = edges.get(stage, set()) & STAGES
+        assert not beside, f"the {stage} stage imports the stage(s) {sorted(beside)}: move what they share into a leaf"
     assert "demo" not in set().union(*edges.values()) - edges.get("cli", set()) or all(
         "demo" not in targets for part, targets in edges.items() if part != "cli"
     )
     # the import graph is not trivially empty: the check would pass vacuously otherwise
     assert {"export", "optimize", "runtime", "validate", "engines"} <= edges["cli"]
+
+
+def test_every_part_is_a_stage_a_leaf_or_the_top():
+    parts = {p.name.removesuffix(".py") for p in ROOT.iterdir() if p.suffix == ".py" or (p / "__init__.py").is_file()}
+    assert parts - {"__init__"} <= STAGES | LEAVES | TOP, f"unclassified parts: {parts - STAGES - LEAVES - TOP}"
+
+
+def test_package_file_maps_match_their_folders():
+    """Each package's docstring names its modules, one a line (`name.py  what it holds`): every module is
+    named, and every named module exists."""
+    import re
+
+    for init in sorted(ROOT.glob("*/__init__.py")):
+        folder = init.parent
+        doc = ast.get_docstring(ast.parse(init.read_text())) or ""
+        named = set(re.findall(r"(?<![/\w])([a-z_]+\.py)\b", doc))
+        present = {p.name for p in folder.glob("*.py")} - {"__init__.py"}
+        gone, missed = sorted(named - present), sorted(present - named)
+        assert named == present, f"{folder.name}/__init__.py names {gone} (not there) and misses {missed}"

@@ -18,7 +18,7 @@ import pytest
 
 from dllm_trt.cli import main
 from dllm_trt.contract import PRECISIONS, QUANTIZED_PRECISIONS, QUANTIZED_TARGETS, TARGETS
-from dllm_trt.engines.trt_library import TENSORRT_RTX, installed
+from dllm_trt.trt.trt_library import TENSORRT_RTX, installed
 
 EXPORTS = ("export-float32", "export-bfloat16")
 COMBINATIONS = [(t, p) for t in TARGETS for p in PRECISIONS]

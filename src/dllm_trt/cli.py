@@ -214,12 +214,12 @@ def build_parser() -> argparse.ArgumentParser:
     from dllm_trt import demo, export, optimize, runtime, validate
     from dllm_trt.contract import PRECISIONS, TARGETS
     from dllm_trt.engines import memory_plan
-    from dllm_trt.engines.gpu_presets import PRESETS as GPU_PRESETS
     from dllm_trt.engines.lint import LintOptions
     from dllm_trt.engines.stage import BuildOptions
-    from dllm_trt.engines.support import VERSIONS
+    from dllm_trt.generation.backends import BACKENDS
     from dllm_trt.models.presets import PRESETS as MODEL_PRESETS
-    from dllm_trt.runtime.backends import BACKENDS
+    from dllm_trt.trt.gpu_presets import PRESETS as GPU_PRESETS
+    from dllm_trt.trt.support import VERSIONS
 
     parser = argparse.ArgumentParser(prog="dllm-trt", description=__doc__.splitlines()[0])
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")

@@ -11,8 +11,8 @@ from transformers import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion
 
 from dllm_trt import export, optimize
 from dllm_trt.engines import stage
-from dllm_trt.engines.trt_library import TENSORRT_RTX, installed
 from dllm_trt.models.presets import TINY_VISION, randomize_
+from dllm_trt.trt.trt_library import TENSORRT_RTX, installed
 
 CONFIGS = {
     "head 24/48, GQA 2, 2 experts top-1": dict(

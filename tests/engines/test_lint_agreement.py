@@ -15,7 +15,7 @@ import trt_graphs as graphs
 from onnx import TensorProto, helper, numpy_helper
 
 from dllm_trt.engines import lint
-from dllm_trt.engines.trt_library import TENSORRT_RTX, installed
+from dllm_trt.trt.trt_library import TENSORRT_RTX, installed
 
 pytestmark = pytest.mark.skipif(not installed(TENSORRT_RTX), reason="TensorRT for RTX is not installed (the rtx extra)")
 

@@ -8,8 +8,8 @@ from onnx import TensorProto, helper
 
 from dllm_trt.cli import main
 from dllm_trt.engines.lint import lint_artifacts, lint_graph
-from dllm_trt.engines.support import VERSIONS, load_support
 from dllm_trt.errors import DllmError
+from dllm_trt.trt.support import VERSIONS, load_support
 
 
 @pytest.fixture(scope="module")

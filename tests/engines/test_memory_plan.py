@@ -38,8 +38,8 @@ def test_bf16_weights_match_the_initializers_export_writes(tiny_export):
 
 
 def test_kv_cache_matches_what_the_runtime_allocates():
+    from dllm_trt.generation.kv_cache import StaticKVCache
     from dllm_trt.models.diffusion_gemma import layer_specs
-    from dllm_trt.runtime.kv_cache import StaticKVCache
 
     _, config = memory_plan.load_config("tiny")
     model = memory_plan.meta_model(config)

@@ -8,11 +8,11 @@ a test on 2 cores); here the tiny preset shows what is stored: the FP8 / FP4 byt
 import onnx
 import pytest
 
-from dllm_trt.engines import engine as trt_engine
-from dllm_trt.engines.moe_plugin import kernels_in_engine, register_moe_plugin
 from dllm_trt.engines.stage import BuildOptions, build_engines, plan_build
-from dllm_trt.engines.trt_library import TENSORRT_RTX, installed, load_library
 from dllm_trt.errors import DllmError
+from dllm_trt.trt import engine as trt_engine
+from dllm_trt.trt.moe_plugin import kernels_in_engine, register_moe_plugin
+from dllm_trt.trt.trt_library import TENSORRT_RTX, installed, load_library
 
 needs_rtx = pytest.mark.skipif(not installed(TENSORRT_RTX), reason="TensorRT for RTX is not installed (the rtx extra)")
 

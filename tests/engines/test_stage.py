@@ -16,8 +16,6 @@ import trt_graphs as graphs
 
 from dllm_trt import optimize
 from dllm_trt.cli import main
-from dllm_trt.engines.gpu import GpuInfo, check_gpu
-from dllm_trt.engines.gpu_presets import get_preset
 from dllm_trt.engines.stage import (
     BuildOptions,
     build_engines,
@@ -26,8 +24,10 @@ from dllm_trt.engines.stage import (
     judge_engine,
     plan_build,
 )
-from dllm_trt.engines.trt_library import TENSORRT_RTX, installed
 from dllm_trt.errors import DllmError
+from dllm_trt.trt.gpu import GpuInfo, check_gpu
+from dllm_trt.trt.gpu_presets import get_preset
+from dllm_trt.trt.trt_library import TENSORRT_RTX, installed
 
 HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None
 needs_rtx = pytest.mark.skipif(not installed(TENSORRT_RTX), reason="TensorRT for RTX is not installed (the rtx extra)")

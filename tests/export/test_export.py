@@ -8,11 +8,11 @@ from transformers import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion
 from dllm_trt.errors import DllmError
 from dllm_trt.export import ExportOptions
 from dllm_trt.export import run as export_run
+from dllm_trt.generation.step import OnnxRuntimeStep
 from dllm_trt.models.checkpoint import load_model
 from dllm_trt.models.diffusion_gemma import layer_specs
 from dllm_trt.models.presets import TINY_VISION, randomize_
-from dllm_trt.runtime.step import OnnxRuntimeStep
-from dllm_trt.validate.export_parity import step_parity
+from dllm_trt.parity.step_parity import step_parity
 
 
 def test_manifest_describes_every_graph_input_and_output(tiny_export):
@@ -66,7 +66,7 @@ def test_parity_fails_when_a_weight_is_perturbed(tiny_ckpt, tiny_export):
 def test_dynamic_batch_and_cache(tiny_ckpt, tiny_export):
     model = load_model(tiny_ckpt)
     step = OnnxRuntimeStep.from_artifacts(tiny_export)
-    from dllm_trt.runtime.step import TorchStep
+    from dllm_trt.generation.step import TorchStep
 
     reference = TorchStep(model)
     batch, tokens, full, sliding = 3, 4, 6, 6

@@ -12,8 +12,8 @@ os.environ["TRITON_INTERPRET"] = "1"  # also set by conftest.py; must precede th
 pytest.importorskip("triton", reason="triton is not installed (pip install 'dllm-trt[triton]')")
 
 from dllm_trt.contract import MOE_INPUTS  # noqa: E402
+from dllm_trt.generation.cpu_standins import dllm_moe_standin  # noqa: E402
 from dllm_trt.kernels.quantization import dequantize_experts, unpack_fp4  # noqa: E402
-from dllm_trt.runtime.cpu_standins import dllm_moe_standin  # noqa: E402
 
 mt = importlib.reload(importlib.import_module("dllm_trt.kernels.moe_triton"))
 

@@ -11,9 +11,9 @@ import pytest
 def assert_step_parity(tiny_ckpt):
     """Checks rewritten graphs in `artifacts` against transformers on fresh random inputs (fp32:
     every output within tolerance, logits max rel <= 1e-4 with 100% argmax); returns the result."""
+    from dllm_trt.generation.step import OnnxRuntimeStep
     from dllm_trt.models.checkpoint import load_model
-    from dllm_trt.runtime.step import OnnxRuntimeStep
-    from dllm_trt.validate.export_parity import step_parity
+    from dllm_trt.parity.step_parity import step_parity
 
     def check(artifacts: Path):  # noqa: ANN202
         result = step_parity(load_model(tiny_ckpt), OnnxRuntimeStep.from_artifacts(artifacts), seed=11)

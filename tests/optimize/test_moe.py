@@ -17,9 +17,9 @@ import onnxruntime as ort
 import pytest
 from onnxscript._internal.tape_builder import TapeBuilder
 
+from dllm_trt.generation.cpu_standins import standin_session_options, with_cpu_standins
 from dllm_trt.optimize.context import PassContext
 from dllm_trt.optimize.moe import fuse_moe, moe_fusion_misses
-from dllm_trt.runtime.cpu_standins import standin_session_options, with_cpu_standins
 
 TARGETS = ("trt", "ort-cuda", "ort-cpu")
 NEW_OP = {"trt": ("dllm_trt", "DllmMoE"), "ort-cuda": ("com.microsoft", "MoE"), "ort-cpu": ("dllm_trt", "RoutedMoE")}
@@ -334,9 +334,9 @@ def _fuse_artifacts(src, dst, target: str, standins: bool) -> dict[str, int]:
 
 @pytest.mark.parametrize("target", TARGETS)
 def test_tiny_export_fused_keeps_parity(target, tiny_export, tiny_ckpt, tmp_path):
+    from dllm_trt.generation.step import OnnxRuntimeStep
     from dllm_trt.models.checkpoint import load_model
-    from dllm_trt.runtime.step import OnnxRuntimeStep
-    from dllm_trt.validate.export_parity import step_parity
+    from dllm_trt.parity.step_parity import step_parity
 
     layers = len(json.loads((tiny_export / "manifest.json").read_text())["model"]["layers"])
     standins = target != "ort-cpu"

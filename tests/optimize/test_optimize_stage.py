@@ -8,10 +8,10 @@ import torch
 
 from dllm_trt import optimize
 from dllm_trt.cli import main
+from dllm_trt.generation.loop import GenerationSettings, generate, left_pad
+from dllm_trt.generation.step import OnnxRuntimeStep
 from dllm_trt.models.checkpoint import load_model
-from dllm_trt.runtime.loop import GenerationSettings, generate, left_pad
-from dllm_trt.runtime.step import OnnxRuntimeStep
-from dllm_trt.validate.generation_parity import reference_generate
+from dllm_trt.parity.generation_parity import reference_generate
 
 FUSED_OPS = {"trt": "dllm_trt.DllmMoE", "ort-cuda": "com.microsoft.MoE", "ort-cpu": "dllm_trt.RoutedMoE"}
 

@@ -7,9 +7,9 @@ import onnx_ir as ir
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
+from dllm_trt.generation.cpu_variant import emulate_bfloat16
 from dllm_trt.optimize.context import PassContext
 from dllm_trt.optimize.precision import convert_precision
-from dllm_trt.runtime.cpu_variant import emulate_bfloat16
 
 N, H, E = 6, 16, 4
 

@@ -8,9 +8,9 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
+from dllm_trt.generation.sampler import sampling_head, sampling_noise
 from dllm_trt.optimize.context import PassContext
 from dllm_trt.optimize.sampling_head import add_sampling_head
-from dllm_trt.runtime.sampler import sampling_head, sampling_noise
 
 B, C, V, H = 2, 5, 37, 8
 CTX_REST = ("fp32", "step", {"num_experts": 4, "top_k_experts": 2, "vocab_size": V})

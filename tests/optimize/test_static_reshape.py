@@ -12,10 +12,10 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from dllm_trt.engines.trt_library import TENSORRT_RTX, installed
 from dllm_trt.optimize.context import PassContext
 from dllm_trt.optimize.pipeline import clean_up
 from dllm_trt.optimize.static_reshape import resolve_reshape_wildcards
+from dllm_trt.trt.trt_library import TENSORRT_RTX, installed
 
 CTX = PassContext("trt", "fp32", "step", {})
 
@@ -67,10 +67,10 @@ def test_the_head_count_replaces_the_wildcard_and_the_numbers_stay():
 def test_without_the_pass_tensorrt_refuses_the_step_graphs_attention(tiny_export, tmp_path):
     """The reason the pass exists, asked of the real parser: the fused graph without it is refused."""
     from dllm_trt import optimize
-    from dllm_trt.engines import engine
-    from dllm_trt.engines.moe_plugin import register_moe_plugin
-    from dllm_trt.engines.trt_library import load_library
     from dllm_trt.optimize.pipeline import PIPELINE
+    from dllm_trt.trt import engine
+    from dllm_trt.trt.moe_plugin import register_moe_plugin
+    from dllm_trt.trt.trt_library import load_library
 
     lib = load_library(TENSORRT_RTX)
     register_moe_plugin(lib.trt, arch=121)

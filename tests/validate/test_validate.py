@@ -9,9 +9,9 @@ from onnx import numpy_helper
 from perturb import scaled_copy
 
 from dllm_trt.cli import main
+from dllm_trt.generation.loop import GenerationSettings, left_pad
 from dllm_trt.models.checkpoint import load_model
-from dllm_trt.runtime.loop import GenerationSettings, left_pad
-from dllm_trt.validate.generation_parity import reference_generate
+from dllm_trt.parity.generation_parity import reference_generate
 
 
 def test_validate_passes_and_writes_reports(capsys, tiny_ckpt, tiny_export, tmp_path):
@@ -84,7 +84,7 @@ def test_generate_bad_input(capsys, tiny_export, argv, fragment):
 
 
 def test_router_probe_calls_ties_by_margin_and_ignores_padding(tiny_ckpt):
-    from dllm_trt.validate.generation_parity import NEAR_TIE_ULPS, RouterTieProbe
+    from dllm_trt.parity.generation_parity import NEAR_TIE_ULPS, RouterTieProbe
 
     model = load_model(tiny_ckpt)
     probe = RouterTieProbe(model)
@@ -136,8 +136,8 @@ def test_reduced_precision_is_judged_against_the_envelope(capsys, tiny_ckpt, tin
 
 def test_too_few_judged_calls_fail():
     """Calls with an fp32 router tie are reported, not judged; when fewer than 90% are judged, fail."""
-    from dllm_trt.validate.compare import Tolerance, compare
-    from dllm_trt.validate.generation_parity import MIN_JUDGED_SHARE, GenerationParity, StepRecord
+    from dllm_trt.parity.compare import Tolerance, compare
+    from dllm_trt.parity.generation_parity import MIN_JUDGED_SHARE, GenerationParity, StepRecord
 
     ok = compare("logits", torch.ones(2, 3), torch.ones(2, 3), Tolerance(1e-4, 1.0), argmax=True)
     parity = GenerationParity("float32", [0], [3], 8, 1e-7)

@@ -1,10 +1,10 @@
 """`dllm-trt lint-trt`: will TensorRT's ONNX parser take these graphs? Checked without TensorRT, in seconds.
 
 Per graph: the opset; every node's op against the support table of the chosen TensorRT version
-(engines.support), the dtype of its data tensors against the types the table lists, and the
+(trt.support), the dtype of its data tensors against the types the table lists, and the
 restrictions the parser enforces on the ops these graphs use (Attention, TopK, Reduce*, Squeeze,
 Unsqueeze, ScatterND, LayerNormalization, RotaryEmbedding, Constant); custom nodes against
-dllm-trt's plugin registry (engines.plugins); the interface against the model (canvas, vocab, hidden
+dllm-trt's plugin registry (trt.plugins); the interface against the model (canvas, vocab, hidden
 and every cache's heads/head dim static); the manifest's I/O description against the file; and the
 optimization profiles against the dynamic axes. Attention head sizes outside the fused-kernel range
 are reported with what TensorRT will do about them.
@@ -23,12 +23,12 @@ import onnx
 from onnx import TensorProto, helper
 
 from dllm_trt.contract import SAMPLING_OUTPUTS, STAGE_OPTIMIZE, STEP
-from dllm_trt.engines import profiles as prof
-from dllm_trt.engines.gpu_presets import get_preset
-from dllm_trt.engines.plugins import FLOATS, PLUGIN_NAMESPACE, PLUGIN_VERSION, PLUGINS, plugin_spec
-from dllm_trt.engines.support import ONNX_TO_TRT, Support, fuses_attention, load_support
 from dllm_trt.errors import DllmError
 from dllm_trt.manifest import describe_value
+from dllm_trt.trt import profiles as prof
+from dllm_trt.trt.gpu_presets import get_preset
+from dllm_trt.trt.plugins import FLOATS, PLUGIN_NAMESPACE, PLUGIN_VERSION, PLUGINS, plugin_spec
+from dllm_trt.trt.support import ONNX_TO_TRT, Support, fuses_attention, load_support
 
 GRAPHS = (STEP,)
 TOPK_MAX = 3840  # onnx-tensorrt: "K input must be less than 3840"
@@ -350,7 +350,7 @@ def _check_attention(node: onnx.NodeProto, g: GraphInfo, support: Support) -> li
         out.append(
             (
                 "warning",
-                f"no fused TensorRT attention kernel for {dtype} head size {head} (engines.support): "
+                f"no fused TensorRT attention kernel for {dtype} head size {head} (trt.support): "
                 "build lets TensorRT run it decomposed (GEMM, softmax, GEMM; the scores go through memory)",
             )
         )
@@ -551,7 +551,7 @@ def check_optimized_manifest(manifest: dict, directory: Path) -> None:
 @dataclass(frozen=True)
 class LintOptions:
     optimized: Path  # a directory written by 'dllm-trt optimize --target trt'
-    trt_version: str | None = None  # a support-table version (engines.support.VERSIONS); None: the newest
+    trt_version: str | None = None  # a support-table version (trt.support.VERSIONS); None: the newest
     gpu: str = "dgx-spark"  # the GPU preset: its library judges, its profiles are checked
     profiles: tuple[str, ...] = ()  # NAME=MIN:OPT:MAX overrides, as for build
     table_only: bool = False  # the pre-flight table alone, even where a TensorRT library is installed
@@ -564,7 +564,7 @@ CONTRACT_CHECKS = ("interface", "manifest", "profile")
 def run(options: LintOptions) -> LintReport:
     """Lint the optimized graphs: the verdict of the preset's TensorRT library where it is installed
     (engines.parser_verdict), else of the support table; the contract checks either way."""
-    from dllm_trt.engines.trt_library import TENSORRT_RTX, installed
+    from dllm_trt.trt.trt_library import TENSORRT_RTX, installed
 
     preset = get_preset(options.gpu)
     version = options.trt_version or ("rtx-1.7" if preset.library == TENSORRT_RTX else None)

@@ -17,7 +17,7 @@ Per precision, batch and context it gives three terms, and which GPU presets the
 * activations: the larger of the two phases, one layer live at a time. The canvas phase (a denoise
   step over the canvas): the sampling noise input and three [B, C, V] fp32 tensors of the sampling
   head, the MoE plugin's workspace (kernels.moe_launches.workspace_layout), ten hidden-sized
-  tensors, and, for attention with no fused kernel for its head size (engines.support: head 512
+  tensors, and, for attention with no fused kernel for its head size (trt.support: head 512
   in bf16), the materialised fp32 scores and probabilities [B, heads, T, P + T]. The prompt phase
   is the same for a prompt chunk of `prompt_chunk` tokens without the sampling head.
 
@@ -34,8 +34,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dllm_trt.engines.gpu_presets import PRESETS
 from dllm_trt.errors import DllmError
+from dllm_trt.trt.gpu_presets import PRESETS
 
 PRECISIONS = ("bf16", "fp8", "nvfp4")
 BATCHES = (1, 8)
@@ -69,7 +69,7 @@ class MemoryPlan:
     parameters: dict[str, int]  # category -> parameter count of the step module
     weights: dict[str, int]  # precision -> bytes
     rows: list[dict] = field(default_factory=list)  # one per (precision, batch, context)
-    gpus: dict[str, int] = field(default_factory=dict)  # preset -> memory in GiB (engines.gpu_presets)
+    gpus: dict[str, int] = field(default_factory=dict)  # preset -> memory in GiB (trt.gpu_presets)
     notes: list[str] = field(default_factory=list)
 
     def fits(self, row: dict) -> list[str]:
@@ -203,9 +203,9 @@ def kv_cache_bytes(model, batch: int, context: int, precision: str = "bf16", sli
 
 def activation_bytes(model, batch: int, context: int, prompt_chunk: int, precision: str = "bf16") -> int:  # noqa: ANN001
     """The larger phase's working memory (module docstring)."""
-    from dllm_trt.engines.support import fuses_attention
     from dllm_trt.kernels.moe_launches import MoEShape, workspace_layout
     from dllm_trt.models.diffusion_gemma import layer_specs
+    from dllm_trt.trt.support import fuses_attention
 
     config = model.config
     text = config.text_config
@@ -250,8 +250,8 @@ def run(options: PlanOptions) -> MemoryPlan:
     counts, shapes = count_parameters(model)
     weights = {p: weight_bytes(shapes, p) for p in options.precisions}
     plan = MemoryPlan(name, counts, weights, gpus={g: PRESETS[g].memory_gib for g in options.gpus})
-    from dllm_trt.engines.support import fuses_attention
     from dllm_trt.models.diffusion_gemma import layer_specs
+    from dllm_trt.trt.support import fuses_attention
 
     unfused = sorted({s.head_dim for s in layer_specs(model) if not fuses_attention("BF16", s.head_dim)})
     if unfused:

@@ -10,19 +10,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dllm_trt.engines import profiles as prof
-from dllm_trt.engines.gpu_presets import GpuPreset
 from dllm_trt.errors import DllmError
+from dllm_trt.trt import profiles as prof
+from dllm_trt.trt.gpu_presets import GpuPreset
 
 
 def parser_findings(directory: Path, manifest: dict, preset: GpuPreset, ranges: dict) -> tuple[str, list]:
     """(who judged, findings) for the graphs of an optimize --target trt directory."""
     from dllm_trt.contract import GRAPH_FILES
-    from dllm_trt.engines import engine
-    from dllm_trt.engines.gpu import detect_gpu
     from dllm_trt.engines.lint import Finding
-    from dllm_trt.engines.moe_plugin import compile_for_graphs, register_moe_plugin
-    from dllm_trt.engines.trt_library import load_library
+    from dllm_trt.trt import engine
+    from dllm_trt.trt.gpu import detect_gpu
+    from dllm_trt.trt.moe_plugin import compile_for_graphs, register_moe_plugin
+    from dllm_trt.trt.trt_library import load_library
 
     lib = load_library(preset.library)
     build = lib.ahead_of_time or detect_gpu() is not None

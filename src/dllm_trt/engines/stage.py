@@ -3,7 +3,7 @@ build_info.json, manifest.json out.
 
 One engine, one copy of the weights, for the encoder pass (no rows) and the denoise step (a row per
 canvas token): one optimization profile covering both, or with `profile_per_phase` one per phase
-(engines.profiles says what each costs).
+(trt.profiles says what each costs).
 
 `plan_build` resolves and checks everything no TensorRT is needed for (manifest, preset, library,
 precision, profiles, lint-trt's pre-flight, a memory estimate); `dry_run` stops there.
@@ -30,13 +30,13 @@ from pathlib import Path
 import onnx
 
 from dllm_trt.contract import BUILD_FORMAT, ENGINE_FILES, GRAPH_FILES, MANIFEST, MOE_OP, PRECISION_DTYPES, STAGE_BUILD
-from dllm_trt.engines import profiles as prof
-from dllm_trt.engines.build_info import write_build_info
-from dllm_trt.engines.gpu_presets import GpuPreset, check_precision, get_preset
 from dllm_trt.engines.lint import check_optimized_manifest, lint_artifacts
 from dllm_trt.errors import DllmError
 from dllm_trt.manifest import atomic_output, file_sha256, read_manifest, write_manifest
 from dllm_trt.progress import Progress, human_bytes
+from dllm_trt.trt import profiles as prof
+from dllm_trt.trt.build_info import write_build_info
+from dllm_trt.trt.gpu_presets import GpuPreset, check_precision, get_preset
 
 
 @dataclass(frozen=True)
@@ -45,14 +45,14 @@ class BuildOptions:
 
     optimized: Path  # a directory written by 'dllm-trt optimize --target trt'
     output: Path
-    gpu: str  # a GPU preset (engines.gpu_presets)
+    gpu: str  # a GPU preset (trt.gpu_presets)
     profiles: tuple[str, ...] = ()  # NAME=MIN:OPT:MAX overrides of the preset's profile ranges
     timing_cache: Path | None = None  # None: ~/.cache/dllm-trt/timing-caches/<preset>-trt<version>.cache
     opt_level: int = 3  # TensorRT's own default builder optimization level
     ptx_version: int | None = None  # cap the PTX ISA of the MoE plugin's kernels (e.g. 88)
     force: bool = False  # replace a non-empty output directory
     dry_run: bool = False  # check and return the plan; needs no TensorRT or GPU
-    profile_per_phase: bool = False  # two optimization profiles (prompt, canvas) instead of one (engines.profiles)
+    profile_per_phase: bool = False  # two optimization profiles (prompt, canvas) instead of one (trt.profiles)
     quiet: bool = False
 
 
@@ -88,7 +88,7 @@ def _memory_estimate(directory: Path, manifest: dict, ranges: dict[str, prof.Dim
 def _graph_counts(model: onnx.ModelProto, precision: str) -> dict[str, int]:
     """What the built network must hold: MoE plugin nodes, attention nodes, those with no fused kernel."""
     from dllm_trt.engines.lint import GraphInfo
-    from dllm_trt.engines.support import fuses_attention
+    from dllm_trt.trt.support import fuses_attention
 
     info = GraphInfo(model)
     attention = [n for n in model.graph.node if n.op_type == "Attention" and n.domain in ("", "ai.onnx")]
@@ -245,10 +245,10 @@ def judge_engine(graph: str, expected: dict, network: dict, fused_kernels: int, 
 
 def build_engines(options: BuildOptions) -> tuple[dict, dict]:
     """Build the engine into `options.output`; returns the plan and the build_info written there."""
-    from dllm_trt.engines import engine as trt_engine
-    from dllm_trt.engines.gpu import check_gpu, detect_gpu
-    from dllm_trt.engines.moe_plugin import KERNELS_MAGIC, RUNTIME_REQUIREMENT, compile_for_graphs, register_moe_plugin
-    from dllm_trt.engines.trt_library import load_library
+    from dllm_trt.trt import engine as trt_engine
+    from dllm_trt.trt.gpu import check_gpu, detect_gpu
+    from dllm_trt.trt.moe_plugin import KERNELS_MAGIC, RUNTIME_REQUIREMENT, compile_for_graphs, register_moe_plugin
+    from dllm_trt.trt.trt_library import load_library
 
     directory, out = options.optimized, options.output
     progress = Progress(4 + 2 * len(ENGINE_FILES), quiet=options.quiet)

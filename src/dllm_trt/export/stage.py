@@ -32,15 +32,15 @@ from dllm_trt.manifest import MANIFEST, check_external_data, describe_graph, too
 from dllm_trt.models.checkpoint import checkpoint_hash, read_config, safetensors_files, tensor_index
 from dllm_trt.models.diffusion_gemma import layer_specs
 from dllm_trt.models.skeleton import build_skeleton, checkpoint_dtype, parse_dtype
+from dllm_trt.parity.compare import summary_lines
 from dllm_trt.progress import Progress, human_bytes
-from dllm_trt.validate.compare import summary_lines
 
 GRAPHS = (
     (STEP, STEP_FILE, step_spec),
     ("self_conditioning", SELF_CONDITIONING_FILE, self_conditioning_spec),
 )
 
-# Above this many bytes of checkpoint weights parity is measured layer by layer (validate.per_layer): the
+# Above this many bytes of checkpoint weights parity is measured layer by layer (parity.per_layer): the
 # whole-graph check holds every weight in one onnxruntime session (16 GB for 2 full-width layers in fp32).
 # bfloat16 exports are always checked per layer: only a piece at a time can run bf16 emulated on this CPU.
 PER_LAYER_PARITY_ABOVE = 1 << 30
@@ -239,9 +239,9 @@ def _measure_parity(
     seed: int,
 ) -> tuple[dict, list[str]]:
     """Parity of the graphs in `work` against transformers in `export_dtype`, one layer and one session at a time."""
+    from dllm_trt.generation.step import OnnxRuntimeStep, StepInfo
     from dllm_trt.models.offloaded import offloaded_reference
-    from dllm_trt.runtime.step import OnnxRuntimeStep, StepInfo
-    from dllm_trt.validate.export_parity import step_parity
+    from dllm_trt.parity.step_parity import step_parity
 
     reference = offloaded_reference(ckpt, export_dtype, index)
     step = OnnxRuntimeStep(work, layer_specs(skeleton), StepInfo.from_model(reference), resident=False)
@@ -258,8 +258,8 @@ def _measure_parity(
 
 def _measure_parity_per_layer(ckpt: Path, work: Path, seed: int, vocab: int) -> tuple[dict, list[str]]:
     """Every layer of the graphs in `work` against transformers' same layer (validate --per-layer's check)."""
-    from dllm_trt.validate.per_layer import PerLayerOptions, per_layer_parity
-    from dllm_trt.validate.stage import default_prompts
+    from dllm_trt.parity.per_layer import PerLayerOptions, per_layer_parity
+    from dllm_trt.parity.prompts import default_prompts
 
     result = per_layer_parity(PerLayerOptions(work, ckpt, default_prompts(vocab, seed), seed))
     lines = result.failures() or [

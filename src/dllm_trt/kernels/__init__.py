@@ -1,1 +1,6 @@
-"""Custom GPU kernels (Triton). Every module here imports without Triton installed."""
+"""Custom GPU kernels (Triton) and the quantization arithmetic. Every module here imports without Triton installed.
+
+moe_triton.py    the routed-MoE Triton kernels and `fused_moe`, their torch entry point
+moe_launches.py  the kernels' launch plan (specs, grids, workspace), shared with the TensorRT plugin
+quantization.py  fp8 and nvfp4 weight quantization, both ways
+"""

@@ -1,7 +1,7 @@
 """The launch plan of the fused MoE: which Triton kernels, with which constants, grids and arguments.
 
 One plan, two executors. `moe_triton.fused_moe` runs it through Triton's JIT (interpreted on the
-CPU in the tests, compiled on a GPU); the TensorRT plugin (engines.moe_plugin) runs the same
+CPU in the tests, compiled on a GPU); the TensorRT plugin (trt.moe_plugin) runs the same
 kernels, compiled ahead of time to PTX, through the CUDA driver, with its buffers carved out of the
 workspace TensorRT hands it (`workspace_layout`). What the tests prove about `fused_moe` therefore
 holds for the plugin's arithmetic; only the launch mechanism differs.

@@ -1,7 +1,7 @@
 """Weight quantization of the experts and projections: fp8 per output channel and NVFP4, both ways.
 
 One definition of the arithmetic, shared by the graph rewrite that stores quantized weights
-(optimize.quantize), the CPU stand-in of the MoE plugin (runtime.cpu_standins, through
+(optimize.quantize), the CPU stand-in of the MoE plugin (generation.cpu_standins, through
 ``dequantize_experts``) and the tests of the Triton kernels that dequantize inside the kernel.
 
 Layout: a weight is ``[..., R, K]``: R output channels, K the reduction (input) axis, last. The

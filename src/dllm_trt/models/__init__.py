@@ -1,1 +1,8 @@
-"""Model adapters: load a checkpoint through transformers, expose its steps as export-friendly modules."""
+"""Model adapters: load a checkpoint through transformers, expose its steps as export-friendly modules.
+
+diffusion_gemma.py  the step (encoder pass and denoise step in one module) over transformers' layers
+checkpoint.py       reading checkpoints: config, safetensors shards, content hash, the transformers model
+presets.py          random checkpoints of the real architecture (tiny, small, full-width, released)
+skeleton.py         the model without weights that export traces
+offloaded.py        the reference one layer at a time, for parity in bounded memory
+"""

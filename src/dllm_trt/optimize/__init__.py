@@ -7,6 +7,7 @@ upcast.py         a bf16/fp16 export seen in fp32, so that the fusions match it
 static_reshape.py head counts written into the exporter's view(..., -1, head_dim)
 rms_norm.py, rotary.py, attention.py, moe.py   the fusions, each a pattern/check/rewrite rule
 sampling_head.py  the sampler's per-step work inside the step graph, over its rows
+quantize.py       fp8/nvfp4 expert and projection weights, stored quantized (kernels/quantization.py)
 precision.py      fp16/bf16 with fp32 kept where the reference keeps it
 report.py         fusion_report.json / .md
 """

@@ -21,7 +21,7 @@ x is the experts' input (pre_feedforward_layernorm_2's output); W_gu and W_d are
 pre-transposed ``gate_up_proj`` / ``down_proj``. The router's norm, scale and proj stay outside
 every variant: only what follows its Gemm is fused. What each named rule emits, one node per layer:
 
-``FuseMoE[trt]``: ``dllm_trt::DllmMoE`` (the TensorRT plugin of ``engines.moe_plugin``)::
+``FuseMoE[trt]``: ``dllm_trt::DllmMoE`` (the TensorRT plugin of ``trt.moe_plugin``)::
 
     inputs   0 hidden [N, H] T   1 router_logits [N, E] fp32   2 per_expert_scale [E] fp32
              3 gate_up_proj [E, 2I, H] T (rows 0..I-1 gate, I..2I-1 up)   4 down_proj [E, H, I] T

@@ -8,7 +8,7 @@ the router's softmax, the softcap and the sampling head stay fp32). Two rewrites
   (contract.MOE_INPUTS, attribute `weight_format`): fp8 e4m3 values with an fp32 scale per expert
   and output channel, or NVFP4 (e2m1 values, an e4m3 scale per 16 values along the input axis, an
   fp32 scale per expert). The plugin's kernels dequantize inside the kernel (kernels.moe_triton);
-  its CPU stand-in dequantizes to fp32 and runs the fp32 math (runtime.cpu_standins).
+  its CPU stand-in dequantizes to fp32 and runs the fp32 math (generation.cpu_standins).
 * The attention q/k/v/o and the dense MLPs' gate/up/down projections (each layer's `mlp` and the
   self-conditioning block's) become weight-only fp8 in both precisions: `MatMul(x, W)` ->
   `MatMul(x, Cast(DequantizeLinear(W_q fp8 [K, N], scale fp32 [N], axis=1), bf16))`, an fp32

@@ -5,7 +5,7 @@ samples; R = 0 in an encoder pass) and the token-embedding Gather fed by `input_
 the tied embedding E [V, H], followed by a Mul by the embedding scale sqrt(H)).
 
 Emits, inside the graph, everything the sampler needs from one denoise step, computed as
-runtime.sampler.sampling_head and the reference do:
+generation.sampler.sampling_head and the reference do:
     processed = logits / temperature                         (temperature: new input, [] fp32)
     probs     = Softmax(processed)
     sampled_ids = ArgMax(probs / sampling_noise)              (sampling_noise: new input [B, R, V],

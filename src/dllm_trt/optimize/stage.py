@@ -109,8 +109,8 @@ def _check_quantizable(precision: str, target: str, model: dict) -> None:
 
 
 def _measure(reference, directory: Path, seed: int, dtype: str) -> dict:  # noqa: ANN001
-    from dllm_trt.runtime.step import OnnxRuntimeStep
-    from dllm_trt.validate.export_parity import step_parity
+    from dllm_trt.generation.step import OnnxRuntimeStep
+    from dllm_trt.parity.step_parity import step_parity
 
     step = OnnxRuntimeStep.from_artifacts(directory)
     result = step_parity(reference, step, seed=seed, tolerance_dtype=dtype)

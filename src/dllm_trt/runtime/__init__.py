@@ -1,23 +1,13 @@
-"""The block-diffusion loop over one Step interface (torch | onnxruntime | tensorrt backends).
+"""`dllm-trt generate`: the block-diffusion loop of `generation/` over an artifact's Step, as a verb.
 
-stage.py          run(GenerateOptions) -> GenerateResult: the `generate` verb
-loop.py           transformers' generate() as backend-free tensor code; never changes with the backend
-sampler.py        temperature schedule, sampling, entropy-bound acceptance, stopping, random draws
-exponential_noise.py  the sampler's Exp(1) noise, bit-exact with torch's generator, drawn ahead
-kv_cache.py       the static KV cache the runtime owns and backends bind by address
-step.py           the Step interface; torch and onnxruntime steps
-backends.py       open the Step for a backend over an artifact directory
-ort_session.py    onnxruntime sessions with this machine's providers
-cpu_variant.py    a runnable CPU copy of graphs onnxruntime cannot run as they are (stand-ins, bf16)
-cpu_standins.py   Python stand-ins of the fused MoE ops (their specified semantics)
-tensorrt_step.py  the engines of `dllm-trt build` behind the Step interface
+stage.py  run(GenerateOptions) -> GenerateResult: prompts in, canvases streamed as committed, stats out
 """
 
 __all__ = ["CanvasText", "GenerateOptions", "GenerateResult", "run"]
 
 
 def __getattr__(name: str):  # noqa: ANN202
-    # Lazy, so that the engine plumbing (tensorrt_step) imports on a GPU machine that has torch alone.
+    # Lazy, so that importing the package costs nothing until the verb runs.
     if name in __all__:
         from dllm_trt.runtime import stage
 

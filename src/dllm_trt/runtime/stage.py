@@ -9,9 +9,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dllm_trt.errors import DllmError
+from dllm_trt.generation.backends import BACKENDS, open_step
+from dllm_trt.generation.loop import CanvasEvent, GenerationSettings, generate, left_pad
 from dllm_trt.manifest import read_manifest
-from dllm_trt.runtime.backends import BACKENDS, open_step
-from dllm_trt.runtime.loop import CanvasEvent, GenerationSettings, generate, left_pad
 
 
 @dataclass(frozen=True)
@@ -22,7 +22,7 @@ class GenerateOptions:
     max_new_tokens: int | None = None  # None: the generation config's
     max_denoising_steps: int | None = None  # None: the generation config's
     seed: int = 0
-    backend: str = "onnxruntime"  # one of runtime.backends.BACKENDS
+    backend: str = "onnxruntime"  # one of generation.backends.BACKENDS
     device: str = "cpu"  # cpu | cuda
     checkpoint: Path | None = None  # for the torch backend; None: the checkpoint the artifacts came from
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from dllm_trt.validate.compare import ENVELOPE_MULTIPLE, TOLERANCES, group_name
-from dllm_trt.validate.export_parity import ParityResult
-from dllm_trt.validate.generation_parity import GENERATION_TOLERANCES, NEAR_TIE_ULPS, GenerationParity
+from dllm_trt.parity.compare import ENVELOPE_MULTIPLE, TOLERANCES, group_name
+from dllm_trt.parity.generation_parity import GENERATION_TOLERANCES, NEAR_TIE_ULPS, GenerationParity
+from dllm_trt.parity.step_parity import ParityResult
 
 
 def report_dict(

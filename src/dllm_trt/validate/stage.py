@@ -4,7 +4,6 @@ on random inputs and real generations, or with `per_layer` layer by layer in bou
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,30 +11,20 @@ import torch
 
 from dllm_trt.contract import QUANTIZED_PRECISIONS, STEP_FILE
 from dllm_trt.errors import DllmError
-from dllm_trt.kernels.quantization import as_stored
+from dllm_trt.generation.backends import open_step
+from dllm_trt.generation.cpu_variant import execution_on_cpu
+from dllm_trt.generation.loop import GenerationSettings, left_pad
+from dllm_trt.generation.step import TorchStep
 from dllm_trt.manifest import read_manifest
 from dllm_trt.models.checkpoint import checkpoint_hash, load_model, safetensors_files
+from dllm_trt.parity.generation_parity import generation_parity
+from dllm_trt.parity.per_layer import PerLayerOptions, per_layer_parity
+from dllm_trt.parity.per_layer_report import PLOT, per_layer_markdown, plot_per_layer
+from dllm_trt.parity.prompts import default_max_new_tokens, default_prompts
+from dllm_trt.parity.reference import quantize_as_stored
+from dllm_trt.parity.step_parity import step_parity
 from dllm_trt.progress import Progress
-from dllm_trt.runtime.backends import open_step
-from dllm_trt.runtime.cpu_variant import execution_on_cpu
-from dllm_trt.runtime.loop import GenerationSettings, left_pad
-from dllm_trt.runtime.step import TorchStep
-from dllm_trt.validate.export_parity import step_parity
-from dllm_trt.validate.generation_parity import generation_parity
-from dllm_trt.validate.per_layer import PerLayerOptions, per_layer_parity
-from dllm_trt.validate.per_layer_report import PLOT, per_layer_markdown, plot_per_layer
 from dllm_trt.validate.report import markdown, report_dict, write_report
-
-
-def default_max_new_tokens(canvas: int, window: int) -> int:
-    """Enough canvases that the context passes the sliding window, at most three."""
-    return canvas * min(3, max(2, math.ceil((window + canvas) / canvas)))
-
-
-def default_prompts(vocab: int, seed: int) -> list[list[int]]:
-    """Two prompts of different lengths (the second left-padded), ids drawn past the special tokens."""
-    gen = torch.Generator().manual_seed(seed)
-    return [torch.randint(3, vocab, (n,), generator=gen).tolist() for n in (7, 3)]
 
 
 @dataclass(frozen=True)
@@ -135,16 +124,6 @@ def run(options: ValidateOptions) -> ValidateResult:
                 (report_dir / "report.md").write_text(text_md)
             notes.append(f"{report_dir}/report.md")
     return ValidateResult(report["passed"], report["failures"], report, text_md)
-
-
-@torch.no_grad()
-def quantize_as_stored(model, precision: str) -> None:  # noqa: ANN001
-    """In place: every weight an artifact of `precision` stores quantized, replaced by the values it holds
-    (kernels.quantization.as_stored): the envelope of a quantized artifact is the reference quantized alike."""
-    for name, weight in model.named_parameters():
-        stored = as_stored(name, weight.float().numpy(), precision)
-        if stored is not None:
-            weight.copy_(torch.from_numpy(stored))
 
 
 def _per_layer(options: ValidateOptions, manifest: dict, prompts: list[list[int]] | None, progress: Progress):

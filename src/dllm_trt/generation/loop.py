@@ -1,0 +1,268 @@
+"""The block-diffusion generation loop of transformers' `DiffusionGemmaGenerationMixin.generate()`,
+over any backend's Step. The loop never changes; backends differ only in their Step object.
+
+Per canvas: the encoder step appends the new tokens' K/V to the runtime's cache; a random canvas
+is denoised for up to `max_denoising_steps` steps (sample, accept by entropy bound, re-noise the
+rest, stop a row when stable and confident); the argmax canvas is committed and EOS handled.
+Letters: B batch, L sequence so far, C canvas, H hidden, V vocab.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from dllm_trt.generation.kv_cache import StaticKVCache
+from dllm_trt.generation.sampler import (
+    RandomDraws,
+    SamplerSettings,
+    StableAndConfident,
+    accepted_positions,
+    temperature,
+)
+
+# transformers' DiffusionGemmaGenerationConfig._get_default_generation_params
+REFERENCE_DEFAULTS = dict(
+    max_new_tokens=256, max_denoising_steps=48, entropy_bound=0.1, t_min=0.4, t_max=0.8,
+    stability_threshold=1, confidence_threshold=0.005,
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    max_new_tokens: int
+    sampler: SamplerSettings
+    eos_token_ids: tuple[int, ...]
+    pad_token_id: int | None
+
+    @classmethod
+    def from_generation_config(cls, config: dict, **overrides: object) -> GenerationSettings:
+        """Resolve a generation_config.json dict the way `generate()` does: file, then global defaults."""
+        values = {k: config.get(k) for k in REFERENCE_DEFAULTS}
+        sampler_config = config.get("sampler_config") or {}
+        values["entropy_bound"] = sampler_config.get("entropy_bound") if isinstance(sampler_config, dict) else None
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        for key, default in REFERENCE_DEFAULTS.items():
+            if values.get(key) is None:
+                values[key] = default
+        eos = config.get("eos_token_id")
+        eos = () if eos is None else tuple(eos) if isinstance(eos, list) else (eos,)
+        return cls(
+            max_new_tokens=int(values["max_new_tokens"]),
+            sampler=SamplerSettings(
+                max_denoising_steps=int(values["max_denoising_steps"]),
+                entropy_bound=float(values["entropy_bound"]),
+                t_min=float(values["t_min"]),
+                t_max=float(values["t_max"]),
+                stability_threshold=int(values["stability_threshold"]),
+                confidence_threshold=float(values["confidence_threshold"]),
+            ),
+            eos_token_ids=eos,
+            pad_token_id=config.get("pad_token_id"),
+        )
+
+
+@dataclass
+class CanvasEvent:
+    """One committed canvas, as streamed: tokens after EOS handling [B, C] and steps per row."""
+
+    index: int
+    tokens: torch.Tensor
+    steps: list[int]
+    finished: list[bool]
+
+
+@dataclass
+class GenerationResult:
+    sequences: torch.Tensor  # [B, L] prompt included, as generate() returns it
+    tokens_per_forward: list[float]
+    steps_per_canvas: list[list[int]]  # [canvas][row]: denoise steps that row counted
+    calls_per_canvas: list[int]  # [canvas]: denoise calls the batch made (the reference's forward passes)
+    decoder_forward_passes: list[int]
+    new_tokens: int  # non-pad generated tokens over the batch
+    seconds: float
+    encode_seconds: float = 0.0
+    denoise_seconds: float = 0.0
+    step_seconds: list[float] = field(default_factory=list)
+
+    def stats(self) -> dict:
+        steps = [s for canvas in self.steps_per_canvas for s in canvas]
+        ordered = sorted(self.step_seconds)
+        return dict(
+            new_tokens=self.new_tokens,
+            seconds=round(self.seconds, 4),
+            tokens_per_second=round(self.new_tokens / self.seconds, 2) if self.seconds else None,
+            canvases=len(self.steps_per_canvas),
+            denoise_steps_per_canvas=self.steps_per_canvas,
+            mean_denoise_steps_per_canvas=round(sum(steps) / len(steps), 3) if steps else 0.0,
+            tokens_per_forward=[round(t, 4) for t in self.tokens_per_forward],
+            denoise_calls_per_canvas=self.calls_per_canvas,
+            step_ms_median=round(1e3 * ordered[len(ordered) // 2], 3) if ordered else None,
+            step_ms_p90=round(1e3 * ordered[min(len(ordered) - 1, int(0.9 * len(ordered)))], 3) if ordered else None,
+            encode_seconds=round(self.encode_seconds, 4),
+            denoise_seconds=round(self.denoise_seconds, 4),
+        )
+
+
+def finalize_canvas(
+    sequences: torch.Tensor,
+    finished: torch.Tensor,
+    canvas: int,
+    max_length: int,
+    eos_token_ids: tuple[int, ...],
+    pad_token_id: int | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """generate()'s _finalize_canvas with its stopping criteria (MaxLength, then EOS in the canvas)."""
+    device = sequences.device
+    done_now = torch.full((sequences.shape[0],), sequences.shape[1] >= max_length, dtype=torch.bool, device=device)
+    eos = torch.tensor(eos_token_ids, dtype=sequences.dtype, device=device) if eos_token_ids else None
+    if eos is not None:
+        done_now = done_now | torch.isin(sequences[:, -canvas:], eos).any(dim=-1)
+    previously = finished
+    finished = previously | done_now
+    if pad_token_id is not None and torch.any(finished):
+        sequences[previously, -canvas:] = pad_token_id
+        if eos is not None and torch.any(done_now):
+            new_tokens = sequences[:, -canvas:]
+            is_eos = torch.isin(new_tokens, eos)
+            eos_cumsum = is_eos.cumsum(dim=-1)
+            pad_mask = (eos_cumsum > 0) & ~((eos_cumsum == 1) & is_eos)
+            new_tokens[pad_mask] = pad_token_id
+    return sequences, finished
+
+
+def left_pad(prompts: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts of different lengths -> input_ids [B, L] and attention_mask [B, L] (left padding)."""
+    length = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), length), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), length), dtype=torch.bool)
+    for row, prompt in enumerate(prompts):
+        if prompt:
+            ids[row, length - len(prompt) :] = torch.tensor(prompt)
+            mask[row, length - len(prompt) :] = True
+    return ids, mask
+
+
+@torch.no_grad()
+def generate(
+    step,  # noqa: ANN001 (generation.step.Step)
+    settings: GenerationSettings,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    seed: int = 0,
+    on_canvas: Callable[[CanvasEvent], None] | None = None,
+) -> GenerationResult:
+    """Token-for-token the reference's generate() under `torch.manual_seed(seed)`."""
+    info = step.info
+    canvas, vocab = info.canvas_length, info.vocab_size
+    device = torch.device(info.device)
+    # On CUDA this is the generator torch.manual_seed() seeds there, as the reference uses.
+    generator = torch.Generator(device=device).manual_seed(seed)
+    draws = RandomDraws(generator, input_ids.shape[0], canvas, vocab)
+    try:
+        return _generate(step, settings, input_ids, attention_mask, draws, on_canvas)
+    finally:
+        draws.close()
+
+
+def _generate(step, settings, input_ids, attention_mask, draws, on_canvas) -> GenerationResult:  # noqa: ANN001
+    info = step.info
+    canvas = info.canvas_length
+    sampler = settings.sampler
+    device = torch.device(info.device)
+    start = time.perf_counter()
+
+    input_ids = input_ids.to(device)
+    batch, prompt_length = input_ids.shape
+    max_length = settings.max_new_tokens + prompt_length
+    max_new_canvases = math.ceil(settings.max_new_tokens / canvas)
+    attention_mask = (
+        torch.ones(batch, prompt_length, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+    ).to(device)
+    cache = StaticKVCache(
+        step.specs, batch, prompt_length + max_new_canvases * canvas, info.sliding_window, info.dtype, device
+    )
+    finished_sequences = torch.zeros(batch, dtype=torch.bool, device=device)
+    forward_passes = torch.zeros(batch, dtype=torch.int, device=device)
+    stopping = StableAndConfident(sampler.stability_threshold, sampler.confidence_threshold)
+    result = GenerationResult(input_ids, [], [], [], [], 0, 0.0)
+    sequences = input_ids.clone()
+    pending, pending_valid = sequences, attention_mask  # tokens the encoder has not seen yet
+
+    for canvas_index in range(max_new_canvases):
+        # 1.a encoder step over the uncached tokens
+        t0 = time.perf_counter()
+        cur_len = cache.length + pending.shape[1]
+        positions = torch.arange(cache.length, cur_len, device=device).expand(batch, -1).contiguous()
+        cache.append(step.encode(pending, positions, pending_valid, cache.mask(), cache.tensors()), pending_valid)
+        result.encode_seconds += time.perf_counter() - t0
+
+        # 1.b a fresh random canvas, no self-conditioning, stopping state reset
+        current = draws.canvas()
+        argmax_canvas = current
+        self_conditioning = torch.zeros(batch, canvas, info.hidden_size, dtype=info.dtype, device=device)
+        previous_entropy = torch.zeros(batch, canvas, device=device)
+        finished_denoising = torch.zeros(batch, dtype=torch.bool, device=device)
+        stopping.reset()
+        decoder_positions = torch.arange(cur_len, cur_len + canvas, device=device).expand(batch, -1).contiguous()
+        steps = torch.zeros(batch, dtype=torch.int, device=device)
+        calls = 0
+
+        # 1.c denoise, counting the remaining steps down from N to 1 as the reference does
+        for cur_step in reversed(range(1, sampler.max_denoising_steps + 1)):
+            counted = ~(finished_denoising | finished_sequences)
+            forward_passes += counted
+            steps += counted
+            t0 = time.perf_counter()
+            noise, renoised = draws.step()
+            out = step.denoise_and_sample(
+                current, self_conditioning, decoder_positions, cache.mask(), cache.tensors(),
+                temperature(sampler, cur_step), noise,
+            )  # fmt: skip
+            accepted = accepted_positions(out.entropy, sampler.entropy_bound)
+            # accept_canvas then renoise_canvas: accepted positions take the sample, the rest fresh noise
+            new_current = torch.where(accepted, out.sampled, renoised)
+            new_argmax, entropy, next_sc = out.argmax, out.entropy, out.next_self_conditioning
+            if finished_denoising.any():
+                keep = finished_denoising[:, None]
+                new_argmax = torch.where(keep, argmax_canvas, new_argmax)
+                new_current = torch.where(keep, current, new_current)
+                entropy = torch.where(keep, previous_entropy, entropy)
+                next_sc = torch.where(keep[:, :, None], self_conditioning, next_sc)
+            finished_denoising |= stopping(new_argmax, entropy)
+            current, argmax_canvas, self_conditioning, previous_entropy = new_current, new_argmax, next_sc, entropy
+            elapsed = time.perf_counter() - t0
+            result.step_seconds.append(elapsed)
+            result.denoise_seconds += elapsed
+            calls += 1
+            if torch.all(finished_denoising):
+                break
+
+        # 1.d/e commit the argmax canvas, handle EOS and padding of finished rows
+        sequences = torch.cat([sequences, argmax_canvas], dim=-1)
+        sequences, finished_sequences = finalize_canvas(
+            sequences, finished_sequences, canvas, max_length, settings.eos_token_ids, settings.pad_token_id
+        )
+        result.steps_per_canvas.append(steps.tolist())
+        result.calls_per_canvas.append(calls)
+        if on_canvas is not None:
+            on_canvas(CanvasEvent(canvas_index, sequences[:, -canvas:].clone(), steps.tolist(),
+                                  finished_sequences.tolist()))  # fmt: skip
+        if torch.all(finished_sequences):
+            break
+        # 1.f the committed canvas (after EOS padding) is the encoder's next input, every position valid
+        pending, pending_valid = sequences[:, -canvas:], torch.ones(batch, canvas, dtype=torch.bool, device=device)
+
+    result.sequences = sequences
+    new = sequences[:, prompt_length:]
+    valid = (new != settings.pad_token_id).sum(dim=-1) if settings.pad_token_id is not None else new.shape[1]
+    valid = torch.as_tensor(valid, device=device).expand(batch)
+    result.tokens_per_forward = (valid / forward_passes).tolist()
+    result.decoder_forward_passes = forward_passes.tolist()
+    result.new_tokens = int(valid.sum())
+    result.seconds = time.perf_counter() - start
+    return result

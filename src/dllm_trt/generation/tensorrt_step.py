@@ -1,0 +1,274 @@
+"""The tensorrt backend: the engines of `dllm-trt build` behind the Step interface.
+
+Loading checks build_info.json against this process's TensorRT library, version and GPU, registers
+the MoE plugin (trt.moe_plugin: its compiled kernels are inside the engine), then deserializes
+the one step engine: one copy of the weights, for both phases. An engine with one optimization
+profile (the default) runs both phases in one execution context: every encoder pass grows the
+cache, so the denoise step's CUDA graph is captured anew after it anyway. An engine with a profile
+per phase (trt.profiles.PHASES) gets an execution context per phase, each fixed to its profile
+so that no call switches profiles; the two never run at once, so they share one activation buffer,
+sized for the larger profile. I/O is bound by name with shapes set per call.
+Inputs that already are contiguous CUDA tensors of the engine's dtype are bound by address: the KV
+cache's tensors are (generation.kv_cache lays each layer's current [B, G, P, D] tensor out at the
+start of its storage), so the cache is never copied. Every set_input_shape, set_tensor_address and
+execute_async_v3 result is checked.
+
+CUDA graphs, for the denoise step (12-48 calls per canvas with the same shapes):
+* one graph for the canvas context, keyed by every input shape and the cache's addresses; a new key (the cache
+  grew by a canvas, another batch) drops the old graph and captures a new one: set shapes, bind, one
+  eager execute_async_v3 (TensorRT's deferred per-shape setup), then capture one enqueue;
+* the per-step inputs (canvas, self-conditioning, positions, mask, temperature, noise) are copied
+  into static buffers the graph was captured with; outputs are cloned out of its static buffers;
+* an engine whose enqueue cannot be captured runs eagerly from then on (said once on stderr).
+The encoder pass runs eagerly: its token count changes every call and it runs once per canvas.
+
+Letters: B batch, T new tokens, C canvas, H hidden, V vocab, P cached positions.
+What has never run: all of it (no GPU where this was written; TensorRT for RTX builds engines here but
+cannot deserialize them without CUDA). The CUDA-graph bookkeeping is tested on CPU with a fake runner.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+from dllm_trt.contract import SAMPLING_INPUTS, SAMPLING_OUTPUTS, STEP, STEP_INPUTS, cache_names
+from dllm_trt.errors import DllmError
+
+# generation.step (and through it transformers and onnx) is imported where it is used, so that the engine
+# plumbing below imports with torch alone (the GPU checks run it on machines with nothing else).
+
+_TORCH_DTYPES = {
+    "FLOAT": torch.float32, "HALF": torch.float16, "BF16": torch.bfloat16, "INT32": torch.int32,
+    "INT64": torch.int64, "BOOL": torch.bool, "INT8": torch.int8, "UINT8": torch.uint8,
+}  # fmt: skip
+
+
+class EngineRunner:
+    """One execution context of an engine, fixed to one optimization profile: bind by name, set
+    shapes, enqueue, each checked. Its activations live in `scratch`, which contexts may share."""
+
+    def __init__(self, trt, engine, name: str, profile: int, scratch: torch.Tensor) -> None:  # noqa: ANN001
+        self.name = f"{name} (profile {profile})"
+        self.engine, self.profile_index = engine, profile
+        self.context = engine.create_execution_context(trt.ExecutionContextAllocationStrategy.USER_MANAGED)
+        if self.context is None:
+            raise DllmError(f"TensorRT could not create an execution context for {name} (out of GPU memory?)")
+        stream = torch.cuda.current_stream()
+        if not self.context.set_optimization_profile_async(profile, stream.cuda_stream):
+            raise DllmError(f"{name}: TensorRT refused optimization profile {profile}")
+        stream.synchronize()
+        self.context.set_device_memory(scratch.data_ptr(), scratch.numel())
+        names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+        self.inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        self.outputs = [n for n in names if n not in self.inputs]
+        self.dtypes = {n: _TORCH_DTYPES[engine.get_tensor_dtype(n).name] for n in names}
+        self.capturable = True
+        self._profiles: dict[str, tuple] = {}
+        self._dummy = torch.zeros(16, dtype=torch.uint8, device="cuda")  # an address for empty tensors
+
+    def check_names(self, expected_inputs: list[str], expected_outputs: list[str]) -> None:
+        missing = [n for n in [*expected_inputs, *expected_outputs] if n not in self.dtypes]
+        if missing:
+            raise DllmError(f"{self.name} has no tensor named {missing[0]}; it was not built from this manifest")
+
+    def as_input(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """The tensor as the engine wants it: on CUDA, its dtype, contiguous (no copy when it already is)."""
+        return tensor.to(device="cuda", dtype=self.dtypes[name]).contiguous()
+
+    def _address(self, tensor: torch.Tensor) -> int:
+        return tensor.data_ptr() if tensor.numel() else self._dummy.data_ptr()
+
+    def profile(self, name: str) -> tuple:
+        """(min, opt, max) shapes an input accepts (its static shape three times when it has no dynamic axis)."""
+        if name not in self._profiles:
+            dims = tuple(self.engine.get_tensor_shape(name))
+            static = all(d >= 0 for d in dims)
+            shapes = (dims, dims, dims) if static else self.engine.get_tensor_profile_shape(name, self.profile_index)
+            self._profiles[name] = shapes
+        return self._profiles[name]
+
+    def set_inputs(self, feeds: dict[str, torch.Tensor]) -> None:
+        for name, tensor in feeds.items():
+            lo, _, hi = self.profile(name)
+            if len(tensor.shape) != len(lo) or any(d < a or d > b for d, a, b in zip(tensor.shape, lo, hi)):
+                raise DllmError(
+                    f"{self.name}: input {name} has shape {tuple(tensor.shape)}, outside the engine's profile "
+                    f"{tuple(lo)}..{tuple(hi)}; rebuild with a wider --profile"
+                )
+            if not self.context.set_input_shape(name, tuple(tensor.shape)):
+                raise DllmError(f"{self.name}: TensorRT refused shape {tuple(tensor.shape)} for input {name}")
+            if not self.context.set_tensor_address(name, self._address(tensor)):
+                raise DllmError(f"{self.name}: TensorRT refused the address of input {name}")
+
+    def new_outputs(self) -> dict[str, torch.Tensor]:
+        """Output buffers for the shapes set last, bound to the context."""
+        outputs = {}
+        for name in self.outputs:
+            shape = tuple(self.context.get_tensor_shape(name))
+            if any(d < 0 for d in shape):
+                raise DllmError(f"{self.name}: output {name} has unresolved shape {shape}; are all inputs set?")
+            outputs[name] = torch.empty(shape, dtype=self.dtypes[name], device="cuda")
+            if not self.context.set_tensor_address(name, self._address(outputs[name])):
+                raise DllmError(f"{self.name}: TensorRT refused the address of output {name}")
+        return outputs
+
+    def enqueue(self, stream: torch.cuda.Stream) -> None:
+        if not self.context.execute_async_v3(stream.cuda_stream):
+            raise DllmError(f"{self.name}: execute_async_v3 failed (see TensorRT's log above)")
+
+
+class CapturedDenoise:
+    """One CUDA graph of the denoise step at one shape key, with its static input and output buffers."""
+
+    def __init__(self, runner: EngineRunner, feeds: dict[str, torch.Tensor], past: dict[str, torch.Tensor]) -> None:
+        self.static = {name: torch.empty_like(t) for name, t in feeds.items()}  # per-step inputs
+        for name, tensor in self.static.items():
+            tensor.copy_(feeds[name])
+        runner.set_inputs(self.static | past)
+        self.outputs = runner.new_outputs()
+        stream = torch.cuda.current_stream()
+        runner.enqueue(stream)  # eager warm-up: TensorRT's deferred setup must not land in the graph
+        stream.synchronize()
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            runner.enqueue(torch.cuda.current_stream())  # the capture stream
+
+    def run(self, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        for name, tensor in feeds.items():
+            self.static[name].copy_(tensor)
+        self.graph.replay()
+        return self.outputs
+
+
+class DenoiseGraphs:
+    """The denoise step's one CUDA graph: replayed while the shapes and cache addresses stay, re-captured when not."""
+
+    def __init__(self, runner: EngineRunner, enabled: bool = True) -> None:
+        self.runner = runner
+        self.enabled = enabled
+        self.graph: CapturedDenoise | None = None
+        self.key: tuple | None = None
+        self.captures = 0
+
+    def run(self, step_feeds: dict[str, torch.Tensor], cache: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if not (self.enabled and self.runner.capturable):
+            return self._eager(step_feeds, cache)
+        key = tuple((n, tuple(t.shape)) for n, t in step_feeds.items())
+        key += tuple((n, tuple(t.shape), t.data_ptr()) for n, t in cache.items())
+        if key != self.key:
+            self.graph, self.key = None, None  # the cache only grows: an old graph never comes back
+            try:
+                self.graph = CapturedDenoise(self.runner, step_feeds, cache)
+            except (RuntimeError, DllmError) as exc:
+                self.runner.capturable = False
+                print(f"dllm-trt: {self.runner.name} cannot be captured in a CUDA graph ({exc}); running it "
+                      "eagerly", file=sys.stderr)  # fmt: skip
+                return self._eager(step_feeds, cache)
+            self.key = key
+            self.captures += 1
+        return self.graph.run(step_feeds)
+
+    def drop(self) -> None:
+        """Forget the captured graph (its context was re-shaped for another call)."""
+        self.graph, self.key = None, None
+
+    def _eager(self, step_feeds: dict[str, torch.Tensor], cache: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        self.runner.set_inputs(step_feeds | cache)
+        outputs = self.runner.new_outputs()
+        self.runner.enqueue(torch.cuda.current_stream())
+        return outputs
+
+
+def open_step_engine(trt, runtime, path: Path) -> tuple:  # noqa: ANN001
+    """(engine, scratch): the deserialized step engine and one activation buffer for all its profiles."""
+    engine = runtime.deserialize_cuda_engine(path.read_bytes())
+    if engine is None:
+        raise DllmError(f"TensorRT could not deserialize {path}; rebuild it with 'dllm-trt build' on this machine")
+    if engine.num_optimization_profiles not in (1, 2):
+        raise DllmError(f"{path} has {engine.num_optimization_profiles} optimization profiles, not 1 (both phases) "
+                        "or 2 (prompt, canvas); rebuild it with this dllm-trt")  # fmt: skip
+    scratch = torch.empty(max(int(engine.device_memory_size_v2), 1), dtype=torch.uint8, device="cuda")
+    return engine, scratch
+
+
+class TensorRTStep:
+    """encode and denoise_and_sample over the one step engine of an engine directory."""
+
+    def __init__(self, artifacts: Path, manifest: dict, use_cuda_graphs: bool = True) -> None:
+        from dllm_trt.generation.step import StepInfo
+        from dllm_trt.models.diffusion_gemma import LayerSpec
+        from dllm_trt.trt.build_info import check_compatible, read_build_info
+        from dllm_trt.trt.gpu import detect_gpu
+        from dllm_trt.trt.moe_plugin import register_moe_plugin
+        from dllm_trt.trt.profiles import PHASES
+        from dllm_trt.trt.trt_library import TENSORRT, load_library
+
+        info = read_build_info(artifacts)
+        lib = load_library(info.get("library", TENSORRT))
+        trt = lib.trt
+        if not torch.cuda.is_available():
+            raise DllmError("the tensorrt backend needs a CUDA GPU and a CUDA build of torch; torch sees none")
+        check_compatible(info, lib.version, detect_gpu())
+        register_moe_plugin(trt)  # the engine's MoE layers: their kernels are inside the engine
+        self.specs = [LayerSpec(**spec) for spec in manifest["model"]["layers"]]
+        self.past_names = cache_names(self.specs, "past_")
+        self.new_names = cache_names(self.specs, "")
+        self.logger = trt.Logger(trt.Logger.WARNING)
+        runtime = trt.Runtime(self.logger)
+        if STEP not in info.get("engines", {}):
+            raise DllmError(f"{artifacts} holds engines of an older dllm-trt (no '{STEP}' engine); rebuild them")
+        file = info["engines"][STEP]["file"]
+        self.engine, self.scratch = open_step_engine(trt, runtime, artifacts / file)
+        if self.engine.num_optimization_profiles == 1:
+            self.prompt = self.canvas = EngineRunner(trt, self.engine, file, 0, self.scratch)
+        else:
+            self.prompt, self.canvas = (
+                EngineRunner(trt, self.engine, file, PHASES.index(phase), self.scratch) for phase in PHASES
+            )
+        self.canvas.check_names(
+            [*STEP_INPUTS, *SAMPLING_INPUTS, *self.past_names], [*self.new_names, *SAMPLING_OUTPUTS]
+        )
+        self.denoise_graphs = DenoiseGraphs(self.canvas, use_cuda_graphs)
+        model = manifest["model"]
+        cache_dtype = self.canvas.dtypes[self.past_names[0]]
+        self.info = StepInfo(
+            model["canvas_length"], model["vocab_size"], model["hidden_size"], model["sliding_window"], cache_dtype,
+            "cuda",
+        )  # fmt: skip
+
+    @classmethod
+    def from_artifacts(cls, artifacts: Path, device: str = "cuda") -> TensorRTStep:
+        from dllm_trt.manifest import read_manifest
+
+        if device not in ("cuda", "cpu"):
+            raise DllmError(f"--device {device}: the tensorrt backend runs on CUDA")
+        return cls(artifacts, read_manifest(artifacts))
+
+    @torch.no_grad()
+    def encode(self, input_ids, position_ids, input_mask, cache_mask, past):  # noqa: ANN001, ANN201
+        from dllm_trt.generation.step import encoder_feeds
+
+        runner = self.prompt
+        if runner is self.canvas:  # one context for both phases: this call re-shapes it
+            self.denoise_graphs.drop()
+        feeds = encoder_feeds(self, input_ids, position_ids, input_mask, cache_mask, past)
+        feeds = {name: runner.as_input(name, tensor) for name, tensor in feeds.items()}
+        runner.set_inputs(feeds)
+        outputs = runner.new_outputs()
+        runner.enqueue(torch.cuda.current_stream())
+        return [outputs[name] for name in self.new_names]
+
+    @torch.no_grad()
+    def denoise_and_sample(self, canvas_ids, self_conditioning, position_ids, cache_mask, past, temperature, noise):  # noqa: ANN001, ANN201
+        from dllm_trt.generation.step import DenoiseSample, sampling_feeds
+
+        runner = self.canvas
+        feeds = sampling_feeds(self, canvas_ids, self_conditioning, position_ids, cache_mask, past, temperature, noise)
+        feeds = {name: runner.as_input(name, tensor) for name, tensor in feeds.items()}
+        cache = {name: feeds.pop(name) for name in self.past_names}
+        outputs = self.denoise_graphs.run(feeds, cache)
+        # graph outputs are overwritten by the next replay: the loop keeps the previous step's
+        return DenoiseSample(*(outputs[name].clone() for name in SAMPLING_OUTPUTS))

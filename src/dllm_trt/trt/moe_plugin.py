@@ -1,0 +1,356 @@
+"""The `dllm_trt::DllmMoE` plugin: one IPluginV3 for TensorRT and TensorRT for RTX alike.
+
+The node (emitted by optimize's fuse_moe for the trt target; names in contract.py): op_type
+`DllmMoE`, attributes `plugin_namespace` "dllm_trt", `plugin_version` "1", `top_k` (int),
+`activation` "gelu_tanh", `weight_format` ("float" when absent, "fp8", "nvfp4"); inputs hidden
+[N, H] T, router_logits [N, E] fp32, per_expert_scale [E] fp32, gate_up_proj [E, 2I, H], down_proj
+[E, H, I] (T for "float"; FP8 or FP4 tensors for the quantized formats, followed by their scales:
+contract.MOE_INPUTS); output [N, H] T; T in fp32, fp16, bf16. Semantics: kernels.moe_triton.
+moe_reference over the dequantized experts (kernels.quantization.dequantize_experts).
+
+Quantized experts reach the plugin as TensorRT's own FP8 and FP4 tensors (the parser keeps the
+ONNX initializers' FLOAT8E4M3FN / FLOAT4E2M1 types; FP4 two values a byte) and its kernels
+dequantize them (kernels.moe_triton). Measured with TensorRT for RTX 1.7: both build for SM121 and
+SM120; FP8 for SM89; FP4 for SM89 is refused by the builder ("Cannot compile for target(s) sm89,
+because the model contains HW-specific datatypes: fp4_e2m1"), so gpu_presets offers nvfp4 only
+where it builds. The same bytes as UINT8 initializers would avoid that, but the parser widens them
+to INT32 (4x the bytes), which defeats the point.
+
+Why an IPluginV3 with an `IPluginCreatorV3One` creator: it is the one plugin form both libraries'
+ONNX parsers import (TensorRT for RTX has no Quick Deployable Plugins), and unlike an AOT QDP it has
+a workspace and may launch several kernels, so the engine runs `fused_moe`'s five launches
+(kernels.moe_launches) instead of a one-launch kernel that recomputes the up GEMM per output slice.
+
+Build (no GPU needed): TensorRT asks the plugin its output types and shapes and which formats it
+takes (the graph's own dtypes only: strongly typed), configures it with the profile's token range,
+and asks its workspace (the intermediates at the profile's largest token count). When it serializes
+the plugin, the five kernels are compiled with Triton for the build's target architecture
+(trt.triton_aot) and stored in the plugin's fields: the engine carries its kernels, and needs
+only this module registered (`register_moe_plugin`) in the process that deserializes it.
+
+Run: enqueue hands `launch_moe` the addresses TensorRT gives it; that carves the intermediates out of
+the workspace, computes the five grids for the call's token count and launches the stored cubins on
+TensorRT's stream through the CUDA driver (trt.cuda_launch). `launch_moe` needs no TensorRT: its
+tests run it on the CPU with each launch interpreted by Triton, and on a GPU with the compiled
+kernels and torch tensors' addresses (never run: no GPU where this was written).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import zlib
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from dllm_trt.contract import MOE_ACTIVATION, MOE_INPUTS, MOE_OP, MOE_WEIGHT_FORMAT, PLUGIN_NAMESPACE, PLUGIN_VERSION
+from dllm_trt.kernels.moe_launches import STAGES, MoEShape, grids, kernel_specs, tile_m, workspace_layout
+from dllm_trt.trt.triton_aot import CompiledKernel, compile_specs
+
+BLOCK_ROWS = (16, 32, 64)  # what moe_launches.tile_m can pick
+
+INPUTS = MOE_INPUTS["float"]
+_TYPES = {"FLOAT": "fp32", "HALF": "fp16", "BF16": "bf16"}
+_classes: dict[int, tuple[type, type]] = {}  # per library module: (plugin, creator)
+_creators: list = []  # registered creators must outlive the registry's use of them
+
+
+def kernels_for(shape: MoEShape, bm: int, arch: int, ptx_version: int | None = None) -> dict[str, CompiledKernel]:
+    """The five kernels of the plan for `shape` with expert blocks of `bm` rows, compiled for sm_`arch`.
+
+    Every block size is compiled at once (one cache entry per shape: the layers share it, and the
+    stage compiles it before the builder asks, so a compilation error is an error, not a plugin
+    callback's exception that TensorRT would swallow)."""
+    specs = {(stage, rows): spec for rows in BLOCK_ROWS for stage, spec in kernel_specs(shape, rows).items()}
+    compiled = dict(zip(specs, compile_specs(tuple(dict.fromkeys(specs.values())), arch, ptx_version)))
+    return {stage: compiled[(stage, bm)] for stage in STAGES}
+
+
+class Launcher(Protocol):
+    def launch(self, grid: tuple[int, int, int], args: list[int], stream: int) -> None: ...
+
+
+def launch_moe(
+    kernels: Mapping[str, Launcher], shape: MoEShape, bm: int, inputs: Sequence[int], output: int, workspace: int,
+    n_tokens: int, stream: int,
+) -> None:  # fmt: skip
+    """What the plugin's enqueue does, without TensorRT: carve the intermediates out of the workspace
+    (device addresses), compute the five grids for `n_tokens` and launch each stage's kernel on
+    `stream`. `inputs`: the node's input addresses in contract.MOE_INPUTS order; `kernels`: per stage,
+    a kernel compiled for `shape` and `bm` (trt.cuda_launch.LoadedKernel), so a GPU without
+    TensorRT runs exactly this with torch tensors' addresses."""
+    if n_tokens == 0:
+        return
+    names = MOE_INPUTS[shape.weight_format]
+    if len(inputs) != len(names):
+        raise ValueError(f"DllmMoE with {shape.weight_format} experts takes {len(names)} inputs, got {len(inputs)}")
+    offsets, _ = workspace_layout(shape, n_tokens)
+    buffers = dict(zip(names, inputs, strict=True), out=output, n_tokens=n_tokens)
+    buffers |= {name: workspace + offset for name, offset in offsets.items()}
+    specs = kernel_specs(shape, bm)
+    grid = grids(specs, shape, n_tokens)
+    for stage in STAGES:
+        kernels[stage].launch(grid[stage], [buffers[arg] for arg in specs[stage].args], stream)
+
+
+def compile_for_graphs(paths: list[Path], arch: int, ptx_version: int | None = None) -> set[MoEShape]:
+    """Compile the kernels of every DllmMoE shape in these graphs before a builder asks; the shapes."""
+    import onnx
+
+    shapes = set().union(*(graph_shapes(onnx.load(str(path), load_external_data=False)) for path in paths))
+    for shape in shapes:
+        kernels_for(shape, BLOCK_ROWS[0], arch, ptx_version)
+    return shapes
+
+
+def graph_shapes(model) -> set[MoEShape]:  # noqa: ANN001 (an onnx.ModelProto without external data)
+    """The MoE shapes of a graph's DllmMoE nodes, read from their expert weights and attributes."""
+    dtypes = {1: "fp32", 10: "fp16", 16: "bf16"}
+    inits = {t.name: t for t in model.graph.initializer}
+    typed = {v.name: v.type.tensor_type.elem_type for v in [*model.graph.value_info, *model.graph.input]}
+    shapes = set()
+    for node in model.graph.node:
+        if node.op_type == MOE_OP and node.input[3] in inits:
+            gate_up = inits[node.input[3]]
+            attrs = {a.name: a for a in node.attribute}
+            top_k = attrs["top_k"].i
+            fmt = attrs[MOE_WEIGHT_FORMAT].s.decode() if MOE_WEIGHT_FORMAT in attrs else "float"
+            experts, two_width, hidden = gate_up.dims
+            # quantized experts: T is the activations' dtype (bf16 in every quantized precision)
+            dtype = dtypes[gate_up.data_type] if fmt == "float" else dtypes.get(typed.get(node.input[0]), "bf16")
+            shapes.add(MoEShape(dtype, experts, hidden, two_width // 2, top_k, fmt))
+    return shapes
+
+
+# The plugin's `kernels` field: this marker, the length of what follows (8 bytes, little-endian), then the
+# zlib-compressed JSON of the shape, the tile and the cubins. TensorRT stores plugin fields verbatim, twice
+# per layer and profile, so the compression is paid back many times (a cubin set: 371 KB as JSON, about
+# a quarter compressed); the marker lets a reader find every stored set in an engine.
+KERNELS_MAGIC = b"dllm_trt.DllmMoE.kernels/1\0"
+
+
+def pack_kernels(stored: dict) -> bytes:
+    data = zlib.compress(json.dumps(stored).encode(), 9)
+    return KERNELS_MAGIC + len(data).to_bytes(8, "little") + data
+
+
+def unpack_kernels(blob: bytes, offset: int = 0) -> dict:
+    """The kernel set packed at `offset` of `blob` (a field, or a whole engine)."""
+    if blob[offset : offset + len(KERNELS_MAGIC)] != KERNELS_MAGIC:
+        raise ValueError("not a DllmMoE kernel set (rebuild the engine with this dllm-trt)")
+    start = offset + len(KERNELS_MAGIC) + 8
+    size = int.from_bytes(blob[start - 8 : start], "little")
+    return json.loads(zlib.decompress(blob[start : start + size]))
+
+
+def kernels_in_engine(engine: bytes) -> list[dict]:
+    """Every kernel set an engine stores (one per plugin layer and copy TensorRT keeps)."""
+    sets, offset = [], engine.find(KERNELS_MAGIC)
+    while offset >= 0:
+        sets.append(unpack_kernels(engine, offset))
+        offset = engine.find(KERNELS_MAGIC, offset + 1)
+    return sets
+
+
+def _fields_of(trt, collection) -> dict:  # noqa: ANN001
+    fields = {}
+    for field in collection:
+        data = np.asarray(field.data)
+        if field.type == trt.PluginFieldType.CHAR:
+            fields[field.name] = bytes(data.astype(np.uint8)).rstrip(b"\0").decode()
+        elif field.type == trt.PluginFieldType.UNKNOWN:
+            fields[field.name] = bytes(data.astype(np.uint8))
+        else:
+            fields[field.name] = int(data.reshape(-1)[0])
+    return fields
+
+
+def _immortal(plugin: object) -> object:
+    """One reference more than Python will ever release: TensorRT for RTX 1.7.1.116's bindings let the
+    Python object of a cloned plugin go while the builder still uses it (seen when the plugin's output
+    feeds a Shape op: freed at once, then heap corruption), and a reference Python holds itself is
+    freed a second time at exit. A plugin object is small; its kernels are shared between clones."""
+    ctypes.pythonapi.Py_IncRef(ctypes.py_object(plugin))
+    return plugin
+
+
+def plugin_classes(trt) -> tuple[type, type]:  # noqa: ANN001
+    """(plugin, creator) classes over one library's module (`tensorrt` or `tensorrt_rtx_bindings`)."""
+    if id(trt) in _classes:
+        return _classes[id(trt)]
+    floats = {trt.float32, trt.float16, trt.bfloat16}
+
+    class DllmMoEPlugin(trt.IPluginV3, trt.IPluginV3OneCore, trt.IPluginV3OneBuild, trt.IPluginV3OneRuntime):
+        def __init__(
+            self, top_k: int, activation: str, arch: int | None, ptx_version: int | None, kernels: bytes | None = None,
+            weight_format: str = "float",
+        ) -> None:  # fmt: skip
+            trt.IPluginV3.__init__(self)
+            trt.IPluginV3OneCore.__init__(self)
+            trt.IPluginV3OneBuild.__init__(self)
+            trt.IPluginV3OneRuntime.__init__(self)
+            self.plugin_name, self.plugin_version, self.plugin_namespace = MOE_OP, PLUGIN_VERSION, PLUGIN_NAMESPACE
+            self.num_outputs = 1
+            if activation != MOE_ACTIVATION:
+                raise ValueError(f"DllmMoE implements activation {MOE_ACTIVATION!r}, the node says {activation!r}")
+            if weight_format not in MOE_INPUTS:
+                raise ValueError(f"DllmMoE weight_format {weight_format!r} is not one of {tuple(MOE_INPUTS)}")
+            self.top_k, self.activation, self.arch, self.ptx_version = top_k, activation, arch, ptx_version
+            self.weight_format = weight_format
+            self.shape: MoEShape | None = None
+            self.bm: int | None = None
+            self.compiled: dict[str, CompiledKernel] = {}
+            self.loaded: dict = {}
+            self.serialized = None  # the field collection, once asked for
+            if kernels:
+                stored = unpack_kernels(kernels)
+                self.shape, self.bm = MoEShape(**stored["shape"]), stored["bm"]
+                self.compiled = {stage: CompiledKernel.from_dict(k) for stage, k in stored["kernels"].items()}
+
+        # ---- IPluginV3 ----
+        def get_capability_interface(self, kind):  # noqa: ANN001, ANN201
+            return self
+
+        def clone(self):  # noqa: ANN201
+            other = DllmMoEPlugin(self.top_k, self.activation, self.arch, self.ptx_version, None, self.weight_format)
+            other.shape, other.bm, other.compiled = self.shape, self.bm, dict(self.compiled)
+            return _immortal(other)
+
+        # ---- build ----
+        def get_output_data_types(self, input_types):  # noqa: ANN001, ANN201
+            return [input_types[0]]
+
+        def get_output_shapes(self, inputs, shape_inputs, expr_builder):  # noqa: ANN001, ANN201
+            out = trt.DimsExprs(2)  # [N, H], like hidden; a new object, not TensorRT's own input
+            out[0], out[1] = inputs[0][0], inputs[0][1]
+            return [out]
+
+        def supports_format_combination(self, pos, in_out, num_inputs) -> bool:  # noqa: ANN001
+            desc = in_out[pos].desc
+            if desc.format != trt.TensorFormat.LINEAR:
+                return False
+            if pos in (1, 2):  # router logits and per-expert scales stay fp32
+                return desc.type == trt.float32
+            if self.weight_format != "float" and 3 <= pos < num_inputs:  # contract.MOE_INPUTS
+                kinds = {"fp8": (trt.fp8, trt.fp8, trt.float32, trt.float32),
+                         "nvfp4": (trt.fp4, trt.fp4, trt.fp8, trt.fp8, trt.float32, trt.float32)}  # fmt: skip
+                return desc.type == kinds[self.weight_format][pos - 3]
+            return desc.type in floats and desc.type == in_out[0].desc.type  # hidden, weights, output share T
+
+        def configure_plugin(self, inputs, outputs) -> None:  # noqa: ANN001
+            experts, two_width, hidden = (int(d) for d in inputs[3].desc.dims)  # FP4 dims count values, not bytes
+            dtype = _TYPES[inputs[0].desc.type.name]
+            self.shape = MoEShape(dtype, experts, hidden, two_width // 2, self.top_k, self.weight_format)
+            self.bm = tile_m(max(1, int(inputs[0].opt[0])), self.shape)  # suits the profile's opt shape
+            self.max_tokens = max(1, int(inputs[0].max[0]))
+
+        def get_workspace_size(self, inputs, outputs) -> int:  # noqa: ANN001
+            return workspace_layout(self.shape, max(1, int(inputs[0].max[0])))[1]
+
+        def get_valid_tactics(self):  # noqa: ANN201
+            return []
+
+        def get_fields_to_serialize(self):  # noqa: ANN201
+            # TensorRT keeps pointers into the collection and its arrays without copying them: they
+            # live as long as the plugin, made once (the builder asks several times).
+            if self.serialized is not None:
+                return self.serialized
+            self.arrays = dict(
+                top_k=(np.array([self.top_k], np.int32), trt.PluginFieldType.INT32),
+                activation=(np.frombuffer(self.activation.encode() + b"\0", np.int8).copy(), trt.PluginFieldType.CHAR),
+                weight_format=(
+                    np.frombuffer(self.weight_format.encode() + b"\0", np.int8).copy(),
+                    trt.PluginFieldType.CHAR,
+                ),
+            )
+            if self.shape is not None and self.arch is not None:
+                if not self.compiled:
+                    self.compiled = kernels_for(self.shape, self.bm, self.arch, self.ptx_version)
+                blob = pack_kernels(
+                    dict(shape=vars(self.shape), bm=self.bm, kernels={s: k.to_dict() for s, k in self.compiled.items()})
+                )
+                self.arrays["kernels"] = (np.frombuffer(blob, np.uint8).copy(), trt.PluginFieldType.UNKNOWN)
+            self.fields = [trt.PluginField(name, array, kind) for name, (array, kind) in self.arrays.items()]
+            self.serialized = trt.PluginFieldCollection(self.fields)
+            return self.serialized
+
+        # ---- run ----
+        def set_tactic(self, tactic) -> None:  # noqa: ANN001
+            pass
+
+        def on_shape_change(self, inputs, outputs) -> None:  # noqa: ANN001
+            pass
+
+        def attach_to_context(self, context):  # noqa: ANN001, ANN201
+            return self.clone()
+
+        def enqueue(self, input_desc, output_desc, inputs, outputs, workspace, stream) -> int:  # noqa: ANN001
+            from dllm_trt.trt.cuda_launch import LoadedKernel
+
+            if not self.compiled:
+                raise RuntimeError("this DllmMoE plugin carries no compiled kernels (an engine from another build?)")
+            if not self.loaded:  # first enqueue: TensorRT's warm-up, before any CUDA graph capture
+                self.loaded = {stage: LoadedKernel(kernel) for stage, kernel in self.compiled.items()}
+            pointers = [int(p) for p in inputs]
+            n_tokens = int(input_desc[0].dims[0])
+            launch_moe(
+                self.loaded, self.shape, self.bm, pointers, int(outputs[0]), int(workspace), n_tokens, int(stream)
+            )
+            return 0
+
+    class DllmMoECreator(trt.IPluginCreatorV3One):
+        def __init__(self, arch: int | None, ptx_version: int | None) -> None:
+            trt.IPluginCreatorV3One.__init__(self)
+            self.name, self.plugin_version, self.plugin_namespace = MOE_OP, PLUGIN_VERSION, PLUGIN_NAMESPACE
+            self.arch, self.ptx_version = arch, ptx_version
+            self.field_names = trt.PluginFieldCollection(
+                [
+                    trt.PluginField("top_k", np.array([], np.int32), trt.PluginFieldType.INT32),
+                    trt.PluginField("activation", np.array([], np.int8), trt.PluginFieldType.CHAR),
+                    trt.PluginField(MOE_WEIGHT_FORMAT, np.array([], np.int8), trt.PluginFieldType.CHAR),
+                    trt.PluginField("kernels", np.array([], np.uint8), trt.PluginFieldType.UNKNOWN),
+                ]
+            )
+
+        def create_plugin(self, name, fields, phase):  # noqa: ANN001, ANN201
+            values = _fields_of(trt, fields)
+            plugin = DllmMoEPlugin(
+                values["top_k"], values["activation"], self.arch, self.ptx_version, values.get("kernels"),
+                values.get(MOE_WEIGHT_FORMAT, "float"),
+            )  # fmt: skip
+            return _immortal(plugin)
+
+    _classes[id(trt)] = (DllmMoEPlugin, DllmMoECreator)
+    return _classes[id(trt)]
+
+
+def register_moe_plugin(trt, arch: int | None = None, ptx_version: int | None = None) -> None:  # noqa: ANN001
+    """Register the DllmMoE creator with a library's plugin registry: before parsing (with `arch`, the
+    build's target, e.g. 121) and before deserializing an engine (no `arch` needed: the kernels are in it).
+
+    A later registration replaces an earlier one, so one process can build for several targets.
+    """
+    _, creator_class = plugin_classes(trt)
+    registry = trt.get_plugin_registry()
+    for old in [c for c in _creators if c.trt is trt]:
+        registry.deregister_creator(old.creator)
+        _creators.remove(old)
+    creator = creator_class(arch, ptx_version)
+    if not registry.register_creator(creator, PLUGIN_NAMESPACE):
+        raise RuntimeError(f"{trt.__name__} refused to register the {PLUGIN_NAMESPACE}::{MOE_OP} plugin creator")
+    _creators.append(_Registered(trt, creator))
+
+
+class _Registered:
+    def __init__(self, trt, creator) -> None:  # noqa: ANN001
+        self.trt, self.creator = trt, creator
+
+
+RUNTIME_REQUIREMENT = dict(
+    python_plugins=[f"{PLUGIN_NAMESPACE}::{MOE_OP}"],
+    register=f"{__name__}.register_moe_plugin",
+    module=str(Path(__file__).name),
+)

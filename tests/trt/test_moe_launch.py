@@ -1,0 +1,130 @@
+"""The MoE plugin's enqueue without TensorRT (trt.moe_plugin.launch_moe): the node's input
+addresses, the workspace carved into the launches' intermediates, five launches.
+
+Here, under TRITON_INTERPRET=1, each launch runs the real Triton kernel on the CPU tensors the
+addresses belong to, so a wrong offset, an overlap or inputs taken in the wrong order shows up as a
+wrong result against moe_reference. On a CUDA GPU (no TensorRT needed) the same function launches the
+kernels compiled for that GPU (what the engine stores; compiled in a child process while this one
+interprets) through the CUDA driver (trt.cuda_launch) with torch tensors' addresses: skipped where
+there is no GPU.
+"""
+
+import importlib
+import os
+
+import pytest
+import torch
+
+os.environ["TRITON_INTERPRET"] = "1"  # also set by conftest.py; must precede the first triton import
+pytest.importorskip("triton", reason="triton is not installed (pip install 'dllm-trt[triton]')")
+
+from dllm_trt.contract import MOE_INPUTS  # noqa: E402
+from dllm_trt.kernels.moe_launches import MoEShape, kernel_specs, tile_m, workspace_layout  # noqa: E402
+from dllm_trt.kernels.quantization import dequantize_experts  # noqa: E402
+from dllm_trt.trt.moe_plugin import launch_moe  # noqa: E402
+
+mt = importlib.reload(importlib.import_module("dllm_trt.kernels.moe_triton"))
+
+E, H, I, K = 6, 48, 32, 2  # noqa: E741  multiples of 16 along both input axes (NVFP4 blocks)
+TORCH = {"*fp32": torch.float32, "*bf16": torch.bfloat16, "*fp16": torch.float16, "*i32": torch.int32,
+         "*u8": torch.uint8, "*fp8e4nv": torch.float8_e4m3fn}  # fmt: skip
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+CASES = [("float", "fp32"), ("float", "bf16"), ("fp8", "bf16"), ("nvfp4", "bf16")]
+
+
+def _node(weight_format: str, dtype: str, n_tokens: int, device: str) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """The node's inputs (contract.MOE_INPUTS order) and its reference output, computed in fp32."""
+    gen = torch.Generator().manual_seed(n_tokens)
+    hidden = torch.randn(n_tokens, H, generator=gen).to(DTYPES[dtype])
+    logits = torch.randn(n_tokens, E, generator=gen) * 2
+    scale = torch.rand(E, generator=gen) + 0.5
+    gate_up = torch.randn(E, 2 * I, H, generator=gen) / H**0.5
+    down = torch.randn(E, H, I, generator=gen) / I**0.5
+    if weight_format == "float":
+        experts = (gate_up.to(hidden.dtype), down.to(hidden.dtype))
+        reference = experts
+    else:
+        experts, stored = mt.quantized_experts(weight_format, gate_up.numpy(), down.numpy())
+        reference = tuple(torch.from_numpy(w) for w in dequantize_experts(weight_format, *stored))
+    ref = mt.moe_reference(hidden, logits, scale, *reference, K).float()
+    return [t.to(device) for t in (hidden, logits, scale, *experts)], ref
+
+
+class InterpretedLaunch:
+    """One stage's kernel run by Triton's interpreter: each address becomes a view of the CPU tensor it
+    points into (from that address to the tensor's end), typed as the kernel's parameter declares."""
+
+    def __init__(self, stage: str, shape: MoEShape, bm: int, owners: list[torch.Tensor]) -> None:
+        self.spec = kernel_specs(shape, bm, upcast=True)[stage]
+        self.owners = owners
+        self.calls = 0
+
+    def _view(self, address: int, kind: str) -> torch.Tensor:
+        for owner in self.owners:
+            raw = owner.view(-1).view(torch.uint8)
+            if raw.data_ptr() <= address < raw.data_ptr() + raw.numel():
+                return raw[address - raw.data_ptr() :].view(TORCH[kind])
+        raise AssertionError(f"address {address:#x} is inside no tensor handed to launch_moe")
+
+    def launch(self, grid: tuple[int, int, int], args: list[int], stream: int) -> None:
+        assert len(args) == len(self.spec.signature)
+        arguments = {param: value if kind == "i32" else self._view(value, kind)
+                     for (param, kind), value in zip(self.spec.signature, args, strict=True)}  # fmt: skip
+        kernel = getattr(mt, self.spec.kernel)
+        kernel[grid](**arguments, **self.spec.constants(), num_warps=self.spec.num_warps)
+        self.calls += 1
+
+
+@pytest.mark.parametrize("n_tokens", [1, 9])
+@pytest.mark.parametrize("weight_format,dtype", CASES)
+def test_launch_moe_carves_the_workspace_and_feeds_the_kernels(weight_format, dtype, n_tokens):
+    inputs, ref = _node(weight_format, dtype, n_tokens, "cpu")
+    shape = mt.moe_shape(inputs[0], inputs[3], K, weight_format)
+    bm = tile_m(n_tokens, shape)
+    out = torch.full_like(inputs[0], float("nan"))
+    workspace = torch.full((workspace_layout(shape, n_tokens)[1],), 0xFF, dtype=torch.uint8)  # garbage, not zeros
+    owners = [*inputs, out, workspace]
+    kernels = {
+        stage: InterpretedLaunch(stage, shape, bm, owners) for stage in ("route", "bucket", "up", "down", "combine")
+    }
+    launch_moe(kernels, shape, bm, [t.data_ptr() for t in inputs], out.data_ptr(), workspace.data_ptr(), n_tokens, 0)
+    assert all(k.calls == 1 for k in kernels.values())
+    err = (out.float() - ref).abs().max().item()
+    print(f"\n[{weight_format} {dtype} N={n_tokens}] launch_moe max abs err {err:.2e}")
+    tol = 1e-5 if dtype == "fp32" else 2e-2
+    torch.testing.assert_close(out.float(), ref, atol=tol, rtol=tol)
+
+
+def test_launch_moe_refuses_a_wrong_input_count_and_skips_zero_tokens():
+    shape = MoEShape("bf16", E, H, I, K, "nvfp4")
+    with pytest.raises(ValueError, match=f"takes {len(MOE_INPUTS['nvfp4'])} inputs, got 5"):
+        launch_moe({}, shape, 16, [1] * 5, 0, 0, 4, 0)
+    launch_moe({}, shape, 16, [1] * 5, 0, 0, 0, 0)  # nothing to launch: no kernel is looked up
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU (the driver launch of the compiled kernels)"
+)
+@pytest.mark.parametrize("weight_format,dtype", CASES)
+def test_compiled_kernels_launched_through_the_driver_match_the_reference(weight_format, dtype):
+    pytest.importorskip("cuda.bindings", reason="cuda-bindings is not installed")
+    from dllm_trt.trt.cuda_launch import LoadedKernel
+    from dllm_trt.trt.moe_plugin import kernels_for
+
+    n_tokens = 37
+    inputs, ref = _node(weight_format, dtype, n_tokens, "cuda")
+    shape = mt.moe_shape(inputs[0], inputs[3], K, weight_format)
+    bm = tile_m(n_tokens, shape)
+    major, minor = torch.cuda.get_device_capability()
+    kernels = {stage: LoadedKernel(k) for stage, k in kernels_for(shape, bm, major * 10 + minor).items()}
+    out = torch.full_like(inputs[0], float("nan"))
+    workspace = torch.empty(workspace_layout(shape, n_tokens)[1], dtype=torch.uint8, device="cuda")
+    stream = torch.cuda.current_stream().cuda_stream
+    launch_moe(
+        kernels, shape, bm, [t.data_ptr() for t in inputs], out.data_ptr(), workspace.data_ptr(), n_tokens, stream
+    )
+    torch.cuda.synchronize()
+    err = (out.float().cpu() - ref).abs().max().item()
+    print(f"\n[{weight_format} {dtype} sm_{major}{minor}] driver launch max abs err {err:.2e}")
+    tol = 1e-4 if dtype == "fp32" else 2e-2
+    torch.testing.assert_close(out.float().cpu(), ref, atol=tol, rtol=tol)

@@ -33,6 +33,7 @@ def tiny_export(tiny_ckpt, tmp_path_factory) -> Path:
     from dllm_trt import export
 
     out = tmp_path_factory.mktemp("tiny-export") / "onnx"
+    # a fixture: the tests that use it measure what they need
     export.run(export.ExportOptions(tiny_ckpt, out, parity=False, quiet=True))
     return out
 
@@ -45,6 +46,7 @@ def tiny_trt(tiny_export, tmp_path_factory) -> dict:
     out = {}
     for precision in ("bf16", "fp8", "nvfp4"):
         path = tmp_path_factory.mktemp("tiny-trt") / precision
+        # a fixture: the tests that use it measure what they need
         optimize.run(optimize.OptimizeOptions(tiny_export, path, "trt", precision, parity="none", quiet=True))
         out[precision] = path
     return out

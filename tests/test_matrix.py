@@ -45,6 +45,7 @@ def expected(verb: str, artifact: str) -> str:
 def artifacts(tiny_ckpt, tmp_path_factory):
     root = tmp_path_factory.mktemp("matrix")
     made = {}
+    # --no-parity / --parity none below: every artifact is judged by the validate cells of the matrix itself
     for artifact in EXPORTS:
         made[artifact] = root / artifact
         dtype = artifact.split("-")[1]
@@ -98,7 +99,7 @@ def test_every_cell_runs_or_refuses_in_one_line(verb, artifact, artifacts, tiny_
 def test_quantized_precisions_for_other_targets_are_refused_in_one_line(target, precision, tiny_export, tmp_path,
                                                                           capsys):  # fmt: skip
     argv = ["optimize", str(tiny_export), "--target", target, "--precision", precision, "-o", str(tmp_path / "o")]
-    assert main([*argv, "--parity", "none"]) == 2
+    assert main([*argv, "--parity", "none"]) == 2  # refused before any parity could run
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("dllm-trt:")]
     assert len(errors) == 1 and f"--precision {precision} quantizes the experts" in errors[0]
     assert not (tmp_path / "o").exists()

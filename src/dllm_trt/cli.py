@@ -141,6 +141,8 @@ def _optimize(args: argparse.Namespace) -> int:
 
     result = optimize.run(_options(optimize.OptimizeOptions, args))
     print(f"wrote {result.output}: step.onnx, manifest.json, fusion_report.md")
+    for line in result.unfused:
+        print(f"dllm-trt: left unfused: {line}", file=sys.stderr)
     if result.failed_passes:
         print(f"dllm-trt: parity failed after {', '.join(result.failed_passes)}; see {result.output}/fusion_report.md",
               file=sys.stderr)  # fmt: skip
@@ -282,6 +284,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument(
         "--seed", type=int, help=f"seed of the parity check's inputs (default {_default(Optimize, 'seed')})"
     )
+    sub.add_argument(
+        "--allow-unfused", action="store_true",
+        help="write graphs whose attention or MoE layers a rule left unfused (trt, ort-cuda refuse them otherwise: "
+        "an unfused MoE runs every token through every expert); the report lists every miss either way",
+    )  # fmt: skip
     sub.add_argument("--force", **force)
 
     Generate = runtime.GenerateOptions  # noqa: N806
@@ -314,6 +321,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument(
         "--canvas", type=int, help="--per-layer: canvas tokens of the denoise calls (default: the model's)"
     )
+    sub.add_argument(
+        "--no-layer-check", dest="layer_check", action="store_false",
+        help="skip the per-layer check a reduced-precision (bf16, fp16, fp8, nvfp4) graph gets beside the "
+        "whole-generation judging (it catches one layer's error that whole generations hide)",
+    )  # fmt: skip
 
     sub = verb("build", "build the TensorRT engine from 'optimize --target trt' output", _build)
     sub.add_argument("optimized", type=Path, help="directory written by 'dllm-trt optimize --target trt'")
@@ -370,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
         return args.run(args)
     except DllmError as exc:
         print(f"dllm-trt: error: {exc}", file=sys.stderr)
-        return 2
+        return exc.exit_code
     except KeyboardInterrupt:
         print("dllm-trt: interrupted; nothing was left half-written", file=sys.stderr)
         return 130

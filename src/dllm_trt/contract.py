@@ -7,7 +7,7 @@ every stage can depend on it and none has to import another stage to learn a nam
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Container, Iterable
 from typing import Protocol
 
 # ---- files ---------------------------------------------------------------------------------------
@@ -84,13 +84,74 @@ MOE_ACTIVATION = "gelu_tanh"
 # weight = value * scale (fp8) or value * block_scale * global_scale (nvfp4), dequantized to fp32
 # before the fp32 math of the float format (kernels.quantization).
 MOE_WEIGHT_FORMAT = "weight_format"
-MOE_INPUTS = {
-    "float": ("hidden", "router_logits", "per_expert_scale", "gate_up_proj", "down_proj"),
-}
-MOE_INPUTS["fp8"] = MOE_INPUTS["float"] + ("gate_up_scale", "down_scale")
-MOE_INPUTS["nvfp4"] = MOE_INPUTS["float"] + (
-    "gate_up_block_scale", "down_block_scale", "gate_up_global_scale", "down_global_scale",
-)  # fmt: skip
+# Each format's inputs in order, with their dtypes ("T": the activations' float type, "float32",
+# "float8_e4m3fn", "float4_e2m1fn" as onnx names them); the experts' weights must be initializers.
+_MOE_ROUTING = (("hidden", "T"), ("router_logits", "float32"), ("per_expert_scale", "float32"))
+MOE_INPUT_DTYPES = {
+    "float": _MOE_ROUTING + (("gate_up_proj", "T"), ("down_proj", "T")),
+    "fp8": _MOE_ROUTING + (
+        ("gate_up_proj", "float8_e4m3fn"), ("down_proj", "float8_e4m3fn"),
+        ("gate_up_scale", "float32"), ("down_scale", "float32"),
+    ),
+    "nvfp4": _MOE_ROUTING + (
+        ("gate_up_proj", "float4_e2m1fn"), ("down_proj", "float4_e2m1fn"),
+        ("gate_up_block_scale", "float8_e4m3fn"), ("down_block_scale", "float8_e4m3fn"),
+        ("gate_up_global_scale", "float32"), ("down_global_scale", "float32"),
+    ),
+}  # fmt: skip
+MOE_INPUTS = {fmt: tuple(name for name, _ in inputs) for fmt, inputs in MOE_INPUT_DTYPES.items()}
+MOE_EXPERT_INPUTS = {fmt: names[len(_MOE_ROUTING) :] for fmt, names in MOE_INPUTS.items()}  # constants
+MOE_OUTPUT = "out"
 MOE_WEIGHT_FORMATS = tuple(MOE_INPUTS)
 ROUTED_MOE = "RoutedMoE"  # the ort-cpu target's model-local function
 ORT_MOE_DOMAIN, ORT_MOE_OP = "com.microsoft", "MoE"  # the ort-cuda target's contrib op
+
+
+# manifest["model"]["fusible_ops"]: {op: {layer: count}}, layers "0".."L-1" and this key for the rest
+OUTSIDE_LAYERS = "outside"
+
+# ---- weight names --------------------------------------------------------------------------------
+
+# An initializer made from a checkpoint tensor keeps the tensor's name and adds one `.<derivation>` per
+# rewrite that made it (`model.decoder.layers.3.experts.down_proj.T.bfloat16`): export writes `.T` for a
+# pre-transposed weight (`.folded` for one the exporter folded into another shape); optimize the dtype's
+# name for a cast (`.float16`, `.bfloat16`), `.scaled` for per_expert_scale folded in, and for stored
+# quantized weights the values (`.fp8`, `.nvfp4`) and their scales (`.scale`, `.block_scale`,
+# `.global_scale`). Readers (per-layer parity) find a checkpoint tensor's initializers through them.
+TRANSPOSED, FOLDED, SCALED = "T", "folded", "scaled"
+QUANTIZED_VALUES = {"fp8": "fp8", "nvfp4": "nvfp4"}  # precision -> the values' derivation
+FP8_SCALE, NVFP4_BLOCK_SCALE, NVFP4_GLOBAL_SCALE = "scale", "block_scale", "global_scale"
+LAYER_PREFIX = "model.decoder.layers."
+
+
+def derived_name(source: str, derivation: str) -> str:
+    """The name of a weight made from `source` by `derivation` (one of the suffixes above, or a dtype name)."""
+    return f"{source}.{derivation}"
+
+
+def derives_from(name: str, source: str) -> bool:
+    """Whether initializer `name` is checkpoint tensor `source`, under any number of derivations."""
+    return name == source or name.startswith(source + ".")
+
+
+def layer_weight(layer: int, module: str, parameter: str = "weight") -> str:
+    """The checkpoint name of `module`'s `parameter` in decoder layer `layer` (`self_attn.q_norm`, ...)."""
+    return f"{LAYER_PREFIX}{layer}.{module}.{parameter}"
+
+
+def layer_of(name: str) -> int | None:
+    """The decoder layer a weight name belongs to, or None for weights outside the layers."""
+    if not name.startswith(LAYER_PREFIX):
+        return None
+    index = name[len(LAYER_PREFIX) :].split(".", 1)[0]
+    return int(index) if index.isdigit() else None
+
+
+def unique_name(taken: Container[str], name: str) -> str:
+    """`name`, or `name.1`, `name.2`, ... : the first not in `taken` (two rewrites deriving the same name)."""
+    if name not in taken:
+        return name
+    index = 1
+    while f"{name}.{index}" in taken:
+        index += 1
+    return f"{name}.{index}"

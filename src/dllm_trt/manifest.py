@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -132,6 +133,32 @@ def read_manifest(directory: Path, stage: str | None = None) -> dict:
     return manifest
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def remove_abandoned_siblings(out: Path) -> list[Path]:
+    """Remove the temporary siblings of `out` that killed runs left (their process is gone), saying so.
+
+    A run killed with SIGKILL cannot clean up, and its sibling holds everything written so far (tens of GB
+    at the released size); a sibling whose process still runs belongs to a concurrent run and stays."""
+    removed = []
+    for path in sorted(out.parent.glob(f".{out.name}.tmp-*")):
+        pid = path.name.rsplit("-", 1)[-1]
+        if path.is_dir() and pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+            print(f"dllm-trt: removed {path.name}, left by a run that was killed (process {pid} is gone)",
+                  file=sys.stderr)  # fmt: skip
+    return removed
+
+
 @contextmanager
 def atomic_output(out: Path, force: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling directory; rename it to `out` only when the stage succeeded.
@@ -143,6 +170,7 @@ def atomic_output(out: Path, force: bool = False) -> Iterator[Path]:
     if out.is_dir() and any(out.iterdir()) and not force:
         raise DllmError(f"output directory {out} exists and is not empty; remove it, pick another -o, or pass --force")
     out.parent.mkdir(parents=True, exist_ok=True)
+    remove_abandoned_siblings(out)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()

@@ -38,7 +38,9 @@ def test_a_hand_built_config_becomes_an_engine(name, tmp_path):
     ).eval()
     randomize_(model, seed=5)
     model.save_pretrained(tmp_path / "ck")
+    # the build is what this test judges
     export.run(export.ExportOptions(tmp_path / "ck", tmp_path / "onnx", parity=False, quiet=True))
+    # the build is what this test judges
     options = optimize.OptimizeOptions(tmp_path / "onnx", tmp_path / "trt", "trt", "bf16", parity="none", quiet=True)
     optimize.run(options)
     result = stage.run(stage.BuildOptions(tmp_path / "trt", tmp_path / "engines", "dgx-spark", quiet=True))

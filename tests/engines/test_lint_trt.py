@@ -28,7 +28,7 @@ def _errors(findings):
 
 def test_the_contract_graphs_pass_for_10_15_and_11(optimized):
     for version in ("10.15", "11.x"):
-        report = lint_artifacts(optimized, version)
+        report = lint_artifacts(optimized, version, "h100")
         assert report.passed, report.table()
         # the full layers' head dim 512 has no fused kernel: said, with what the build does about it
         assert {f.op for f in report.warnings} == {"Attention"}
@@ -128,7 +128,7 @@ def test_manifest_and_profiles_are_checked(tmp_path):
     manifest_path = opt / "manifest.json"
     text = manifest_path.read_text().replace('"sampled_ids"', '"sampled"', 1)
     manifest_path.write_text(text)
-    report = lint_artifacts(opt, "11.x", profile_overrides=["cache_sliding=0:4:100"])
+    report = lint_artifacts(opt, "11.x", "h100", profile_overrides=["cache_sliding=0:4:100"])
     lines = [f.line() for f in report.errors]
     assert any("'sampled'" in line and "not in the graph" in line for line in lines)
     assert any("sliding_window - 1 = 7" in line for line in lines)
@@ -137,7 +137,7 @@ def test_manifest_and_profiles_are_checked(tmp_path):
 def test_not_an_optimize_output_for_trt_is_refused(tmp_path):
     opt = graphs.write_optimized(tmp_path / "opt", target="ort-cpu")
     with pytest.raises(DllmError, match="'optimize' output for target 'ort-cpu'.*--target trt"):
-        lint_artifacts(opt)
+        lint_artifacts(opt, None, "h100")
     assert main(["lint-trt", str(opt)]) == 2
 
 

@@ -44,6 +44,7 @@ def tiny_trt(tiny_export, tmp_path_factory):
     out = {}
     for precision in ("bf16", "fp32"):
         path = tmp_path_factory.mktemp("trt") / precision
+        # the build is what these tests judge
         optimize.run(optimize.OptimizeOptions(tiny_export, path, "trt", precision, parity="none", quiet=True))
         out[precision] = path
     return out

@@ -118,7 +118,7 @@ def test_existing_output_with_content_is_refused(tiny_ckpt, tmp_path):
     out.mkdir()
     (out / "keep.txt").write_text("user data")
     with pytest.raises(DllmError, match="not empty"):
-        export_run(ExportOptions(tiny_ckpt, out, parity=False, quiet=True))
+        export_run(ExportOptions(tiny_ckpt, out, parity=False, quiet=True))  # what is written is what this test checks
     assert (out / "keep.txt").read_text() == "user data"
 
 

@@ -43,6 +43,22 @@ def test_every_layer_fused_and_every_pass_proven(optimized, target):
     assert step_ops.get("TopK", 0) == (2 if target == "ort-cpu" else 0)
     assert "logits" not in {o["name"] for o in manifest["graphs"]["step"]["outputs"]}
     assert (optimized[target] / "fusion_report.md").read_text().startswith("# dllm-trt optimize")
+    fusions = manifest["fusions"]
+    assert set(fusions) == {"rms_norm", "rotary_embedding", "attention", "moe", "sampling_head"}
+    assert all(f["expected"] == f["fused"] and not f["misses"] for f in fusions.values()), fusions
+
+
+@pytest.mark.parametrize("precision", ["fp8", "nvfp4"])
+def test_quantized_optimize_passes_as_the_readme_writes_it(tiny_export, tmp_path, capsys, precision):
+    """Every pass judged, the quantized ones against transformers with the weights the graph stores."""
+    out = tmp_path / precision
+    code = main(["optimize", str(tiny_export), "--target", "trt", "--precision", precision, "-o", str(out)])
+    assert code == 0, capsys.readouterr().err
+    passes = {p["name"]: p["parity"] for p in json.loads((out / "manifest.json").read_text())["passes"]}
+    quantized = passes["quantize_weights"]
+    print(precision, {name: (p["judged"], p["worst_max_rel"]) for name, p in passes.items()})
+    assert quantized["judged"] and quantized["passed"] and quantized["worst_max_rel"] < 1e-4
+    assert passes["convert_precision"]["measured"] and not passes["convert_precision"]["judged"]
 
 
 @pytest.mark.parametrize("seed", [0, 3])
@@ -114,6 +130,7 @@ def test_a_step_left_in_logits_form_keeps_a_self_conditioning_graph_of_its_own(t
     passes = tuple(p for p in PIPELINE if p.name != "add_sampling_head")
     out = tmp_path / "logits-form"
     optimize.run(
+        # generation below judges it
         optimize.OptimizeOptions(tiny_export, out, "ort-cpu", "fp32", parity="none", quiet=True, passes=passes)
     )
     manifest = json.loads((out / "manifest.json").read_text())

@@ -139,6 +139,7 @@ def test_projections_are_weight_only_fp8_and_the_rest_stays_bf16(quantized, prec
 def test_quantized_precisions_are_refused_where_they_cannot_apply(tiny_export, tmp_path):
     for target in ("ort-cpu", "ort-cuda"):
         with pytest.raises(DllmError, match="--precision fp8 quantizes the experts of the TensorRT MoE plugin"):
+            # the quantized weights are what this test checks
             optimize.run(optimize.OptimizeOptions(tiny_export, tmp_path / target, target, "fp8", parity="none"))
     model = dict(hidden_size=200, text_config=dict(moe_intermediate_size=64))
     with pytest.raises(DllmError, match="hidden_size 200 is not a multiple of 16; use --precision fp8"):

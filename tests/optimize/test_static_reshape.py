@@ -75,11 +75,13 @@ def test_without_the_pass_tensorrt_refuses_the_step_graphs_attention(tiny_export
     lib = load_library(TENSORRT_RTX)
     register_moe_plugin(lib.trt, arch=121)
     passes = tuple(p for p in PIPELINE if p.name != "resolve_reshape_wildcards")
+    # the graphs' shapes are what this test checks
     options = optimize.OptimizeOptions(tiny_export, tmp_path / "without", "trt", "bf16", parity="none", quiet=True,
                                        passes=passes)  # fmt: skip
     optimize.run(options)
     with pytest.raises(engine.ParseError, match="number of heads"):
         engine.parse_network(lib, tmp_path / "without" / "step.onnx")
+    # the graphs' shapes are what this test checks
     optimize.run(optimize.OptimizeOptions(tiny_export, tmp_path / "with", "trt", "bf16", parity="none", quiet=True))
     network = engine.parse_network(lib, tmp_path / "with" / "step.onnx")[1]
     assert network.num_layers > 0

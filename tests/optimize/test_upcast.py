@@ -70,6 +70,7 @@ def bf16_export(tiny_ckpt, tmp_path_factory):
     from dllm_trt import export
 
     out = tmp_path_factory.mktemp("bf16-export") / "onnx"
+    # the graphs are compared below
     export.run(export.ExportOptions(tiny_ckpt, out, parity=False, quiet=True, dtype="bfloat16"))
     return out
 
@@ -77,6 +78,7 @@ def bf16_export(tiny_ckpt, tmp_path_factory):
 def test_a_bf16_export_fuses_as_an_fp32_one_and_gives_the_same_graph(bf16_export, tiny_export, tmp_path):
     graphs = {}
     for name, source in (("bf16", bf16_export), ("fp32", tiny_export)):
+        # the graphs are compared below
         options = optimize.OptimizeOptions(source, tmp_path / name, "trt", "bf16", parity="none", quiet=True)
         manifest = optimize.run(options).manifest
         matched = {p["name"]: p["matched"].get("step", 0) for p in manifest["passes"]}
@@ -93,6 +95,7 @@ def test_a_bf16_export_fuses_as_an_fp32_one_and_gives_the_same_graph(bf16_export
 def test_a_bf16_export_optimized_for_cpu_passes_validate(bf16_export, tiny_ckpt, tmp_path):
     from dllm_trt import validate
 
+    # the graphs are compared below
     options = optimize.OptimizeOptions(bf16_export, tmp_path / "opt", "ort-cpu", "bf16", parity="none", quiet=True)
     optimize.run(options)
     result = validate.run(validate.ValidateOptions(tmp_path / "opt", tiny_ckpt, seeds=(0,), quiet=True))

@@ -22,13 +22,13 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from dllm_trt.contract import SAMPLING_OUTPUTS, STAGE_OPTIMIZE, STEP
+from dllm_trt.contract import SAMPLING_INPUTS, SAMPLING_OUTPUTS, STAGE_OPTIMIZE, STEP, STEP_INPUTS
 from dllm_trt.errors import DllmError
 from dllm_trt.manifest import describe_value
 from dllm_trt.trt import profiles as prof
 from dllm_trt.trt.gpu_presets import get_preset
 from dllm_trt.trt.plugins import FLOATS, PLUGIN_NAMESPACE, PLUGIN_VERSION, PLUGINS, plugin_spec
-from dllm_trt.trt.support import ONNX_TO_TRT, Support, fuses_attention, load_support
+from dllm_trt.trt.support import DEFAULT_VERSION, ONNX_TO_TRT, Support, fuses_attention, load_support
 
 GRAPHS = (STEP,)
 TOPK_MAX = 3840  # onnx-tensorrt: "K input must be less than 3840"
@@ -473,9 +473,10 @@ def expected_static_dims(graph: str, facts: dict) -> dict[str, dict[int, int]]:
         for kind in ("key", "value"):
             expected[f"past_{kind}.{spec['index']}"] = expected[f"{kind}.{spec['index']}"] = heads
     h, v = facts["hidden_size"], facts["vocab_size"]
-    expected["self_conditioning"] = expected["next_self_conditioning"] = {2: h}
-    expected["sampling_noise"] = {2: v}
-    for name in SAMPLING_OUTPUTS[:3]:
+    sampled, argmax, entropy, next_self_conditioning = SAMPLING_OUTPUTS
+    expected[STEP_INPUTS[4]] = expected[next_self_conditioning] = {2: h}
+    expected[SAMPLING_INPUTS[1]] = {2: v}  # the sampling noise [B, R, V]
+    for name in (sampled, argmax, entropy):
         expected[name] = {}
     return expected
 
@@ -587,16 +588,17 @@ def run(options: LintOptions) -> LintReport:
 
 def lint_artifacts(
     directory: Path,
-    version: str | None = None,
-    gpu: str = "h100",
+    version: str | None,
+    gpu: str,
     profile_overrides: list[str] | None = None,
 ) -> LintReport:
-    """Lint the optimized graphs in `directory` for TensorRT `version` and the `gpu` preset's profiles."""
+    """Lint the optimized graphs in `directory` for TensorRT `version` (None: the support table's default)
+    and the `gpu` preset's profiles. The defaults are LintOptions'."""
     from dllm_trt.manifest import read_manifest
 
     manifest = read_manifest(directory)
     check_optimized_manifest(manifest, directory)
-    support = load_support(version or "11.x")
+    support = load_support(version or DEFAULT_VERSION)
     ops: dict[tuple[str, str], OpSummary] = {}
     findings: list[Finding] = []
     ranges = None

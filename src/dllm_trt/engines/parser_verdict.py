@@ -44,7 +44,8 @@ def parser_findings(directory: Path, manifest: dict, preset: GpuPreset, ranges: 
         engine.allow_decomposition(lib, parsed[1])
         profiles = prof.step_profiles(io, ranges, manifest["model"]["canvas_length"])
         try:
-            engine.build_serialized(lib, parsed, list(profiles.values()), preset.compute_capability, 3, None)
+            level = engine.DEFAULT_OPT_LEVEL
+            engine.build_serialized(lib, parsed, list(profiles.values()), preset.compute_capability, level, None)
         except DllmError as exc:
             findings.append(Finding("error", graph, "-", "build", str(exc)))
     target = f"{preset.sm}, ahead of time" if lib.ahead_of_time else ("this GPU" if build else "parser only: no GPU")

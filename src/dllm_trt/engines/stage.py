@@ -36,6 +36,7 @@ from dllm_trt.manifest import atomic_output, file_sha256, read_manifest, write_m
 from dllm_trt.progress import Progress, human_bytes
 from dllm_trt.trt import profiles as prof
 from dllm_trt.trt.build_info import write_build_info
+from dllm_trt.trt.engine import DEFAULT_OPT_LEVEL
 from dllm_trt.trt.gpu_presets import GpuPreset, check_precision, get_preset
 
 
@@ -48,7 +49,7 @@ class BuildOptions:
     gpu: str  # a GPU preset (trt.gpu_presets)
     profiles: tuple[str, ...] = ()  # NAME=MIN:OPT:MAX overrides of the preset's profile ranges
     timing_cache: Path | None = None  # None: ~/.cache/dllm-trt/timing-caches/<preset>-trt<version>.cache
-    opt_level: int = 3  # TensorRT's own default builder optimization level
+    opt_level: int = DEFAULT_OPT_LEVEL  # TensorRT's own default builder optimization level
     ptx_version: int | None = None  # cap the PTX ISA of the MoE plugin's kernels (e.g. 88)
     force: bool = False  # replace a non-empty output directory
     dry_run: bool = False  # check and return the plan; needs no TensorRT or GPU

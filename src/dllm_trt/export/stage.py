@@ -30,7 +30,7 @@ from dllm_trt.export.weights import FOLD_INPUT_LIMIT, CheckpointWeight
 from dllm_trt.export.writer import DEFAULT_SHARD_BYTES, WrittenFile, plan_shards, write_shards
 from dllm_trt.manifest import MANIFEST, check_external_data, describe_graph, tool_versions, write_manifest
 from dllm_trt.models.checkpoint import checkpoint_hash, read_config, safetensors_files, tensor_index
-from dllm_trt.models.diffusion_gemma import layer_specs
+from dllm_trt.models.diffusion_gemma import fusible_ops, layer_specs
 from dllm_trt.models.skeleton import build_skeleton, checkpoint_dtype, parse_dtype
 from dllm_trt.parity.compare import summary_lines
 from dllm_trt.progress import Progress, human_bytes
@@ -59,6 +59,7 @@ def model_summary(model) -> dict:  # noqa: ANN001
         num_experts=text.num_experts,
         top_k_experts=text.top_k_experts,
         layers=[asdict(spec) for spec in layer_specs(model)],
+        fusible_ops=fusible_ops(model),
         pad_token_id=text.pad_token_id,
         text_config=text.to_dict(),
     )

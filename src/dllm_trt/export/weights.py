@@ -23,6 +23,7 @@ import onnx_ir as ir
 import torch
 from onnx_ir.tensor_adapters import TorchTensor
 
+from dllm_trt.contract import FOLDED, TRANSPOSED, derived_name, unique_name
 from dllm_trt.errors import DllmError
 from dllm_trt.models.checkpoint import TensorEntry, read_rows
 from dllm_trt.models.skeleton import CheckpointSources, is_fake
@@ -183,10 +184,6 @@ def fold_lazy_transposes(graph: ir.Graph, large: int = FOLD_INPUT_LIMIT) -> int:
     return folded
 
 
-def lazy_weights(graph: ir.Graph) -> list[ir.Value]:
-    return [v for v in graph.initializers.values() if isinstance(v.const_value, CheckpointWeight)]
-
-
 def name_after_checkpoint(graph: ir.Graph, module: torch.nn.Module, model, index: dict[str, TensorEntry]) -> int:  # noqa: ANN001
     """Every initializer holding a checkpoint tensor takes that tensor's name (`model.decoder.layers.0.
     mlp.gate_proj.weight`), with `.T` where the graph holds it transposed, so that refit by name,
@@ -220,15 +217,11 @@ def name_after_checkpoint(graph: ir.Graph, module: torch.nn.Module, model, index
         if shape == tuple(source.shape) and not permuted:
             name = source.name
         elif sorted(shape) == sorted(source.shape):
-            name = f"{source.name}.T"
+            name = derived_name(source.name, TRANSPOSED)
         else:
-            name = f"{source.name}.folded"
+            name = derived_name(source.name, FOLDED)
         if name == value.name:
             continue
-        unique, count = name, 1
-        while unique in graph.initializers:
-            count += 1
-            unique = f"{name}.{count}"
-        value.name = unique
+        value.name = unique_name(graph.initializers, name)
         renamed += 1
     return renamed

@@ -1,9 +1,8 @@
 """torch's CPU `Tensor.exponential_(1, generator=g)`, the same bits from the same stream, with numpy.
 
 The loop draws B*C*V Exp(1) values per denoise step (the noise inside `torch.multinomial`); on the
-CPU torch makes them one at a time (8.2-9.0 ms for 64 x 8192 on this machine), half a small
-model's denoise step. numpy makes them in 4.8 ms from the same Mersenne Twister (2.3-2.8 ms of
-that is the twister's 1M sequential 32-bit outputs, which no reordering can share out):
+CPU torch makes them one at a time, about half a small model's denoise step, and numpy makes them
+from the same Mersenne Twister in about half torch's time (README, "Measurements behind the passes"):
 
 * torch's CPU generator is MT19937; `get_state()` holds its 624 words (stored as uint64) and
   `left` (outputs before the next twist), which numpy's `MT19937` takes as `key` and

@@ -24,6 +24,8 @@ from transformers.models.diffusion_gemma.modeling_diffusion_gemma import (
     repeat_kv,
 )
 
+from dllm_trt.contract import OUTSIDE_LAYERS
+
 SLIDING = "sliding_attention"
 FULL = "full_attention"
 
@@ -54,6 +56,38 @@ def specs_of(layers: nn.ModuleList) -> list[LayerSpec]:
 
 def layer_specs(model: DiffusionGemmaForBlockDiffusion) -> list[LayerSpec]:
     return specs_of(model.model.decoder.layers)
+
+
+# Fusible ops per layer, read off the modules the step runs (Step: the decoder's layers, its final norm and
+# self-conditioning block). Rotary embedding is a function each attention applies to Q and to K: two per
+# attention module. Keys: "0".."L-1", and OUTSIDE_LAYERS for what runs before or after the layers.
+
+
+def fusible_ops(model: DiffusionGemmaForBlockDiffusion) -> dict[str, dict[str, int]]:
+    """{op: {layer: how many}} for rms_norm, rotary_embedding, attention, moe, sampling_head: what optimize
+    must fuse."""
+    decoder = model.model.decoder
+    census: dict[str, dict[str, int]] = {op: {} for op in ("rms_norm", "rotary_embedding", "attention", "moe")}
+    census["sampling_head"] = {OUTSIDE_LAYERS: 1}  # over the LM head's logits, whichever the step hands out
+
+    def add(op: str, where: str, count: int = 1) -> None:
+        census[op][where] = census[op].get(where, 0) + count
+
+    for index, layer in enumerate(decoder.layers):
+        for module in layer.modules():
+            kind = type(module).__name__
+            if kind.endswith("RMSNorm"):
+                add("rms_norm", str(index))
+            elif kind.endswith("Attention"):
+                add("attention", str(index))
+                add("rotary_embedding", str(index), 2)
+            elif kind.endswith("Experts"):
+                add("moe", str(index))
+    for part in (decoder.norm, decoder.self_conditioning):
+        for module in part.modules():
+            if type(module).__name__.endswith("RMSNorm"):
+                add("rms_norm", OUTSIDE_LAYERS)
+    return census
 
 
 def attention_bias(

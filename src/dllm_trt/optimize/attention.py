@@ -21,12 +21,10 @@ the causal encoder pass and the bidirectional denoise step. The KV concatenation
 only Attention's first output and rejects past_key/past_value inputs. The transpose/reshape to [B, T, Hq*D]
 and o_proj after the node are untouched.
 
-The op per target (measured on onnxruntime 1.32 CPU, small preset, canvas 64, cache 300, one thread):
+The op per target (the measurements behind the choice: README, "Measurements behind the passes"):
 - "trt": opset-23 Attention, parsed into IAttention (TensorRT >= 10.14).
 - "ort-cpu": opset-23 Attention: the fastest of the candidates in every shape measured (it is GQA-aware, the
   contrib MultiHeadAttention needs the repeated K/V and was no faster than the eager ops), and correct.
-  One denoise-step layer at batch 2, median CPU ms eager / Attention / MultiHeadAttention: sliding (4 query heads,
-  2 KV heads, D 64, 255 + 64 keys) 0.68 / 0.58 / 0.71; full (1 KV head, D 128, 300 + 64 keys) 1.19 / 0.98 / 1.24.
   com.microsoft GroupQueryAttention is not usable here: with past context and more than one query token
   it requires batch 1 ("batch_size must be 1 when sequence_length > 1 and past context is given").
 - "ort-cuda": opset-23 Attention, chosen from the documentation (no GPU here): onnxruntime's CUDA kernel for it
@@ -53,6 +51,7 @@ from onnxscript.rewriter import pattern
 from dllm_trt.contract import TARGETS
 from dllm_trt.errors import DllmError
 from dllm_trt.optimize.context import PassContext
+from dllm_trt.optimize.fusion_census import nodes_of
 
 _FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
 
@@ -239,6 +238,15 @@ def attention_rules(masks: MaskFactory, softmax_precision: bool = True) -> list[
     ]
 
 
+def fusion_rules(model: ir.Model, ctx: PassContext) -> list[pattern.RewriteRule]:
+    """The rules fuse_attention applies to `model` for `ctx.target` (also the fusion census's)."""
+    return attention_rules(_mask_factory(model.graph), softmax_precision=ctx.target != "trt")
+
+
+def fused_nodes(model: ir.Model, ctx: PassContext) -> list[ir.Node]:
+    return nodes_of(model, "", "Attention")
+
+
 def fuse_attention(model: ir.Model, ctx: PassContext) -> int:
     """Every target gets opset-23 Attention (see the module docstring for the measurements behind it)."""
     if ctx.target not in TARGETS:
@@ -246,7 +254,6 @@ def fuse_attention(model: ir.Model, ctx: PassContext) -> int:
     version = model.opset_imports.get("", 0)
     if version < 23:
         raise DllmError(f"Attention needs ONNX opset 23; this graph imports opset {version}: re-export it")
-    rules = attention_rules(_mask_factory(model.graph), softmax_precision=ctx.target != "trt")
-    count = pattern.RewriteRuleSet(rules, commute=True).apply_to_model(model)
+    count = pattern.RewriteRuleSet(fusion_rules(model, ctx), commute=True).apply_to_model(model)
     common_passes.RemoveUnusedNodesPass()(model)  # repeat_kv's shape arithmetic
     return count

@@ -81,13 +81,14 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import NameFixPass, RemoveUnusedNodesPass
-from onnxscript.rewriter import MatchingTracer, MatchStatus, pattern
+from onnxscript.rewriter import pattern
 
 from dllm_trt.contract import MOE_ACTIVATION as ACTIVATION
 from dllm_trt.contract import MOE_OP as PLUGIN_NAME
 from dllm_trt.contract import ORT_MOE_DOMAIN as ORT_DOMAIN
-from dllm_trt.contract import PLUGIN_NAMESPACE, PLUGIN_VERSION, ROUTED_MOE
+from dllm_trt.contract import PLUGIN_NAMESPACE, PLUGIN_VERSION, ROUTED_MOE, SCALED, derived_name, unique_name
 from dllm_trt.optimize.context import PassContext
+from dllm_trt.optimize.fusion_census import nodes_of
 
 TRT_DOMAIN = PLUGIN_NAMESPACE  # "dllm_trt": DllmMoE and RoutedMoE live here
 FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
@@ -136,15 +137,6 @@ def _layer_prefix(logits: ir.Value, fallback: ir.Value) -> str:
             if value is not None and value.name and value.name.endswith("router.proj.weight"):
                 return value.name[: -len("router.proj.weight")]
     return f"moe.{fallback.name}."
-
-
-def _unique(graph: ir.Graph | None, name: str) -> str:
-    if graph is None or name not in graph.initializers:
-        return name
-    index = 1
-    while f"{name}.{index}" in graph.initializers:
-        index += 1
-    return f"{name}.{index}"
 
 
 def _lazy(name: str, dtype: ir.DataType, shape: tuple[int, ...], make) -> ir.LazyTensor:  # noqa: ANN001
@@ -252,8 +244,8 @@ class MoEFusion(pattern.RewriteRuleClassBase):
         dtype, graph = gu_src.dtype, x.graph
         prefix = _layer_prefix(logits, gate_up_t)
 
-        def weight(suffix: str, shape: tuple[int, ...], make) -> ir.Value:  # noqa: ANN001
-            name = _unique(graph, f"{prefix}experts.{suffix}")
+        def weight(name: str, shape: tuple[int, ...], make) -> ir.Value:  # noqa: ANN001
+            name = unique_name(graph.initializers if graph is not None else (), f"{prefix}experts.{name}")
             return op.initializer(_lazy(name, dtype, shape, make), name=name)
 
         if self.target == "ort-cpu":
@@ -282,7 +274,7 @@ class MoEFusion(pattern.RewriteRuleClassBase):
             down = dn_src.numpy().transpose(0, 2, 1).astype(np.float32)  # [E, H, I]
             return (down * scale_src.numpy().astype(np.float32)[:, None, None]).astype(dn_src.numpy().dtype)
 
-        fc2 = weight("down_proj.scaled", (num_experts, hidden, width), scaled_down)
+        fc2 = weight(derived_name("down_proj", SCALED), (num_experts, hidden, width), scaled_down)
         router = logits if x.dtype in (None, ir.DataType.FLOAT) else op.Cast(logits, to=x.dtype)
         return op.op(
             "MoE", x, router, gate_up_proj, None, fc2, _domain=ORT_DOMAIN,
@@ -290,8 +282,17 @@ class MoEFusion(pattern.RewriteRuleClassBase):
         )  # fmt: skip
 
 
-def moe_rules(target: str, top_k: int, num_experts: int) -> pattern.RewriteRuleSet:
-    return pattern.RewriteRuleSet([MoEFusion.rule(target, top_k, num_experts)])
+def fusion_rules(model: ir.Model, ctx: PassContext) -> list[pattern.RewriteRule]:
+    """The rule fuse_moe applies, for the fusion census (optimize.fusion_census)."""
+    del model
+    return [MoEFusion.rule(ctx.target, ctx.top_k, ctx.num_experts)]
+
+
+def fused_nodes(model: ir.Model, ctx: PassContext) -> list[ir.Node]:
+    """The nodes fused MoE layers became for `ctx.target`."""
+    domain, op_type = {"trt": (TRT_DOMAIN, PLUGIN_NAME), "ort-cuda": (ORT_DOMAIN, "MoE"),
+                       "ort-cpu": (TRT_DOMAIN, ROUTED_MOE)}[ctx.target]  # fmt: skip
+    return nodes_of(model, domain, op_type)
 
 
 # --------------------------------------------------------------------------------------------
@@ -399,11 +400,11 @@ def _add_routed_functions(model: ir.Model) -> None:
 def fuse_moe(model: ir.Model, ctx: PassContext) -> int:
     """Fuse every MoE layer of ``model`` (in place) into ``ctx.target``'s node; returns how many.
 
-    The caller compares the count with the graph's MoE layers (L: one per layer). The
+    The optimize stage counts them against the model's MoE layers (optimize.fusion_census). The
     replaced weights and dead shape arithmetic are removed; new weights are computed lazily when
     the model is saved.
     """
-    count = moe_rules(ctx.target, ctx.top_k, ctx.num_experts).apply_to_model(model)
+    count = pattern.RewriteRuleSet(fusion_rules(model, ctx)).apply_to_model(model)
     if count:
         if ctx.target == "ort-cpu":
             _add_routed_functions(model)
@@ -411,15 +412,3 @@ def fuse_moe(model: ir.Model, ctx: PassContext) -> int:
         RemoveUnusedNodesPass()(model)
         NameFixPass()(model)
     return count
-
-
-def moe_fusion_misses(model: ir.Model, ctx: PassContext) -> list[str]:
-    """Why MoE-shaped subgraphs were not fused: the check's reasons, for a fusion report (no changes)."""
-    tracer = MatchingTracer()
-    moe_rules(ctx.target, ctx.top_k, ctx.num_experts).apply_to_model(model, tracer=tracer)
-    return [
-        f"{info.root_node.name}: {info.match_result.reason}"
-        for infos in tracer.best_matches_map.values()
-        for info in infos
-        if info.status == MatchStatus.CONDITION_FAILED
-    ]

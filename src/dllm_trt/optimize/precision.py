@@ -27,13 +27,12 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes import common as common_passes
 
+from dllm_trt.contract import PRECISION_DTYPES, SAMPLING_INPUTS, derived_name
 from dllm_trt.optimize.context import PassContext
 
 LAZY_ELEMENTS = 1 << 20  # constants larger than this are converted when saved, not when the pass runs
 # fp8 and nvfp4 are bf16 graphs whose quantized weights optimize.quantize stored before this pass
-LOW_DTYPES = {"fp16": ir.DataType.FLOAT16, "bf16": ir.DataType.BFLOAT16, "fp8": ir.DataType.BFLOAT16,
-              "nvfp4": ir.DataType.BFLOAT16}  # fmt: skip
-FP32_INPUTS = ("temperature", "sampling_noise")
+LOW_DTYPES = {p: ir.DataType[d.upper()] for p, d in PRECISION_DTYPES.items() if d != "float32"}
 # Ops whose activation inputs must be in the low precision (they carry their own fp32 internals).
 LOW_ANCHORS = {"RMSNormalization", "Attention", "RotaryEmbedding"}
 # Ops that start an fp32 region: the reference upcasts before them.
@@ -103,7 +102,7 @@ class _Converter:
         key = (value, dtype)
         if key not in self.converted:
             finfo = ml_dtypes.finfo(dtype.numpy())
-            name = f"{value.name}.{dtype.name.lower()}"
+            name = derived_name(value.name, dtype.name.lower())
 
             def convert(value: ir.Value = value) -> ir.Tensor:
                 array = np.clip(_constant_array(value).astype(np.float32), float(finfo.min), float(finfo.max))
@@ -155,7 +154,7 @@ class _Converter:
         self.clamp_mask_constants()
         for value in self.graph.inputs:
             if _is_float(value):
-                fp32 = value.name in FP32_INPUTS
+                fp32 = value.name in SAMPLING_INPUTS  # fp32 always (contract)
                 value.type = ir.TensorType(ir.DataType.FLOAT if fp32 else self.low)
                 self.tags[value] = Tag.FP32 if fp32 else Tag.LOW
         for node in list(self.graph):

@@ -37,7 +37,19 @@ from collections.abc import Callable
 import numpy as np
 import onnx_ir as ir
 
-from dllm_trt.contract import MOE_INPUTS, MOE_OP, MOE_WEIGHT_FORMAT, PLUGIN_NAMESPACE, QUANTIZED_PRECISIONS
+from dllm_trt.contract import (
+    FP8_SCALE,
+    MOE_INPUTS,
+    MOE_OP,
+    MOE_WEIGHT_FORMAT,
+    NVFP4_BLOCK_SCALE,
+    NVFP4_GLOBAL_SCALE,
+    PLUGIN_NAMESPACE,
+    QUANTIZED_PRECISIONS,
+    QUANTIZED_VALUES,
+    derived_name,
+    unique_name,
+)
 from dllm_trt.kernels.quantization import (
     NVFP4_BLOCK,
     PROJECTION,
@@ -70,24 +82,18 @@ def _initializer(graph: ir.Graph, name: str, dtype: ir.DataType, shape: tuple[in
     return value
 
 
-def _unique(graph: ir.Graph, name: str) -> str:
-    taken = set(graph.initializers)
-    candidate, index = name, 1
-    while candidate in taken:
-        candidate, index = f"{name}.{index}", index + 1
-    return candidate
-
-
-# What each format stores per expert weight [E, R, K]: (name suffix, dtype, shape, how it is computed
+# What each format stores per expert weight [E, R, K]: (name derivation, dtype, shape, how it is computed
 # from the fp32 weight), in the order of contract.MOE_INPUTS after the weights. The scales have functions
 # of their own: quantizing the values is most of the cost, and each stored tensor is computed on its own.
 _STORED = {
-    "fp8": ([(".fp8", ir.DataType.FLOAT8E4M3FN, lambda e, r, k: (e, r, k), lambda w: quantize_fp8(w)[0])],
-            [(".scale", ir.DataType.FLOAT, lambda e, r, k: (e, r), fp8_scale)]),
-    "nvfp4": ([(".nvfp4", ir.DataType.FLOAT4E2M1, lambda e, r, k: (e, r, k), lambda w: quantize_nvfp4(w)[0])],
-              [(".block_scale", ir.DataType.FLOAT8E4M3FN, lambda e, r, k: (e, r, k // NVFP4_BLOCK),
+    "fp8": ([(QUANTIZED_VALUES["fp8"], ir.DataType.FLOAT8E4M3FN, lambda e, r, k: (e, r, k),
+              lambda w: quantize_fp8(w)[0])],
+            [(FP8_SCALE, ir.DataType.FLOAT, lambda e, r, k: (e, r), fp8_scale)]),
+    "nvfp4": ([(QUANTIZED_VALUES["nvfp4"], ir.DataType.FLOAT4E2M1, lambda e, r, k: (e, r, k),
+                lambda w: quantize_nvfp4(w)[0])],
+              [(NVFP4_BLOCK_SCALE, ir.DataType.FLOAT8E4M3FN, lambda e, r, k: (e, r, k // NVFP4_BLOCK),
                 lambda w: nvfp4_scales(w)[0]),
-               (".global_scale", ir.DataType.FLOAT, lambda e, r, k: (e,), nvfp4_global_scale)]),
+               (NVFP4_GLOBAL_SCALE, ir.DataType.FLOAT, lambda e, r, k: (e,), nvfp4_global_scale)]),
 }  # fmt: skip
 
 
@@ -104,7 +110,7 @@ def _quantize_experts(graph: ir.Graph, node: ir.Node, fmt: str) -> None:
                 def make(source: ir.Value = source, compute: Callable = compute) -> np.ndarray:
                     return compute(_array(source))
 
-                name = _unique(graph, source.name + suffix)
+                name = unique_name(graph.initializers, derived_name(source.name, suffix))
                 out.append(_initializer(graph, name, dtype, shape(*(int(d) for d in source.shape)), make))
     inputs = [*node.inputs[:3], *weights, *extra]
     assert len(inputs) == len(MOE_INPUTS[fmt])
@@ -129,8 +135,10 @@ def _quantize_projection(graph: ir.Graph, node: ir.Node, index: int) -> None:
     def scale() -> np.ndarray:
         return fp8_scale(_array(source).T)
 
-    q = _initializer(graph, _unique(graph, f"{base}.fp8"), ir.DataType.FLOAT8E4M3FN, (rows, cols), values)
-    s = _initializer(graph, _unique(graph, f"{base}.scale"), ir.DataType.FLOAT, (cols,), scale)
+    q_name = unique_name(graph.initializers, derived_name(base, QUANTIZED_VALUES["fp8"]))
+    s_name = unique_name(graph.initializers, derived_name(base, FP8_SCALE))
+    q = _initializer(graph, q_name, ir.DataType.FLOAT8E4M3FN, (rows, cols), values)
+    s = _initializer(graph, s_name, ir.DataType.FLOAT, (cols,), scale)
     dq = ir.node("DequantizeLinear", [q, s], attributes={"axis": 1}, name=f"{base}.dequantize")
     dq.outputs[0].name = f"{base}.dequantized"
     dq.outputs[0].type, dq.outputs[0].shape = ir.TensorType(ir.DataType.FLOAT), source.shape

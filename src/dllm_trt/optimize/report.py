@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from dllm_trt.contract import GRAPH_FILES
+from dllm_trt.contract import GRAPH_FILES, OUTSIDE_LAYERS
 
 
 def write_fusion_report(stem: Path, manifest: dict, entries: list[dict]) -> None:
@@ -28,6 +28,21 @@ def markdown(manifest: dict, entries: list[dict]) -> str:
             removed = ", ".join(f"{op} {n}" for op, n in result["changed"].items() if n < 0) or "-"
             added = ", ".join(f"{op} +{n}" for op, n in result["changed"].items() if n > 0) or "-"
             lines.append(f"| {entry['name']} | {graph} | {result['matched']} | {removed} | {added} | {parity} |")
+    lines += ["", "## Fusions against the model", "",
+              "How many of each op the model runs (export's census of its modules), how many were fused, and for "
+              "each layer a rule missed, the rule's own reason.", "",
+              "| op | the model has | fused | missed |", "|---|---|---|---|"]  # fmt: skip
+    for entry in entries:
+        for result in entry["graphs"].values():
+            fusion = result.get("fusion")
+            if fusion is None:
+                continue
+            missed = "<br>".join(
+                f"{'outside the layers' if m['layer'] == OUTSIDE_LAYERS else 'layer ' + m['layer']}: "
+                f"{m['fused']} of {m['expected']}: {m['reason']}"
+                for m in fusion["misses"]
+            )  # fmt: skip
+            lines.append(f"| {fusion['op']} | {fusion['expected']} | {fusion['fused']} | {missed or '-'} |")
     lines += ["", "Final op counts:", ""]
     for graph in GRAPH_FILES:
         for entry in reversed(entries):

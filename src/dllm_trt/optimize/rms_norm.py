@@ -40,6 +40,7 @@ from onnxscript.rewriter import pattern
 
 from dllm_trt.errors import DllmError
 from dllm_trt.optimize.context import PassContext
+from dllm_trt.optimize.fusion_census import nodes_of
 
 _FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE)
 _LOW_PRECISION = (ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
@@ -154,9 +155,9 @@ def _require_opset_23(model: ir.Model) -> None:
         raise DllmError(f"RMSNormalization needs ONNX opset 23; this graph imports opset {version}: re-export it")
 
 
-def fuse_rms_norm(model: ir.Model, ctx: PassContext) -> int:
-    """All targets: TensorRT parses RMSNormalization since 10.15, onnxruntime runs it on CPU and CUDA."""
-    _require_opset_23(model)
+def fusion_rules(model: ir.Model, ctx: PassContext) -> list[pattern.RewriteRule]:
+    """The variants in the order fuse_rms_norm applies them: the larger patterns first."""
+    del ctx
     scales = _scale_factory(model.graph)
     phases = [
         ("rms_norm_low_precision_weighted", True, True),
@@ -164,8 +165,15 @@ def fuse_rms_norm(model: ir.Model, ctx: PassContext) -> int:
         ("rms_norm_weighted", False, True),
         ("rms_norm", False, False),
     ]
-    count = 0
-    for name, low_precision, weighted in phases:
-        rule = _RmsNorm.rule(name, low_precision, weighted, scales)
-        count += pattern.RewriteRuleSet([rule], commute=True).apply_to_model(model)
-    return count
+    return [_RmsNorm.rule(name, low_precision, weighted, scales) for name, low_precision, weighted in phases]
+
+
+def fused_nodes(model: ir.Model, ctx: PassContext) -> list[ir.Node]:
+    return nodes_of(model, "", "RMSNormalization")
+
+
+def fuse_rms_norm(model: ir.Model, ctx: PassContext) -> int:
+    """All targets: TensorRT parses RMSNormalization since 10.15, onnxruntime runs it on CPU and CUDA."""
+    _require_opset_23(model)
+    # one variant at a time, so that a smaller variant never takes part of a larger one's match
+    return sum(pattern.RewriteRuleSet([rule], commute=True).apply_to_model(model) for rule in fusion_rules(model, ctx))

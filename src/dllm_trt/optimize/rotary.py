@@ -20,8 +20,8 @@ pairs (i, i + D/2) see cos 1 and sin 0 and pass unrotated. That is not ONNX's pa
 with the same tables, which is exactly the reference. The check proves the cos/sin tables are two copies of
 one frequency vector (the Concat(f, f)): only then does the half-size cache carry the same information.
 
-Measured on onnxruntime 1.32 CPU (one thread; q and k of one layer, the small preset's shapes): 2-3x
-faster than the unfused ops (e.g. 57 -> 29 us for B=1, T=64, 4/2 heads, D=64), identical to 1e-6.
+Why fuse on every target: TensorRT parses RotaryEmbedding into one kernel, and onnxruntime's CPU kernel runs
+it faster than the unfused ops with the same result (README, "Measurements behind the passes").
 Letters: B batch, T tokens, H heads, D head dim.
 """
 
@@ -35,6 +35,7 @@ from onnxscript.rewriter import pattern
 
 from dllm_trt.errors import DllmError
 from dllm_trt.optimize.context import PassContext
+from dllm_trt.optimize.fusion_census import nodes_of
 
 _INT64_MAX = 2**63 - 1
 
@@ -150,12 +151,20 @@ def _cache_factory(graph: ir.Graph) -> CacheFactory:
     return caches
 
 
+def fusion_rules(model: ir.Model, ctx: PassContext) -> list[pattern.RewriteRule]:
+    del ctx
+    return [_RotateHalfRope.rule(_cache_factory(model.graph))]
+
+
+def fused_nodes(model: ir.Model, ctx: PassContext) -> list[ir.Node]:
+    return nodes_of(model, "", "RotaryEmbedding")
+
+
 def fuse_rotary_embedding(model: ir.Model, ctx: PassContext) -> int:
     """All targets: onnxruntime runs it correctly and faster on CPU; TensorRT parses it since 10.15."""
     version = model.opset_imports.get("", 0)
     if version < 23:
         raise DllmError(f"RotaryEmbedding needs ONNX opset 23; this graph imports opset {version}: re-export it")
-    rule = _RotateHalfRope.rule(_cache_factory(model.graph))
-    count = pattern.RewriteRuleSet([rule], commute=True).apply_to_model(model)
+    count = pattern.RewriteRuleSet(fusion_rules(model, ctx), commute=True).apply_to_model(model)
     common_passes.RemoveUnusedNodesPass()(model)  # the full-size cos/sin tables and their Unsqueezes
     return count

@@ -15,7 +15,7 @@ generation.sampler.sampling_head and the reference do:
     next_self_conditioning = (probs of processed in the embedding dtype) @ E * sqrt(H)
 For `ort-cpu` each ArgMax is emitted as Squeeze(TopK(x, 1) indices): the same index (ONNX TopK
 puts the lower index first on a tie, as ArgMax returns the first maximum) and faster on
-onnxruntime's CPU kernels (two [64, 8192] ArgMax 0.55 ms, TopK 0.37 ms; measured on this machine).
+onnxruntime's CPU kernels (README, "Measurements behind the passes").
 It replaces the `logits` output by sampled_ids, argmax_ids [B, R] int64, entropy [B, R] fp32 and
 next_self_conditioning [B, R, H]. Outputs 93x smaller than the logits (at the released sizes)
 leave the device. Letters: B batch, R rows (the canvas, or none), V vocab, H hidden.
@@ -26,11 +26,11 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from dllm_trt.contract import STEP_INPUTS
+from dllm_trt.contract import LOGITS, SAMPLING_INPUTS, SAMPLING_OUTPUTS, STEP_INPUTS
 from dllm_trt.optimize.context import PassContext
 
-NEW_INPUTS = ("temperature", "sampling_noise")
-NEW_OUTPUTS = ("sampled_ids", "argmax_ids", "entropy", "next_self_conditioning")
+TEMPERATURE, SAMPLING_NOISE = SAMPLING_INPUTS
+SAMPLED_IDS, ARGMAX_IDS, ENTROPY, NEXT_SELF_CONDITIONING = SAMPLING_OUTPUTS
 
 
 def _embedding(graph: ir.Graph) -> tuple[ir.Value, ir.Value]:
@@ -50,19 +50,23 @@ def _const(graph: ir.Graph, name: str, value: np.ndarray) -> ir.Value:
     return out
 
 
+def fused_nodes(model: ir.Model, ctx: PassContext) -> list[ir.Node]:
+    """The head's last node (what makes next_self_conditioning): the head has no op of its own to count."""
+    output = next((v for v in model.graph.outputs if v.name == NEXT_SELF_CONDITIONING), None)
+    return [output.producer()] if output is not None and output.producer() is not None else []
+
+
 def add_sampling_head(model: ir.Model, ctx: PassContext) -> int:
     graph = model.graph
-    logits = next((v for v in graph.outputs if v.name == "logits"), None)
+    logits = next((v for v in graph.outputs if v.name == LOGITS), None)
     if logits is None:
         return 0  # not a step in logits form (already has a head, or another graph)
     embed, embed_scale = _embedding(graph)
     batch, canvas, vocab = logits.shape.dims
     hidden = embed.shape.dims[1]
 
-    temperature = ir.Value(name="temperature", shape=ir.Shape([]), type=ir.TensorType(ir.DataType.FLOAT))
-    noise = ir.Value(
-        name="sampling_noise", shape=ir.Shape([batch, canvas, vocab]), type=ir.TensorType(ir.DataType.FLOAT)
-    )
+    temperature = ir.Value(name=TEMPERATURE, shape=ir.Shape([]), type=ir.TensorType(ir.DataType.FLOAT))
+    noise = ir.Value(name=SAMPLING_NOISE, shape=ir.Shape([batch, canvas, vocab]), type=ir.TensorType(ir.DataType.FLOAT))
     graph.inputs.extend([temperature, noise])
     fmin = _const(graph, "sampling_head.float32_min", np.array(np.finfo(np.float32).min, dtype=np.float32))
     axes = _const(graph, "sampling_head.last_axis", np.array([-1], dtype=np.int64))
@@ -106,10 +110,10 @@ def add_sampling_head(model: ir.Model, ctx: PassContext) -> int:
             else:
                 out.type = ir.TensorType(next(v.dtype for v in node.inputs if v is not None and v.dtype is not None))
     for value, name, dtype, shape in (
-        (sampled, "sampled_ids", ir.DataType.INT64, [batch, canvas]),
-        (argmax, "argmax_ids", ir.DataType.INT64, [batch, canvas]),
-        (entropy, "entropy", ir.DataType.FLOAT, [batch, canvas]),
-        (soft, "next_self_conditioning", embed_dtype, [batch, canvas, hidden]),
+        (sampled, SAMPLED_IDS, ir.DataType.INT64, [batch, canvas]),
+        (argmax, ARGMAX_IDS, ir.DataType.INT64, [batch, canvas]),
+        (entropy, ENTROPY, ir.DataType.FLOAT, [batch, canvas]),
+        (soft, NEXT_SELF_CONDITIONING, embed_dtype, [batch, canvas, hidden]),
     ):
         value.name = name
         value.type = ir.TensorType(dtype)

@@ -28,7 +28,7 @@ from dllm_trt.contract import (
     STEP,
     TARGETS,
 )
-from dllm_trt.errors import DllmError
+from dllm_trt.errors import CheckFailed, DllmError
 from dllm_trt.manifest import (
     atomic_output,
     check_external_data,
@@ -41,7 +41,8 @@ from dllm_trt.manifest import (
     write_manifest,
 )
 from dllm_trt.optimize.context import PassContext
-from dllm_trt.optimize.pipeline import PIPELINE, Pass, clean_up, diff_counts, op_counts
+from dllm_trt.optimize.fusion_census import count_fusions
+from dllm_trt.optimize.pipeline import CONVERT, PIPELINE, QUANTIZE, Pass, clean_up, diff_counts, op_counts
 from dllm_trt.optimize.report import write_fusion_report
 from dllm_trt.progress import Progress
 
@@ -60,6 +61,8 @@ class OptimizeOptions:
     reference: Path | None = None  # the checkpoint, if it moved since export
     quiet: bool = False
     passes: tuple[Pass, ...] | None = None  # None: the whole PIPELINE
+    # Write graphs whose attention or MoE layers a rule left unfused (trt, ort-cuda); they are listed either way.
+    allow_unfused: bool = False
 
 
 @dataclass(frozen=True)
@@ -67,6 +70,7 @@ class OptimizeResult:
     output: Path
     manifest: dict
     failed_passes: list[str]  # passes after which judged parity failed
+    unfused: list[str]  # one line per layer a fusion missed (the rule's reason), as the report lists them
 
 
 def _stage_manifest(source: dict, target: str, precision: str, graphs: dict, source_hash: str, dtype: str) -> dict:
@@ -155,7 +159,10 @@ def run(options: OptimizeOptions) -> OptimizeResult:
 
     graphs = {name: ir.load(str(source / file)) for name, file in GRAPH_FILES.items()}
     dtype = manifest["model"]["dtype"]
-    entries = []
+    entries: list[dict] = []
+    unfused: list[str] = []
+    required_misses: list[str] = []  # fail once every pass that must fuse has run, naming all their misses
+    last_required = max((i for i, p in enumerate(active) if target in p.required_for), default=-1)
     with atomic_output(out, force=force) as tmp:
         scratch = tmp / ".scratch"
         for index, step in enumerate(active):
@@ -169,8 +176,25 @@ def run(options: OptimizeOptions) -> OptimizeResult:
                     after = op_counts(graphs[name])
                     entry["graphs"][name] = dict(matched=matched, ops_before=before, ops_after=after,
                                                  changed=diff_counts(before, after))  # fmt: skip
-                notes.append(", ".join(f"{g}: {e['matched']} matched" for g, e in entry["graphs"].items()))
-                if step.name == "convert_precision":
+                    if step.census is not None:
+                        count = count_fusions(graphs[name], ctx, step.census)
+                        entry["graphs"][name]["fusion"] = count.to_dict()
+                        missed = [miss.line(count.op) for miss in count.misses]
+                        unfused += missed
+                        if target in step.required_for:
+                            required_misses += missed
+                notes.append(", ".join(_pass_note(e) for e in entry["graphs"].values()))
+                if index == last_required and required_misses and not options.allow_unfused:
+                    raise CheckFailed(
+                        "; ".join(required_misses) + f". An unfused layer is slow on {target}: fix the graph, or "
+                        "pass --allow-unfused to write it anyway"
+                    )
+                if step.name == QUANTIZE and reference is not None:
+                    from dllm_trt.parity.reference import quantize_as_stored
+
+                    # Later passes are judged against transformers with the same weights the graph now stores.
+                    quantize_as_stored(reference, precision)
+                if step.name == CONVERT:
                     dtype = PRECISION_DTYPES[precision]
                 if reference is not None and (parity == "each" or index == len(active) - 1):
                     scratch.mkdir(exist_ok=True)
@@ -191,6 +215,7 @@ def run(options: OptimizeOptions) -> OptimizeResult:
                      parity=_parity_summary(e.get("parity")))
                 for e in entries
             ]  # fmt: skip
+            result["fusions"] = _fusion_summary(entries)
             result["timings_s"] = progress.timings
             write_manifest(tmp, result)
             write_fusion_report(tmp / FUSION_REPORT, result, entries)
@@ -199,7 +224,7 @@ def run(options: OptimizeOptions) -> OptimizeResult:
         p["name"] for p in result["passes"]
         if p["parity"] and p["parity"].get("judged") and p["parity"].get("passed") is False
     ]  # fmt: skip
-    return OptimizeResult(out, result, failed)
+    return OptimizeResult(out, result, failed, unfused)
 
 
 def _save(graphs: dict[str, ir.Model], source: Path, directory: Path) -> dict[str, dict]:
@@ -214,6 +239,24 @@ def _save(graphs: dict[str, ir.Model], source: Path, directory: Path) -> dict[st
         ir.save(ir.load(source / SELF_CONDITIONING_FILE), path, external_data=f"{SELF_CONDITIONING_FILE}.data")
         described["self_conditioning"] = describe_graph(path, external_data_entries(check_external_data(path)))
     return described
+
+
+def _pass_note(graph_entry: dict) -> str:
+    fusion = graph_entry.get("fusion")
+    if fusion is None:
+        return f"{graph_entry['matched']} matched"
+    missed = f", {len(fusion['misses'])} layer(s) missed" if fusion["misses"] else ""
+    return f"{fusion['fused']} of the model's {fusion['expected']} {fusion['op']} fused{missed}"
+
+
+def _fusion_summary(entries: list[dict]) -> dict:
+    """{op: {expected, fused, misses}} over the fusing passes, for the manifest."""
+    return {
+        graph["fusion"]["op"]: {key: graph["fusion"][key] for key in ("expected", "fused", "misses")}
+        for entry in entries
+        for graph in entry["graphs"].values()
+        if "fusion" in graph
+    }
 
 
 def _parity_summary(parity: dict | None) -> dict | None:

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import onnx
 
+from dllm_trt.contract import derives_from, layer_weight
 from dllm_trt.errors import DllmError
 
 PROLOGUE = -1
@@ -57,8 +58,7 @@ AFTER_ROUTER = ("MoE", "MoE norm", "feed-forward norm", "layer output")
 
 def weight_of(name: str, module: str, layer: int) -> bool:
     """Whether initializer `name` is `module`'s weight in `layer`, under any pass's suffixes."""
-    base = f"model.decoder.layers.{layer}.{module}.weight"
-    return name == base or name.startswith(base + ".")
+    return derives_from(name, layer_weight(layer, module))
 
 
 @dataclass
@@ -168,7 +168,7 @@ def _boundaries(graph: _Graph, layers: int) -> list[str]:
 
 
 def _is_final_norm(name: str) -> bool:
-    return name == FINAL_NORM or name.startswith(FINAL_NORM + ".")
+    return derives_from(name, FINAL_NORM)
 
 
 def _labels(graph: _Graph, boundaries: list[str]) -> list[int]:

@@ -129,6 +129,10 @@ def summarize_network(lib: TrtLibrary, network: object) -> NetworkSummary:
     return summary
 
 
+# TensorRT's own default builder optimization level (0..5): what `build` and lint-trt's trial build use.
+DEFAULT_OPT_LEVEL = 3
+
+
 def build_serialized(
     lib: TrtLibrary,
     parsed: tuple,

@@ -46,7 +46,15 @@ from typing import Protocol
 
 import numpy as np
 
-from dllm_trt.contract import MOE_ACTIVATION, MOE_INPUTS, MOE_OP, MOE_WEIGHT_FORMAT, PLUGIN_NAMESPACE, PLUGIN_VERSION
+from dllm_trt.contract import (
+    MOE_ACTIVATION,
+    MOE_INPUT_DTYPES,
+    MOE_INPUTS,
+    MOE_OP,
+    MOE_WEIGHT_FORMAT,
+    PLUGIN_NAMESPACE,
+    PLUGIN_VERSION,
+)
 from dllm_trt.kernels.moe_launches import STAGES, MoEShape, grids, kernel_specs, tile_m, workspace_layout
 from dllm_trt.trt.triton_aot import CompiledKernel, compile_specs
 
@@ -234,10 +242,9 @@ def plugin_classes(trt) -> tuple[type, type]:  # noqa: ANN001
                 return False
             if pos in (1, 2):  # router logits and per-expert scales stay fp32
                 return desc.type == trt.float32
-            if self.weight_format != "float" and 3 <= pos < num_inputs:  # contract.MOE_INPUTS
-                kinds = {"fp8": (trt.fp8, trt.fp8, trt.float32, trt.float32),
-                         "nvfp4": (trt.fp4, trt.fp4, trt.fp8, trt.fp8, trt.float32, trt.float32)}  # fmt: skip
-                return desc.type == kinds[self.weight_format][pos - 3]
+            if self.weight_format != "float" and 3 <= pos < num_inputs:  # the stored experts and their scales
+                stored = {"float32": trt.float32, "float8_e4m3fn": trt.fp8, "float4_e2m1fn": trt.fp4}
+                return desc.type == stored[MOE_INPUT_DTYPES[self.weight_format][pos][1]]
             return desc.type in floats and desc.type == in_out[0].desc.type  # hidden, weights, output share T
 
         def configure_plugin(self, inputs, outputs) -> None:  # noqa: ANN001

@@ -7,9 +7,18 @@ against this table; `build` registers the plugins themselves (trt.moe_plugin).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
-from dllm_trt.contract import MOE_ACTIVATION, MOE_OP, MOE_WEIGHT_FORMAT, PLUGIN_NAMESPACE, PLUGIN_VERSION
+from dllm_trt.contract import (
+    MOE_ACTIVATION,
+    MOE_EXPERT_INPUTS,
+    MOE_INPUT_DTYPES,
+    MOE_OP,
+    MOE_OUTPUT,
+    MOE_WEIGHT_FORMAT,
+    PLUGIN_NAMESPACE,
+    PLUGIN_VERSION,
+)
 
 FLOATS = ("float32", "float16", "bfloat16")  # "T" below
 
@@ -24,42 +33,25 @@ class PluginSpec:
     fixed_attributes: tuple[tuple[str, object], ...] = ()  # fields with the only value the kernels implement
 
 
-_F32 = ("float32",)
-
-PLUGINS: dict[str, PluginSpec] = {
-    MOE_OP: PluginSpec(
-        MOE_OP,
-        (
-            ("hidden", "T"),
-            ("router_logits", _F32),
-            ("per_expert_scale", _F32),
-            ("gate_up_proj", "T"),
-            ("down_proj", "T"),
-        ),
-        (("out", "T"),),
-        (("top_k", int), ("activation", str)),
-        constant_inputs=("gate_up_proj", "down_proj"),
-        fixed_attributes=(("activation", MOE_ACTIVATION),),
-    ),  # fmt: skip
-}
-
-# DllmMoE with quantized experts (attribute weight_format; contract.MOE_INPUTS): the same node with the
-# stored values and their scales in place of T weights.
-_FP8, _FP4 = ("float8_e4m3fn",), ("float4_e2m1fn",)
-_QUANTIZED_EXPERTS = {
-    "fp8": (("gate_up_proj", _FP8), ("down_proj", _FP8), ("gate_up_scale", _F32), ("down_scale", _F32)),
-    "nvfp4": (("gate_up_proj", _FP4), ("down_proj", _FP4), ("gate_up_block_scale", _FP8),
-              ("down_block_scale", _FP8), ("gate_up_global_scale", _F32), ("down_global_scale", _F32)),
-}  # fmt: skip
-QUANTIZED_MOE = {
-    fmt: replace(
-        PLUGINS[MOE_OP],
-        inputs=PLUGINS[MOE_OP].inputs[:3] + experts,
-        constant_inputs=tuple(name for name, _ in experts),
-        fixed_attributes=(*PLUGINS[MOE_OP].fixed_attributes, (MOE_WEIGHT_FORMAT, fmt)),
+def _moe_spec(weight_format: str) -> PluginSpec:
+    """DllmMoE with `weight_format` experts, its inputs and dtypes as contract.MOE_INPUT_DTYPES lists them."""
+    fixed = (("activation", MOE_ACTIVATION),) + (
+        ((MOE_WEIGHT_FORMAT, weight_format),) if weight_format != "float" else ()
     )
-    for fmt, experts in _QUANTIZED_EXPERTS.items()
-}
+    return PluginSpec(
+        MOE_OP,
+        tuple((name, dtype if dtype == "T" else (dtype,)) for name, dtype in MOE_INPUT_DTYPES[weight_format]),
+        ((MOE_OUTPUT, "T"),),
+        (("top_k", int), ("activation", str)),
+        constant_inputs=MOE_EXPERT_INPUTS[weight_format],
+        fixed_attributes=fixed,
+    )
+
+
+PLUGINS: dict[str, PluginSpec] = {MOE_OP: _moe_spec("float")}
+# DllmMoE with quantized experts (attribute weight_format): the same node with the stored values and their
+# scales in place of T weights.
+QUANTIZED_MOE = {fmt: _moe_spec(fmt) for fmt in MOE_INPUT_DTYPES if fmt != "float"}
 
 
 def plugin_spec(op_type: str, attributes: dict) -> PluginSpec | None:

@@ -38,6 +38,7 @@ import numpy as np
 import onnx_ir as ir
 from onnxscript.rewriter import pattern
 
+from dllm_trt.contract import derived_name
 from dllm_trt.errors import DllmError
 from dllm_trt.optimize.context import PassContext
 from dllm_trt.optimize.fusion_census import nodes_of
@@ -137,7 +138,7 @@ def _scale_factory(graph: ir.Graph) -> ScaleFactory:
     """Initializers the rules need (ones, a weight in x's dtype), created once per graph and reused."""
 
     def scale(dtype: ir.DataType, values: np.ndarray, hint: str) -> ir.Value:
-        name = f"{hint}.{dtype.name.lower()}"
+        name = derived_name(hint, dtype.name.lower())
         existing = graph.initializers.get(name)
         if existing is not None:
             return existing

@@ -282,6 +282,12 @@ def main(argv: list[str] | None = None) -> int:
     graphs = device == "cuda"
     rows: list[dict] = []
 
+    def write() -> None:
+        if args.json:
+            report = dict(gpu=gpu, torch=torch.__version__, peak_bytes_per_s=peak, preset=preset, layers=layers,
+                          prompt=args.prompt, rows=rows)  # fmt: skip
+            args.json.write_text(json.dumps(report, indent=1))
+
     def record(impl: str, fmt: str, batch: int, result: dict, weights: int, cache: int, extra: dict) -> None:
         floor_ms = (weights + cache) / peak * 1e3
         canvas = model.config.canvas_length
@@ -293,6 +299,7 @@ def main(argv: list[str] | None = None) -> int:
             at_30 = extra["denoise_ms_at_30"], extra["encode_ms_at_30"]
             row["tok_s_at_30"] = tokens_per_second(batch, canvas, *at_30)
         rows.append(row)
+        write()  # after every row: a deadline that cuts the run keeps what it measured
         graph = f"{row['graph_ms']:9.2f}" if row.get("graph_ms") is not None else f"{'n/a':>9}"
         at_30 = f"{row['denoise_ms_at_30']:9.2f}" if "denoise_ms_at_30" in row else f"{'n/a':>9}"
         print(f"{impl:>12} {fmt:>6} {batch:>3} {row['denoise_ms']:10.2f} {graph} {row['encode_ms']:9.2f} {at_30} "
@@ -311,6 +318,7 @@ def main(argv: list[str] | None = None) -> int:
             except Exception as exc:  # a transformers that cannot run here must not cost the rest
                 print(f"transformers at batch {batch} failed: {type(exc).__name__}: {exc}")
                 rows.append(dict(impl="transformers", batch=batch, error=f"{type(exc).__name__}: {exc}"))
+                write()
             case = None
             _release(device)
         del probe
@@ -339,9 +347,8 @@ def main(argv: list[str] | None = None) -> int:
         measure(fmt, stores.pop(fmt))
         _release(device)
     _summary(rows, gpu, layers)
+    write()
     if args.json:
-        args.json.write_text(json.dumps(dict(gpu=gpu, torch=torch.__version__, peak_bytes_per_s=peak, preset=preset,
-                                             layers=layers, prompt=args.prompt, rows=rows), indent=1))  # fmt: skip
         print(f"wrote {args.json}")
     return 0
 

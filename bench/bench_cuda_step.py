@@ -341,7 +341,8 @@ def main(argv: list[str] | None = None) -> int:
     quantized = [fmt for fmt in formats if fmt != "float"]
     # every quantized format is made before any is timed, the bf16 experts released layer by layer as the last
     # is made: so each format's batch-8 step fits beside the weights (layers_that_fit)
-    stores = {fmt: TritonMoE(model.model.decoder.layers, fmt, release_float=fmt == quantized[-1]) for fmt in quantized}
+    stores = {fmt: TritonMoE(model.model.decoder.layers, fmt, model if fmt == quantized[-1] else None)
+              for fmt in quantized}  # fmt: skip
     _release(device)
     for fmt in quantized:
         measure(fmt, stores.pop(fmt))

@@ -66,6 +66,18 @@ def test_nvfp4_experts_generate_what_transformers_generates_over_the_same_expert
     assert step.moe.nbytes < float_bytes / 6  # stored, not dequantized
 
 
+def test_quantized_experts_drop_every_reference_to_the_float_ones(tiny_ckpt):
+    """What lets a GPU hold the released model's quantized experts: the decoder's float experts and the
+    encoder's (the same tensors, tied) are dropped as each layer's are stored."""
+    from dllm_trt.generation.triton_step import TritonStep
+
+    model = load_model(tiny_ckpt)
+    step = TritonStep(model, "fp8", cuda_graphs=False, release_float=True)
+    for layers in (model.model.decoder.layers, model.model.encoder.language_model.layers):
+        assert all(layer.experts.gate_up_proj is None and layer.experts.down_proj is None for layer in layers)
+    assert [s.weight_format for s in step.moe.stores] == ["fp8"] * len(model.model.decoder.layers)
+
+
 def test_the_cuda_device_is_refused_in_one_line_where_there_is_none(tiny_ckpt):
     if torch.cuda.is_available():
         pytest.skip("a CUDA device is here")

@@ -41,7 +41,10 @@ EXPERT_FORMATS = ("float", "fp8", "nvfp4")
 class TritonMoE(nn.Module):
     """Every layer's router and experts through the fused kernels, over experts stored in one format."""
 
-    def __init__(self, layers: nn.ModuleList, weight_format: str, release_float: bool = False) -> None:
+    def __init__(self, layers: nn.ModuleList, weight_format: str, release_from: nn.Module | None = None) -> None:
+        """`release_from`: a model whose every reference to a layer's float experts (the decoder's and the
+        tied encoder's) is dropped once that layer's are stored in another format, layer by layer, so the
+        float and the stored experts are never all in memory at once."""
         super().__init__()
         if weight_format not in EXPERT_FORMATS:
             raise DllmError(f"unknown expert format '{weight_format}'; one of {', '.join(EXPERT_FORMATS)}")
@@ -49,13 +52,19 @@ class TritonMoE(nn.Module):
         self.top_k = layers[0].router.config.top_k_experts
         self.stores: list[StoredExperts] = []
         self.per_expert_scale: list[torch.Tensor] = []  # fp32 once, not a cast per call
+        holders: dict[int, list[tuple[nn.Module, str]]] = {}
+        if release_from is not None and weight_format != "float":
+            for module in release_from.modules():
+                for name in ("gate_up_proj", "down_proj"):
+                    if isinstance(module._parameters.get(name), torch.Tensor):
+                        holders.setdefault(id(module._parameters[name]), []).append((module, name))
         for layer in layers:
             experts = layer.experts
-            self.stores.append(store_experts(weight_format, experts.gate_up_proj.detach(), experts.down_proj.detach(),
-                                             experts.gate_up_proj.dtype))  # fmt: skip
+            gate_up, down = experts.gate_up_proj, experts.down_proj
+            self.stores.append(store_experts(weight_format, gate_up.detach(), down.detach(), gate_up.dtype))
             self.per_expert_scale.append(layer.router.per_expert_scale.detach().float().contiguous())
-            if release_float and weight_format != "float":  # the float experts are not read again
-                experts.gate_up_proj, experts.down_proj = None, None
+            for module, name in holders.get(id(gate_up), []) + holders.get(id(down), []):
+                setattr(module, name, None)
 
     @property
     def nbytes(self) -> int:
@@ -109,8 +118,8 @@ class TritonStep(TorchStep):
         self, model, weight_format: str = "float", cuda_graphs: bool = True, layers: int | None = None,
         release_float: bool = False, experts: TritonMoE | None = None,
     ) -> None:  # noqa: ANN001  # fmt: skip
-        """`layers`: the first layers only (a bench's per-layer cost); `release_float`: drop transformers'
-        float experts once stored in another format; `experts`: stored experts to share with another step."""
+        """`layers`: the first layers only (a bench's per-layer cost); `release_float`: drop the model's float
+        experts once stored in another format; `experts`: stored experts to share with another step."""
         from dllm_trt.generation.step import StepInfo
         from dllm_trt.kernels.moe_triton import triton_available
 
@@ -119,7 +128,9 @@ class TritonStep(TorchStep):
         decoder_layers = model.model.decoder.layers
         if layers is not None:
             decoder_layers = nn.ModuleList(list(decoder_layers)[:layers])
-        self.moe = experts if experts is not None else TritonMoE(decoder_layers, weight_format, release_float)
+        if experts is None:
+            experts = TritonMoE(decoder_layers, weight_format, model if release_float else None)
+        self.moe = experts
         if self.moe.weight_format != weight_format or len(self.moe.stores) < len(decoder_layers):
             raise ValueError(f"the shared experts are {self.moe.weight_format} for {len(self.moe.stores)} layers")
         self.step = StepGraph(model, dense_moe=False, moe=self.moe, layers=layers)

@@ -31,14 +31,14 @@ python3 -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 'no 
               'triton', triton.__version__, 'transformers', transformers.__version__)"; } | tee "$OUT/gpu.txt"
 status=0
 # 1. under TRITON_INTERPRET=1 (these files interpret the CPU cases; the GPU cases launch compiled cubins)
-timeout "$(budget 110)" python3 -m pytest -q -rs -p no:cacheprovider tests/trt/test_moe_launch.py \
+timeout "$(budget 90)" python3 -m pytest -q -rs -p no:cacheprovider tests/trt/test_moe_launch.py \
   tests/generation/test_tensorrt_step.py -k "driver or cuda_graph or denoise_graph or failed_capture or engines_built" \
   2>&1 | tee "$OUT/tests_launch.log" || status=1
 # 2. Triton compiles for the GPU: the interpreter must be off before triton is imported
-TRITON_INTERPRET=0 timeout "$(budget 120)" python3 -m pytest -q -rs -s -p no:cacheprovider \
+TRITON_INTERPRET=0 timeout "$(budget 100)" python3 -m pytest -q -rs -s -p no:cacheprovider \
   tests/generation/test_triton_step.py -k on_cuda 2>&1 | tee "$OUT/tests_step.log" || status=1
 # 3.
-TRITON_INTERPRET=0 timeout "$(budget 100)" python3 bench/bench_moe_kernel.py --tokens 256 --iters 10 --budget-s 1 \
+TRITON_INTERPRET=0 timeout "$(budget 80)" python3 bench/bench_moe_kernel.py --tokens 256 --iters 10 --budget-s 1 \
   --json "$OUT/moe_kernel.json" 2>&1 | tee "$OUT/moe_kernel.log" || status=1
 # 4. last: it writes its JSON after every row, so a deadline cut keeps what was measured
 TRITON_INTERPRET=0 timeout "$(budget 300)" python3 bench/bench_cuda_step.py --json "$OUT/cuda_step.json" \

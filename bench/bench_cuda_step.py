@@ -370,7 +370,10 @@ def _summary(rows: list[dict], gpu: str, layers: int) -> None:
         if batch in theirs:
             parts.append(f"{theirs[batch]['denoise_ms'] / row['denoise_ms']:.2f}x transformers' speed")
         if (fmt != "float") and ("float", batch) in ours:
-            parts.append(f"{ours[('float', batch)]['denoise_ms'] / row['denoise_ms']:.2f}x the bf16 experts' speed")
+            bf16 = ours[("float", batch)]
+            bytes_ratio = (bf16["weight_bytes"] + bf16["cache_bytes"]) / (row["weight_bytes"] + row["cache_bytes"])
+            parts.append(f"{bf16['denoise_ms'] / row['denoise_ms']:.2f}x the bf16 experts' speed (bytes: "
+                         f"{bytes_ratio:.2f}x fewer)")  # fmt: skip
         if "denoise_ms_at_30" in row:
             parts.append(f"at 30 layers {row['denoise_ms_at_30']:.2f} ms, {row['tok_s_at_30']:.0f} tok/s")
             if design and batch == 1:

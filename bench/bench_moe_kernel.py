@@ -6,8 +6,9 @@
 Compares, per token count N (256 = one batch-1 denoise step) and per expert format: ``fused_moe``
 (5 Triton launches, the plan the TensorRT plugin runs) with the experts stored in the activations'
 dtype, in fp8 and in NVFP4 (quantized from the same fp32 experts exactly as `optimize --precision`
-stores them, dequantized inside the kernels); for the unquantized experts also a dense torch form
-(every expert on every token) and a per-expert gather loop like transformers' eager experts.
+stores them, on the GPU by kernels.expert_formats; dequantized inside the kernels); for the unquantized
+experts also a dense torch form (every expert on every token) and a per-expert gather loop like
+transformers' eager experts.
 Prints median ms (CUDA events) called eagerly and replayed from a CUDA graph (what an engine or a
 captured runtime pays), the bytes of the experts actually routed to in their stored format (values
 and scales), the bandwidth that implies, the ratio to that format's weight-read floor (3.35 TB/s
@@ -55,20 +56,19 @@ def make_weights(gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torc
 def format_case(weight_format: str, gate_up: torch.Tensor, down: torch.Tensor, dtype: torch.dtype) -> dict:
     """The experts as fused_moe takes them in one format, what moe_reference takes for them (fp32, as
     stored), and the bytes one expert occupies in that format (values and scales)."""
-    from dllm_trt.kernels import moe_triton as mt
-    from dllm_trt.kernels.quantization import dequantize_experts
+    from dllm_trt.kernels.expert_formats import store_experts
 
     if weight_format == "float":
         weights, scales = (gate_up.to(dtype), down.to(dtype)), ()
         reference = weights
     else:
+        # on the device, byte for byte what optimize stores (kernels.expert_formats; the host's numpy took ~40 s)
         started = time.perf_counter()
-        tensors, stored = mt.quantized_experts(weight_format, gate_up.cpu().numpy(), down.cpu().numpy())
-        tensors = tuple(t.to(DEVICE) for t in tensors)
-        weights, scales = tensors[:2], tensors[2:]
-        reference = tuple(torch.from_numpy(w).to(DEVICE) for w in dequantize_experts(weight_format, *stored))
+        stored = store_experts(weight_format, gate_up, down, dtype)
+        weights, scales = (stored.gate_up, stored.down), stored.scales
+        reference = stored.dequantized()
         seconds = time.perf_counter() - started
-        print(f"  {weight_format}: quantized {len(gate_up)} experts on the host in {seconds:.1f} s")
+        print(f"  {weight_format}: quantized {len(gate_up)} experts on {DEVICE} in {seconds:.2f} s")
     per_expert = sum(t.numel() * t.element_size() for t in (*weights, *scales)) / len(gate_up)
     return dict(weights=weights, scales=scales, reference=reference, bytes_per_expert=per_expert)
 

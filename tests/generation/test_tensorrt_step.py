@@ -12,6 +12,8 @@ import pytest
 import torch
 
 from dllm_trt.errors import DllmError
+from dllm_trt.generation import cuda_graphs
+from dllm_trt.generation.tensorrt_step import NotCapturable
 
 HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None
 NO_TRT = "TensorRT is not installed here (its wheels download from NVIDIA's index, unreachable)"
@@ -45,12 +47,15 @@ def test_without_the_engines_library_the_backend_says_so_in_one_line(tmp_path):
 
 
 class FakeDenoiser:
-    """EngineRunner's interface over torch ops: sampled = canvas + 1, argmax = canvas, entropy = temperature
-    + cache sum (reads the cache by reference, as TensorRT reads it by address), next_sc = 2 * self_conditioning."""
+    """EngineRunner's interface over torch ops, on a stream of its own as the step's runners are: sampled =
+    canvas + 1, argmax = canvas, entropy = temperature + cache sum (reads the cache by reference, as TensorRT
+    reads it by address), next_sc = 2 * self_conditioning. `stream_capturable` is what the context answers."""
 
     name = "fake.engine"
 
-    def __init__(self) -> None:
+    def __init__(self, device: str = "cuda", stream_capturable: bool = True) -> None:
+        self.device, self.stream_capturable = device, stream_capturable
+        self.stream = torch.cuda.Stream() if device == "cuda" else None
         self.capturable = True
         self.bound: dict[str, torch.Tensor] = {}
         self.enqueues = 0
@@ -61,14 +66,14 @@ class FakeDenoiser:
     def new_outputs(self):
         b, c = self.bound["input_ids"].shape
         self.out = dict(
-            sampled_ids=torch.empty(b, c, dtype=torch.int64, device="cuda"),
-            argmax_ids=torch.empty(b, c, dtype=torch.int64, device="cuda"),
-            entropy=torch.empty(b, c, device="cuda"),
+            sampled_ids=torch.empty(b, c, dtype=torch.int64, device=self.device),
+            argmax_ids=torch.empty(b, c, dtype=torch.int64, device=self.device),
+            entropy=torch.empty(b, c, device=self.device),
             next_self_conditioning=torch.empty_like(self.bound["self_conditioning"]),
         )
         return self.out
 
-    def enqueue(self, stream):
+    def _execute(self):
         self.enqueues += 1
         x = self.bound
         self.out["sampled_ids"].copy_(x["input_ids"] + 1)
@@ -78,14 +83,86 @@ class FakeDenoiser:
         )
         self.out["next_self_conditioning"].copy_(2 * x["self_conditioning"])
 
+    def enqueue(self):
+        if self.stream is None:
+            return self._execute()
+        cuda_graphs.run_on(self.stream, self._execute)
 
-def _step_feeds(batch, canvas, hidden, seed, temperature=0.5):
-    gen = torch.Generator(device="cuda").manual_seed(seed)
+    def capture(self):
+        if not self.stream_capturable:
+            raise NotCapturable("TensorRT says the execution context is not stream capturable")
+        return cuda_graphs.capture(self._execute, self.stream)
+
+    def replay(self, graph):
+        cuda_graphs.replay(graph, self.stream)
+
+    def synchronize(self):
+        if self.stream is not None:
+            self.stream.synchronize()
+
+
+def _step_feeds(batch, canvas, hidden, seed, temperature=0.5, device="cuda"):
+    gen = torch.Generator(device=device).manual_seed(seed)
     return dict(
-        input_ids=torch.randint(0, 100, (batch, canvas), device="cuda", generator=gen),
-        self_conditioning=torch.randn(batch, canvas, hidden, device="cuda", generator=gen, dtype=torch.bfloat16),
-        temperature=torch.tensor(temperature, device="cuda"),
+        input_ids=torch.randint(0, 100, (batch, canvas), device=device, generator=gen),
+        self_conditioning=torch.randn(batch, canvas, hidden, device=device, generator=gen, dtype=torch.bfloat16),
+        temperature=torch.tensor(temperature, device=device),
     )
+
+
+def test_a_context_that_is_not_stream_capturable_is_asked_first_and_runs_eagerly(capsys):
+    """The capture is never attempted where the context says no; the fallback says so once and stays."""
+    from dllm_trt.generation.tensorrt_step import DenoiseGraphs
+
+    fake = FakeDenoiser("cpu", stream_capturable=False)
+    graphs = DenoiseGraphs(fake)
+    cache = {"past_key.0": torch.ones(1, 2, 4, 8, dtype=torch.bfloat16)}
+    feeds = _step_feeds(1, 4, 8, 0, device="cpu")
+    out = graphs.run(feeds, cache)
+    torch.testing.assert_close(out["sampled_ids"], feeds["input_ids"] + 1)
+    assert "not stream capturable); running it eagerly" in capsys.readouterr().err
+    out = graphs.run(_step_feeds(1, 4, 8, 1, device="cpu"), cache)
+    assert graphs.captures == 0 and fake.capturable is False and capsys.readouterr().err == ""
+    assert fake.enqueues == 3  # the warm-up before asking, then one eager call each
+
+
+def test_inputs_are_placed_where_the_engine_reads_them():
+    """`get_tensor_location` decides host or device per tensor (TensorRT reads shape tensors on the host)."""
+    pytest.importorskip("tensorrt_rtx_bindings", reason="TensorRT for RTX is not installed (the rtx extra)")
+    from dllm_trt.generation.tensorrt_step import placements
+    from dllm_trt.trt.trt_library import TENSORRT_RTX, load_library
+
+    trt = load_library(TENSORRT_RTX).trt
+    assert hasattr(trt.ICudaEngine, "get_tensor_location")  # the name the bindings expose
+
+    class Locations:  # the one question placements asks an engine
+        def get_tensor_location(self, name):
+            return trt.TensorLocation.HOST if name == "shape_in" else trt.TensorLocation.DEVICE
+
+    assert placements(trt, Locations(), ["input_ids", "shape_in"]) == {"input_ids": "cuda", "shape_in": "cpu"}
+
+
+def test_rtx_runtime_settings_are_names_its_bindings_have():
+    """Read against the installed bindings, not guessed: every IRuntimeConfig attribute and enum member the
+    tensorrt backend sets exists in TensorRT for RTX, and TensorRT proper gets none of them."""
+    pytest.importorskip("tensorrt_rtx_bindings", reason="TensorRT for RTX is not installed (the rtx extra)")
+    from dllm_trt.trt.trt_library import TENSORRT_RTX, TrtLibrary, load_library, runtime_settings
+
+    lib = load_library(TENSORRT_RTX)
+    trt = lib.trt
+    graphed, plain = runtime_settings(lib, True), runtime_settings(lib, False)
+    assert graphed == {
+        "cuda_graph_strategy": trt.CudaGraphStrategy.WHOLE_GRAPH_CAPTURE,
+        "dynamic_shapes_kernel_specialization_strategy": trt.DynamicShapesKernelSpecializationStrategy.LAZY,
+    }
+    assert plain["cuda_graph_strategy"] == trt.CudaGraphStrategy.DISABLED
+    assert all(isinstance(getattr(trt.IRuntimeConfig, name), property) for name in graphed)
+    for name in ("create_runtime_config", "create_execution_context"):
+        assert hasattr(trt.ICudaEngine, name)
+    assert hasattr(trt.IRuntimeConfig, "set_execution_context_allocation_strategy")
+    assert hasattr(trt.IExecutionContext, "is_stream_capturable")
+    assert lib.captures_graphs and not TrtLibrary("tensorrt", trt, "11").captures_graphs
+    assert runtime_settings(TrtLibrary("tensorrt", trt, "11"), True) == {}
 
 
 @needs_cuda
@@ -109,23 +186,25 @@ def test_denoise_graph_replays_new_inputs_and_recaptures_when_the_cache_grows():
 
 
 @needs_cuda
-def test_an_engine_that_cannot_be_captured_runs_eagerly(capsys):
+def test_a_failed_capture_clears_its_error_and_the_step_runs_eagerly(capsys):
+    """An enqueue that does what a capture forbids (a host sync) fails the capture; its CUDA error is cleared,
+    so the eager fallback's own launches and copies work, and it says so once."""
     from dllm_trt.generation.tensorrt_step import DenoiseGraphs
 
-    class Uncapturable(FakeDenoiser):
-        def enqueue(self, stream):
-            if torch.cuda.is_current_stream_capturing():
-                raise RuntimeError("enqueue is not capturable")
-            super().enqueue(stream)
+    class Syncing(FakeDenoiser):
+        def _execute(self):
+            super()._execute()
+            float(self.out["entropy"].sum())  # a device-to-host copy: illegal inside a capture
 
-    graphs = DenoiseGraphs(Uncapturable())
+    graphs = DenoiseGraphs(Syncing())
     cache = {"past_key.0": torch.zeros(1, 2, 4, 8, dtype=torch.bfloat16, device="cuda")}
     feeds = _step_feeds(1, 4, 8, 0)
     out = graphs.run(feeds, cache)
     torch.testing.assert_close(out["argmax_ids"], feeds["input_ids"])
     assert graphs.runner.capturable is False and "running it eagerly" in capsys.readouterr().err
-    out = graphs.run(_step_feeds(1, 4, 8, 1), cache)  # and stays eager
-    assert graphs.captures == 0
+    out = graphs.run(_step_feeds(1, 4, 8, 1), cache)  # and stays eager, with working CUDA calls
+    torch.cuda.synchronize()
+    assert graphs.captures == 0 and cuda_graphs.clear_cuda_error() == 0
 
 
 # ---- needs TensorRT (never run on the machines this was written on) ------------------------------

@@ -68,3 +68,26 @@ def test_streamed_checkpoint_is_a_sharded_hf_checkpoint_transformers_loads(tmp_p
     assert float(model.model.encoder.language_model.layers[1].layer_scalar) == float(layer.layer_scalar) != 1.0
     assert float(model.model.decoder.embed_tokens.weight[0].detach().abs().sum()) == 0  # the padding row
     assert 0.2 < float(layer.experts.gate_up_proj.detach().float().std() * 32**0.5) < 0.8  # std 0.5/sqrt(fan_in)
+
+
+def test_a_random_model_built_in_place_is_tied_once_with_transformers_own_derived_buffers():
+    """build_random_model (what the GPU bench builds at the released widths): every encoder layer is its
+    decoder layer's tensors, the LM head the embedding, RoPE frequencies and the embedding scale as
+    transformers computes them, every weight finite and not transformers' init (norms around one)."""
+    import torch
+    from transformers import DiffusionGemmaForBlockDiffusion
+
+    from dllm_trt.models.presets import build_config, build_random_model
+
+    model = build_random_model("tiny", 2, seed=3)
+    reference = DiffusionGemmaForBlockDiffusion(build_config("tiny", 2))
+    theirs = dict(reference.named_buffers())
+    for name, buffer in model.named_buffers():
+        if "vision" not in name and "layer_scalar" not in name:
+            assert torch.equal(buffer, theirs[name]), name
+    encoder, decoder = model.model.encoder.language_model.layers, model.model.decoder.layers
+    assert all(a is b for e, d in zip(encoder, decoder) for a, b in zip(e.parameters(), d.parameters()))
+    assert model.lm_head.weight is model.model.decoder.embed_tokens.weight
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert not torch.equal(decoder[0].input_layernorm.weight, torch.ones_like(decoder[0].input_layernorm.weight))
+    assert torch.equal(build_random_model("tiny", 2, seed=3).lm_head.weight, model.lm_head.weight)  # seeded

@@ -32,22 +32,34 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 CASES = [("float", "fp32"), ("float", "bf16"), ("fp8", "bf16"), ("nvfp4", "bf16")]
 
 
-def _node(weight_format: str, dtype: str, n_tokens: int, device: str) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """The node's inputs (contract.MOE_INPUTS order) and its reference output, computed in fp32."""
-    gen = torch.Generator().manual_seed(n_tokens)
-    hidden = torch.randn(n_tokens, H, generator=gen).to(DTYPES[dtype])
-    logits = torch.randn(n_tokens, E, generator=gen) * 2
-    scale = torch.rand(E, generator=gen) + 0.5
+def _activations(dtype: str, n_tokens: int, seed: int) -> list[torch.Tensor]:
+    """hidden [N, H], router logits [N, E], per-expert scale [E]: the node's per-call inputs."""
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(n_tokens, H, generator=gen).to(DTYPES[dtype]), torch.randn(n_tokens, E, generator=gen) * 2,
+            torch.rand(E, generator=gen) + 0.5]  # fmt: skip
+
+
+def _experts(weight_format: str, dtype: str, seed: int) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+    """(the experts as the node takes them, from gate_up on; the float experts they stand for)."""
+    gen = torch.Generator().manual_seed(seed + 7)
     gate_up = torch.randn(E, 2 * I, H, generator=gen) / H**0.5
     down = torch.randn(E, H, I, generator=gen) / I**0.5
     if weight_format == "float":
-        experts = (gate_up.to(hidden.dtype), down.to(hidden.dtype))
-        reference = experts
-    else:
-        experts, stored = mt.quantized_experts(weight_format, gate_up.numpy(), down.numpy())
-        reference = tuple(torch.from_numpy(w) for w in dequantize_experts(weight_format, *stored))
-    ref = mt.moe_reference(hidden, logits, scale, *reference, K).float()
-    return [t.to(device) for t in (hidden, logits, scale, *experts)], ref
+        experts = (gate_up.to(DTYPES[dtype]), down.to(DTYPES[dtype]))
+        return experts, experts
+    experts, stored = mt.quantized_experts(weight_format, gate_up.numpy(), down.numpy())
+    return experts, tuple(torch.from_numpy(w) for w in dequantize_experts(weight_format, *stored))
+
+
+def _reference(activations: list[torch.Tensor], float_experts: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    return mt.moe_reference(*[t.cpu() for t in activations], *float_experts, K).float()
+
+
+def _node(weight_format: str, dtype: str, n_tokens: int, device: str) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """The node's inputs (contract.MOE_INPUTS order) and its reference output, computed in fp32."""
+    activations = _activations(dtype, n_tokens, n_tokens)
+    experts, reference = _experts(weight_format, dtype, n_tokens)
+    return [t.to(device) for t in (*activations, *experts)], _reference(activations, reference)
 
 
 class InterpretedLaunch:
@@ -128,3 +140,54 @@ def test_compiled_kernels_launched_through_the_driver_match_the_reference(weight
     print(f"\n[{weight_format} {dtype} sm_{major}{minor}] driver launch max abs err {err:.2e}")
     tol = 1e-4 if dtype == "fp32" else 2e-2
     torch.testing.assert_close(out.float().cpu(), ref, atol=tol, rtol=tol)
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU (the driver launch inside a CUDA-graph capture)"
+)
+@pytest.mark.parametrize("mode", ["global", "thread_local"])
+@pytest.mark.parametrize("weight_format,dtype", CASES)
+def test_the_plugin_launch_path_replays_from_a_cuda_graph_with_new_inputs(weight_format, dtype, mode):
+    """What an engine's enqueue does inside a CUDA graph (TensorRT's own capture, or a runtime's): the kernels
+    loaded before the capture, launch_moe captured on a non-default stream in `mode`, replayed with new
+    activations copied into the captured buffers, at 1 token and at the profile's maximum (the workspace is
+    sized for it), each replay against moe_reference."""
+    pytest.importorskip("cuda.bindings", reason="cuda-bindings is not installed")
+    from dllm_trt.generation import cuda_graphs
+    from dllm_trt.trt.cuda_launch import LoadedKernel
+    from dllm_trt.trt.moe_plugin import kernels_for
+
+    max_tokens = 256
+    experts, float_experts = _experts(weight_format, dtype, 0)
+    experts = [t.to("cuda") for t in experts]  # the engine's constant experts
+    shape = mt.moe_shape(_activations(dtype, 1, 0)[0], experts[0], K, weight_format)
+    bm = tile_m(16, shape)  # fixed at build time from the profile's opt, whatever the call's token count
+    major, minor = torch.cuda.get_device_capability()
+    kernels = {stage: LoadedKernel(k) for stage, k in kernels_for(shape, bm, major * 10 + minor).items()}
+    workspace = torch.empty(workspace_layout(shape, max_tokens)[1], dtype=torch.uint8, device="cuda")
+    stream = torch.cuda.Stream()
+    for n_tokens in (1, max_tokens):
+        static = [t.to("cuda") for t in _activations(dtype, n_tokens, 0)]  # per call: activations, logits, scales
+        out = torch.full_like(static[0], float("nan"))
+
+        def launch(static=static, out=out, n_tokens=n_tokens):  # noqa: ANN001, ANN202
+            pointers = [t.data_ptr() for t in (*static, *experts)]
+            launch_moe(kernels, shape, bm, pointers, out.data_ptr(), workspace.data_ptr(), n_tokens,
+                       torch.cuda.current_stream().cuda_stream)  # fmt: skip
+
+        cuda_graphs.run_on(stream, launch)  # eager, on the stream the capture uses
+        torch.cuda.synchronize()
+        torch.testing.assert_close(out.float().cpu(), _reference(static, float_experts), atol=2e-2, rtol=2e-2)
+        graph = cuda_graphs.capture(launch, stream, mode)
+        for seed in (1, 2):
+            fresh = _activations(dtype, n_tokens, seed)
+            for buffer, value in zip(static, fresh):
+                buffer.copy_(value)
+            out.fill_(float("nan"))
+            cuda_graphs.replay(graph, stream)
+            torch.cuda.synchronize()
+            ref = _reference(fresh, float_experts)
+            err = (out.float().cpu() - ref).abs().max().item()
+            print(f"\n[{weight_format} {dtype} {mode} N={n_tokens} replay {seed}] max abs err {err:.2e}")
+            tol = 1e-4 if dtype == "fp32" else 2e-2
+            torch.testing.assert_close(out.float().cpu(), ref, atol=tol, rtol=tol)

@@ -132,17 +132,109 @@ def test_the_workspace_holds_every_intermediate_at_the_largest_token_count():
     assert workspace_layout(shape, 1)[1] < size  # a smaller call fits inside
 
 
-def test_a_plugin_without_kernels_refuses_to_run():
-    pytest.importorskip("tensorrt_rtx_bindings", reason="TensorRT for RTX is not installed (the rtx extra)")
+def _rtx_plugin_class():
     from dllm_trt.trt.moe_plugin import plugin_classes
     from dllm_trt.trt.trt_library import load_library
 
-    plugin_class, _ = plugin_classes(load_library(TENSORRT_RTX).trt)
+    trt = load_library(TENSORRT_RTX).trt
+    return trt, plugin_classes(trt)[0]
+
+
+@needs_rtx
+def test_a_plugin_without_kernels_refuses_to_run_without_raising_into_tensorrt(capfd):
+    _, plugin_class = _rtx_plugin_class()
     plugin = plugin_class(K, "gelu_tanh", arch=None, ptx_version=None)
-    with pytest.raises(RuntimeError, match="carries no compiled kernels"):
-        plugin.enqueue([], [], [], [], 0, 0)
+    assert plugin.enqueue([], [], [], [], 0, 0) == 1  # a status TensorRT reports, not an exception it swallows
+    assert "carries no compiled kernels" in capfd.readouterr().err
     with pytest.raises(ValueError, match="implements activation 'gelu_tanh'"):
         plugin_class(K, "silu", arch=None, ptx_version=None)
+
+
+SHAPE = MoEShape("bf16", E, 48, 32, K)  # bf16 experts [E, 2I, H] = [6, 64, 48]
+ARCH = 121
+
+
+@pytest.fixture(scope="module")
+def compiled_by_rows() -> dict:
+    """The plan's kernels for SHAPE at every block size the plugin can pick (one compilation serves all)."""
+    from dllm_trt.trt.moe_plugin import BLOCK_ROWS, kernels_for
+
+    return {bm: kernels_for(SHAPE, bm, ARCH) for bm in BLOCK_ROWS}
+
+
+def test_kernels_for_gives_each_stage_its_own_kernel_at_every_block_size(compiled_by_rows):
+    """route, bucket and combine do not depend on the block rows, so the compiled set has fewer kernels than
+    stages x block sizes: each stage must still get its own (a misaligned map once gave bm 32 and 64 the
+    up kernel as `route` and no `combine` at all)."""
+    for bm, kernels in compiled_by_rows.items():
+        specs = kernel_specs(SHAPE, bm)
+        assert {stage: k.name for stage, k in kernels.items()} == {s: spec.kernel for s, spec in specs.items()}
+    assert compiled_by_rows[16]["route"].cubin == compiled_by_rows[64]["route"].cubin
+    assert len({compiled_by_rows[bm]["up"].cubin for bm in compiled_by_rows}) == 3
+
+
+def _descs(trt, opt_tokens: int) -> list:
+    """configure_plugin's inputs for SHAPE's node, with the profile's opt token count (the block rows follow it)."""
+
+    def desc(dims, dtype, rows=None):  # noqa: ANN001, ANN202
+        d = trt.DynamicPluginTensorDesc()
+        d.desc.dims, d.desc.type = trt.Dims(dims), dtype
+        if rows is not None:
+            d.min, d.opt, d.max = (trt.Dims([n, *dims[1:]]) for n in rows)
+        return d
+
+    e, h, i = SHAPE.experts, SHAPE.hidden, SHAPE.width
+    return [desc([-1, h], trt.bfloat16, (1, opt_tokens, 256)), desc([-1, e], trt.float32, (1, opt_tokens, 256)),
+            desc([e], trt.float32), desc([e, 2 * i, h], trt.bfloat16), desc([e, h, i], trt.bfloat16)]  # fmt: skip
+
+
+@needs_rtx
+def test_serialized_fields_carry_the_kernels_of_the_block_rows_they_name_in_every_order(compiled_by_rows):
+    """configure, clone and serialize in every order, reconfigured to other block rows (opt 16 -> bm 16,
+    96 -> 32, 192 -> 64): each serialized field set names the plugin's block rows and holds exactly the
+    kernels compiled for them; a plugin made from stored fields (run time, no target) keeps them."""
+    import base64
+
+    from dllm_trt.trt.moe_plugin import _fields_of, unpack_kernels
+
+    trt, plugin_class = _rtx_plugin_class()
+
+    def new():  # noqa: ANN202
+        return plugin_class(K, "gelu_tanh", arch=ARCH, ptx_version=None)
+
+    def stored(plugin) -> bytes:  # noqa: ANN001
+        return _fields_of(trt, plugin.get_fields_to_serialize())["kernels"]
+
+    def check(plugin, bm: int) -> bytes:  # noqa: ANN001
+        blob = stored(plugin)
+        kernels = unpack_kernels(blob)
+        assert plugin.bm == kernels["bm"] == bm
+        for stage, kernel in compiled_by_rows[bm].items():
+            assert base64.b64decode(kernels["kernels"][stage]["cubin"]) == kernel.cubin, (stage, bm)
+        return blob
+
+    a = new()
+    a.configure_plugin(_descs(trt, 16), [])
+    check(a, 16)  # configure -> serialize
+    b = a.clone()
+    b.configure_plugin(_descs(trt, 96), [])
+    check(b, 32)  # ... -> clone -> reconfigure -> serialize
+    check(a, 16)  # the original is untouched
+    c = new()
+    c.configure_plugin(_descs(trt, 16), [])
+    d = c.clone()
+    check(d, 16)  # configure -> clone -> serialize
+    d.configure_plugin(_descs(trt, 192), [])
+    check(d, 64)  # ... -> reconfigure after serializing: the cached fields are not reused
+    e = new()
+    assert "kernels" not in _fields_of(trt, e.get_fields_to_serialize())  # nothing configured: nothing to store
+    f = e.clone()
+    f.configure_plugin(_descs(trt, 96), [])
+    check(f, 32)  # serialize -> clone -> configure -> serialize
+    e.configure_plugin(_descs(trt, 192), [])
+    check(e, 64)  # serialize -> configure -> serialize
+    runtime = plugin_class(K, "gelu_tanh", arch=None, ptx_version=None, kernels=check(b, 32))
+    assert check(runtime.clone(), 32) == check(runtime, 32)  # no target at run time: the stored kernels stay
 
 
 def test_compiled_entries_declare_their_parameters():

@@ -13,4 +13,6 @@ ort_session.py       onnxruntime sessions with this machine's providers
 cpu_variant.py       a runnable CPU copy of graphs onnxruntime cannot run as they are (stand-ins, bf16)
 cpu_standins.py      Python stand-ins of the fused MoE ops (their specified semantics)
 tensorrt_step.py     the engines of `dllm-trt build` behind the Step interface
+triton_step.py       the torch backend on CUDA: the MoE through the Triton kernels, a graphed denoise step
+cuda_graphs.py       CUDA graphs as trtexec makes them: own stream, thread-local capture, cleared errors
 """

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from dllm_trt.contract import STAGE_BUILD
+from dllm_trt.contract import QUANTIZED_PRECISIONS, STAGE_BUILD
 from dllm_trt.errors import DllmError
 from dllm_trt.manifest import read_manifest
 
@@ -29,7 +29,9 @@ def open_step(artifacts: Path, backend: str, device: str = "cpu", checkpoint: Pa
             )
         return OnnxRuntimeStep.from_artifacts(artifacts, device)
     if backend == "torch":
-        return open_torch_step(checkpoint or Path(manifest["checkpoint"]["path"]), device)
+        precision = manifest.get("precision")
+        experts = precision if precision in QUANTIZED_PRECISIONS else "float"
+        return open_torch_step(checkpoint or Path(manifest["checkpoint"]["path"]), device, experts)
     if backend == "tensorrt":
         from dllm_trt.generation.tensorrt_step import TensorRTStep
 
@@ -40,10 +42,21 @@ def open_step(artifacts: Path, backend: str, device: str = "cpu", checkpoint: Pa
     raise DllmError(f"unknown backend '{backend}'; choose one of: {', '.join(BACKENDS)}")
 
 
-def open_torch_step(checkpoint: Path, device: str = "cpu"):  # noqa: ANN201
-    from dllm_trt.generation.step import TorchStep
+def open_torch_step(checkpoint: Path, device: str = "cpu", experts: str = "float"):  # noqa: ANN201
+    """transformers' modules over the checkpoint. On CPU as they are (TorchStep); on CUDA with the MoE through
+    the Triton kernels the engine plugin runs, the experts in `experts` format (the artifact's precision:
+    fp8 and nvfp4 as optimize stores them) and the denoise step from a CUDA graph (TritonStep)."""
     from dllm_trt.models.checkpoint import load_model
 
-    if device == "cuda" and not torch.cuda.is_available():
-        raise DllmError("--device cuda: torch sees no CUDA device here; pass --device cpu")
-    return TorchStep(load_model(checkpoint).to(device))
+    if device not in ("cpu", "cuda"):
+        raise DllmError(f"--device {device}: the torch backend runs on cpu or cuda")
+    if device == "cpu":
+        from dllm_trt.generation.step import TorchStep
+
+        return TorchStep(load_model(checkpoint))
+    if not torch.cuda.is_available():
+        raise DllmError("--device cuda: torch sees no CUDA device here (no GPU, or a CPU build of torch); "
+                        "pass --device cpu")  # fmt: skip
+    from dllm_trt.generation.triton_step import TritonStep
+
+    return TritonStep(load_model(checkpoint).to(device), experts, release_float=True)

@@ -70,7 +70,9 @@ def sampling_head(processed_logits: torch.Tensor, noise: torch.Tensor) -> HeadOu
     probs = torch.softmax(processed_logits, dim=-1, dtype=torch.float32)
     sampled = torch.argmax(probs.view(-1, vocab) / noise, dim=-1).view(batch, canvas)
     argmax = torch.argmax(processed_logits, dim=-1)
-    entropy = torch.distributions.Categorical(logits=processed_logits).entropy()
+    # the reference's Categorical entropy; without argument validation, which reads a device flag on the host
+    # (a CUDA-graph capture of the step forbids that), the same arithmetic
+    entropy = torch.distributions.Categorical(logits=processed_logits, validate_args=False).entropy()
     return HeadOutput(sampled, argmax, entropy)
 
 

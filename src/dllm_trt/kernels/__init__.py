@@ -2,5 +2,6 @@
 
 moe_triton.py    the routed-MoE Triton kernels and `fused_moe`, their torch entry point
 moe_launches.py  the kernels' launch plan (specs, grids, workspace), shared with the TensorRT plugin
-quantization.py  fp8 and nvfp4 weight quantization, both ways
+quantization.py  fp8 and nvfp4 weight quantization, both ways (numpy: what optimize stores)
+expert_formats.py the experts in the kernels' formats, made with torch on their device (bit-identical)
 """

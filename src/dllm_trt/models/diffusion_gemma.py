@@ -15,6 +15,7 @@ E experts, K active experts, I expert width, V vocab.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -170,11 +171,14 @@ def layer_forward(
     past_value: torch.Tensor,
     bias: torch.Tensor,
     dense_moe: bool = True,
+    moe: RoutedExperts | None = None,
+    index: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One decoder/encoder layer in the reference's order.
+    """One decoder/encoder layer (layer `index` of its model) in the reference's order.
 
     `dense_moe` picks the exportable every-expert form; False calls transformers' own experts
-    (faster in eager torch, but data-dependent, so not exportable).
+    (faster in eager torch, but data-dependent, so not exportable). `moe` replaces the router and
+    experts both (generation.triton_step: the fused kernels route as well).
     """
     residual = hidden
     attn_out, key, value = attend(layer.self_attn, layer.input_layernorm(hidden), cos, sin, past_key, past_value, bias)
@@ -183,20 +187,35 @@ def layer_forward(
     residual = hidden
     dense_out = layer.post_feedforward_layernorm_1(layer.mlp(layer.pre_feedforward_layernorm(hidden)))
     flat = residual.reshape(-1, residual.shape[-1])  # [N, H]
-    _, top_k_weights, top_k_index = layer.router(flat)
-    experts = moe_all_experts if dense_moe else lambda mod, *args: mod(*args)
-    moe_out = experts(layer.experts, layer.pre_feedforward_layernorm_2(flat), top_k_index, top_k_weights)
+    if moe is not None:
+        moe_out = moe(index, layer, flat, layer.pre_feedforward_layernorm_2(flat))
+    else:
+        _, top_k_weights, top_k_index = layer.router(flat)
+        experts = moe_all_experts if dense_moe else lambda mod, *args: mod(*args)
+        moe_out = experts(layer.experts, layer.pre_feedforward_layernorm_2(flat), top_k_index, top_k_weights)
     moe_out = layer.post_feedforward_layernorm_2(moe_out.reshape(residual.shape))
     hidden = residual + layer.post_feedforward_layernorm(dense_out + moe_out)
     return hidden * layer.layer_scalar, key, value
 
 
+class RoutedExperts(Protocol):
+    """A layer's router and experts in one: (layer index, layer, residual [N, H], its MoE-input norm [N, H]) ->
+    the experts' weighted sum [N, H], before post_feedforward_layernorm_2."""
+
+    def __call__(self, index: int, layer: nn.Module, residual: torch.Tensor, normed: torch.Tensor) -> torch.Tensor: ...
+
+
 class _StepBase(nn.Module):
-    def __init__(self, text_model: nn.Module, window: int, dense_moe: bool) -> None:
+    def __init__(
+        self, text_model: nn.Module, window: int, dense_moe: bool, moe: RoutedExperts | None = None,
+        layers: int | None = None,
+    ) -> None:  # fmt: skip
         super().__init__()
         self.dense_moe = dense_moe
+        self.moe = moe
         self.embed_tokens = text_model.embed_tokens
-        self.layers = text_model.layers
+        # the first `layers` only where asked (a bench separates the layers' cost from the rest's)
+        self.layers = text_model.layers if layers is None else nn.ModuleList(list(text_model.layers)[:layers])
         self.rotary_emb = text_model.rotary_emb
         self.window = window
         self.specs = specs_of(self.layers)
@@ -234,9 +253,12 @@ class Step(_StepBase):
     Outputs: key.i / value.i [B, G, T, D] for every layer i, then logits [B, R, V] float32.
     """
 
-    def __init__(self, model: DiffusionGemmaForBlockDiffusion, dense_moe: bool = True) -> None:
+    def __init__(
+        self, model: DiffusionGemmaForBlockDiffusion, dense_moe: bool = True, moe: RoutedExperts | None = None,
+        layers: int | None = None,
+    ) -> None:  # fmt: skip
         decoder = model.model.decoder  # its layers and embedding are the encoder's (tied in the checkpoint)
-        super().__init__(decoder, model.config.text_config.sliding_window, dense_moe)
+        super().__init__(decoder, model.config.text_config.sliding_window, dense_moe, moe, layers)
         self.self_conditioning = decoder.self_conditioning
         self.norm = decoder.norm
         self.lm_head = model.lm_head
@@ -264,7 +286,7 @@ class Step(_StepBase):
             cos, sin = rope[spec.sliding]
             hidden, key, value = layer_forward(
                 layer, hidden, cos, sin, past[2 * spec.index], past[2 * spec.index + 1], biases[spec.sliding],
-                dense_moe=self.dense_moe,
+                dense_moe=self.dense_moe, moe=self.moe, index=spec.index,
             )  # fmt: skip
             outputs += [key, value]
         logits = self.lm_head(self.norm(hidden[:, :rows])).to(torch.float32)  # [B, R, V]

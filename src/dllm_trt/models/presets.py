@@ -169,6 +169,61 @@ def randomize_(model: DiffusionGemmaForBlockDiffusion, seed: int) -> None:
             layer.layer_scalar.fill_(float(value))
 
 
+@torch.no_grad()
+def build_random_model(
+    preset: str,
+    num_layers: int | None = None,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+    dtype: torch.dtype | None = None,
+) -> DiffusionGemmaForBlockDiffusion:
+    """A model of `preset` with random weights made where it will run (a GPU builds the released widths in
+    seconds; no checkpoint is written or read). Built on the meta device and tied first, so each tied tensor
+    (every encoder layer is its decoder layer) is allocated once; derived buffers (RoPE frequencies, the
+    embedding scale) come from transformers' own `_init_weights`; weights get randomize_'s distributions."""
+    dtype = dtype or getattr(torch, PRESETS[preset].get("dtype", "float32"))
+    config = build_config(preset, num_layers)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device("meta"):
+            model = DiffusionGemmaForBlockDiffusion(config)
+    finally:
+        torch.set_default_dtype(default)
+    model.tie_weights()
+    made: dict[int, torch.Tensor] = {}  # by id of the meta tensor: tied tensors stay one tensor
+    for module in model.modules():
+        for group in (module._parameters, module._buffers):
+            for name, tensor in group.items():
+                if tensor is not None and tensor.is_meta:
+                    if id(tensor) not in made:
+                        empty = torch.empty(tensor.shape, dtype=tensor.dtype, device=device)
+                        made[id(tensor)] = torch.nn.Parameter(empty, False) if group is module._parameters else empty
+                    group[name] = made[id(tensor)]
+    for name, module in model.named_modules():
+        if "vision" not in name:
+            model._init_weights(module)
+        else:  # never run (text only); transformers' init needs what its minimal config lacks
+            for buffer in module._buffers.values():
+                if buffer is not None:
+                    buffer.zero_()
+    gen = torch.Generator(device=device).manual_seed(seed)
+    for param in model.parameters():
+        if param.ndim == 1:
+            param.normal_(1.0, 0.25, generator=gen)
+        else:
+            param.normal_(0.0, 0.5 / math.sqrt(param.shape[-1]), generator=gen)
+    model.model.decoder.self_conditioning.down_proj.weight.mul_(0.1)
+    text = model.config.text_config
+    if text.pad_token_id is not None:
+        model.model.decoder.embed_tokens.weight[text.pad_token_id].zero_()
+    for layers in (model.model.encoder.language_model.layers, model.model.decoder.layers):
+        for layer in layers:
+            layer.layer_scalar.uniform_(1.0, 1.25, generator=gen)
+    model.generation_config = generation_config_for(preset)
+    return model.eval()
+
+
 def make_checkpoint(
     out: Path, preset: str = "tiny", seed: int = 0, num_layers: int | None = None
 ) -> DiffusionGemmaForBlockDiffusion:

@@ -2,6 +2,7 @@
 
 stage.py          run(OptimizeOptions) -> OptimizeResult: the verb
 pipeline.py       the one ordered list of passes
+fusion_census.py  every fusing pass counted against the model's census; each miss with its rule's reason
 context.py        what every pass is told (target, precision, graph, model facts)
 upcast.py         a bf16/fp16 export seen in fp32, so that the fusions match it
 static_reshape.py head counts written into the exporter's view(..., -1, head_dim)

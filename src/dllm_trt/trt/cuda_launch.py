@@ -32,6 +32,33 @@ def _check(driver, result: tuple, what: str) -> object:  # noqa: ANN001
     return value[0] if value else None
 
 
+def current_arch() -> int | None:
+    """The compute capability (90 for sm_90) of the CUDA context current on this thread, or None when there
+    is none (no driver, no GPU, no context): where the plugin may load its kernels ahead of its first enqueue."""
+    try:
+        driver = _driver()
+        context = _check(driver, driver.cuCtxGetCurrent(), "cuCtxGetCurrent")
+        if not int(context):
+            return None
+        device = _check(driver, driver.cuCtxGetDevice(), "cuCtxGetDevice")
+        attribute = driver.CUdevice_attribute
+        major = _check(driver, driver.cuDeviceGetAttribute(attribute.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR,
+                                                           device), "cuDeviceGetAttribute")  # fmt: skip
+        minor = _check(driver, driver.cuDeviceGetAttribute(attribute.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR,
+                                                           device), "cuDeviceGetAttribute")  # fmt: skip
+        return int(major) * 10 + int(minor)
+    except Exception:  # noqa: BLE001 (no driver library, no device: not a GPU build)
+        return None
+
+
+def stream_is_capturing(stream: int) -> bool:
+    """Whether `stream` is being captured into a CUDA graph: a module must not be loaded then (in global and
+    thread-local capture modes the driver refuses such calls, or invalidates the capture)."""
+    driver = _driver()
+    status = _check(driver, driver.cuStreamIsCapturing(driver.CUstream(stream)), "cuStreamIsCapturing")
+    return status != driver.CUstreamCaptureStatus.CU_STREAM_CAPTURE_STATUS_NONE
+
+
 class LoadedKernel:
     """One compiled kernel loaded into the current CUDA context."""
 

@@ -133,6 +133,31 @@ def summarize_network(lib: TrtLibrary, network: object) -> NetworkSummary:
 DEFAULT_OPT_LEVEL = 3
 
 
+def builder_config(
+    lib: TrtLibrary,
+    builder: object,
+    profiles: list[dict[str, tuple[list[int], list[int], list[int]]]],
+    compute_capability: tuple[int, int],
+    opt_level: int,
+) -> object:
+    """The builder config of every dllm-trt engine: target, optimization level, profiles, and for TensorRT
+    for RTX `REQUIRE_USER_ALLOCATION`, without which its engines allocate at run time past their static
+    limits and cannot be captured in a CUDA graph (its release notes: required for stream capture)."""
+    trt = lib.trt
+    config = builder.create_builder_config()
+    lib.configure_target(config, compute_capability)
+    config.builder_optimization_level = opt_level
+    config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED  # layer names and kernels in the log
+    if lib.ahead_of_time:
+        config.set_flag(trt.BuilderFlag.REQUIRE_USER_ALLOCATION)
+    for shapes in profiles:
+        profile = builder.create_optimization_profile()
+        for name, (lo, opt, hi) in shapes.items():
+            profile.set_shape(name, lo, opt, hi)
+        config.add_optimization_profile(profile)
+    return config
+
+
 def build_serialized(
     lib: TrtLibrary,
     parsed: tuple,
@@ -143,17 +168,8 @@ def build_serialized(
 ) -> tuple[bytes, list[str]]:
     """One engine with one optimization profile per entry of `profiles` (input name -> min, opt, max
     shapes); returns it and the builder's layer list (DETAILED). The profiles share the weights."""
-    trt = lib.trt
     builder, network, _, messages = parsed
-    config = builder.create_builder_config()
-    lib.configure_target(config, compute_capability)
-    config.builder_optimization_level = opt_level
-    config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED  # layer names and kernels in the log
-    for shapes in profiles:
-        profile = builder.create_optimization_profile()
-        for name, (lo, opt, hi) in shapes.items():
-            profile.set_shape(name, lo, opt, hi)
-        config.add_optimization_profile(profile)
+    config = builder_config(lib, builder, profiles, compute_capability, opt_level)
     cache = None
     if timing_cache is not None and not lib.ahead_of_time:  # no tactic timing without the GPU
         data = timing_cache.read_bytes() if timing_cache.is_file() else b""

@@ -23,22 +23,30 @@ a workspace and may launch several kernels, so the engine runs `fused_moe`'s fiv
 
 Build (no GPU needed): TensorRT asks the plugin its output types and shapes and which formats it
 takes (the graph's own dtypes only: strongly typed), configures it with the profile's token range,
-and asks its workspace (the intermediates at the profile's largest token count). When it serializes
-the plugin, the five kernels are compiled with Triton for the build's target architecture
-(trt.triton_aot) and stored in the plugin's fields: the engine carries its kernels, and needs
-only this module registered (`register_moe_plugin`) in the process that deserializes it.
+and asks its workspace (the intermediates at the profile's largest token count). Configuring picks
+the expert-block rows (`bm`) from the profile's opt token count and compiles the five kernels with
+Triton for the build's target architecture (trt.triton_aot), because TensorRT proper may execute
+the plugin while it times tactics; on a GPU that is the target they are loaded then too, outside
+any capture of TensorRT's. A reconfigured plugin or clone recompiles for its new `bm` and drops the
+fields it handed out before, so the fields it serializes always carry the kernels of the block rows
+they name: the engine carries its kernels, and needs only this module registered
+(`register_moe_plugin`) in the process that deserializes it.
 
-Run: enqueue hands `launch_moe` the addresses TensorRT gives it; that carves the intermediates out of
-the workspace, computes the five grids for the call's token count and launches the stored cubins on
-TensorRT's stream through the CUDA driver (trt.cuda_launch). `launch_moe` needs no TensorRT: its
+Run: each execution context's plugin loads its kernels when attached (before any enqueue, so
+before any CUDA graph capture); enqueue hands `launch_moe` the addresses TensorRT gives it; that
+carves the intermediates out of the workspace, computes the five grids for the call's token count and
+launches the cubins on TensorRT's stream through the CUDA driver (trt.cuda_launch). Enqueue never
+raises into TensorRT: a missing kernel, a module that would have to be loaded inside a capture, or a
+failed launch returns a non-zero status with the reason on stderr. `launch_moe` needs no TensorRT: its
 tests run it on the CPU with each launch interpreted by Triton, and on a GPU with the compiled
-kernels and torch tensors' addresses (never run: no GPU where this was written).
+kernels and torch tensors' addresses, eagerly and inside CUDA-graph captures (bench/gpu_session.sh).
 """
 
 from __future__ import annotations
 
 import ctypes
 import json
+import sys
 import zlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -73,8 +81,9 @@ def kernels_for(shape: MoEShape, bm: int, arch: int, ptx_version: int | None = N
     stage compiles it before the builder asks, so a compilation error is an error, not a plugin
     callback's exception that TensorRT would swallow)."""
     specs = {(stage, rows): spec for rows in BLOCK_ROWS for stage, spec in kernel_specs(shape, rows).items()}
-    compiled = dict(zip(specs, compile_specs(tuple(dict.fromkeys(specs.values())), arch, ptx_version)))
-    return {stage: compiled[(stage, bm)] for stage in STAGES}
+    unique = tuple(dict.fromkeys(specs.values()))  # route, bucket and combine do not depend on the block rows
+    compiled = dict(zip(unique, compile_specs(unique, arch, ptx_version), strict=True))
+    return {stage: compiled[specs[(stage, bm)]] for stage in STAGES}
 
 
 class Launcher(Protocol):
@@ -211,12 +220,15 @@ def plugin_classes(trt) -> tuple[type, type]:  # noqa: ANN001
             self.shape: MoEShape | None = None
             self.bm: int | None = None
             self.compiled: dict[str, CompiledKernel] = {}
-            self.loaded: dict = {}
-            self.serialized = None  # the field collection, once asked for
+            self.compiled_for: tuple[MoEShape, int] | None = None  # the (shape, bm) `compiled` was made for
+            self.loaded: dict = {}  # stage -> LoadedKernel, for `compiled`
+            self.serialized = None  # the field collection for the current (shape, bm), once asked for
+            self.kept: list = []  # every collection handed out: TensorRT may still point into an older one
             if kernels:
                 stored = unpack_kernels(kernels)
                 self.shape, self.bm = MoEShape(**stored["shape"]), stored["bm"]
                 self.compiled = {stage: CompiledKernel.from_dict(k) for stage, k in stored["kernels"].items()}
+                self.compiled_for = (self.shape, self.bm)
 
         # ---- IPluginV3 ----
         def get_capability_interface(self, kind):  # noqa: ANN001, ANN201
@@ -224,7 +236,8 @@ def plugin_classes(trt) -> tuple[type, type]:  # noqa: ANN001
 
         def clone(self):  # noqa: ANN201
             other = DllmMoEPlugin(self.top_k, self.activation, self.arch, self.ptx_version, None, self.weight_format)
-            other.shape, other.bm, other.compiled = self.shape, self.bm, dict(self.compiled)
+            other.shape, other.bm = self.shape, self.bm
+            other.compiled, other.compiled_for, other.loaded = dict(self.compiled), self.compiled_for, dict(self.loaded)
             return _immortal(other)
 
         # ---- build ----
@@ -250,9 +263,17 @@ def plugin_classes(trt) -> tuple[type, type]:  # noqa: ANN001
         def configure_plugin(self, inputs, outputs) -> None:  # noqa: ANN001
             experts, two_width, hidden = (int(d) for d in inputs[3].desc.dims)  # FP4 dims count values, not bytes
             dtype = _TYPES[inputs[0].desc.type.name]
-            self.shape = MoEShape(dtype, experts, hidden, two_width // 2, self.top_k, self.weight_format)
-            self.bm = tile_m(max(1, int(inputs[0].opt[0])), self.shape)  # suits the profile's opt shape
+            shape = MoEShape(dtype, experts, hidden, two_width // 2, self.top_k, self.weight_format)
+            bm = tile_m(max(1, int(inputs[0].opt[0])), shape)  # suits the profile's opt shape
             self.max_tokens = max(1, int(inputs[0].max[0]))
+            if (shape, bm) != (self.shape, self.bm):
+                # a clone or a reconfigured plugin: fields asked for earlier describe other kernels
+                self.shape, self.bm, self.serialized = shape, bm, None
+            if self.arch is not None:
+                # TensorRT proper may run the plugin while timing tactics: it needs its kernels from here on,
+                # loaded now (outside any capture of TensorRT's) where this thread's GPU is the build's target
+                self._compile()
+                self._preload()
 
         def get_workspace_size(self, inputs, outputs) -> int:  # noqa: ANN001
             return workspace_layout(self.shape, max(1, int(inputs[0].max[0])))[1]
@@ -262,10 +283,10 @@ def plugin_classes(trt) -> tuple[type, type]:  # noqa: ANN001
 
         def get_fields_to_serialize(self):  # noqa: ANN201
             # TensorRT keeps pointers into the collection and its arrays without copying them: they
-            # live as long as the plugin, made once (the builder asks several times).
+            # live as long as the plugin, made once per (shape, bm) (the builder asks several times).
             if self.serialized is not None:
                 return self.serialized
-            self.arrays = dict(
+            arrays = dict(
                 top_k=(np.array([self.top_k], np.int32), trt.PluginFieldType.INT32),
                 activation=(np.frombuffer(self.activation.encode() + b"\0", np.int8).copy(), trt.PluginFieldType.CHAR),
                 weight_format=(
@@ -274,15 +295,35 @@ def plugin_classes(trt) -> tuple[type, type]:  # noqa: ANN001
                 ),
             )
             if self.shape is not None and self.arch is not None:
-                if not self.compiled:
-                    self.compiled = kernels_for(self.shape, self.bm, self.arch, self.ptx_version)
+                self._compile()
+            if self._ready():
                 blob = pack_kernels(
                     dict(shape=vars(self.shape), bm=self.bm, kernels={s: k.to_dict() for s, k in self.compiled.items()})
                 )
-                self.arrays["kernels"] = (np.frombuffer(blob, np.uint8).copy(), trt.PluginFieldType.UNKNOWN)
-            self.fields = [trt.PluginField(name, array, kind) for name, (array, kind) in self.arrays.items()]
-            self.serialized = trt.PluginFieldCollection(self.fields)
+                arrays["kernels"] = (np.frombuffer(blob, np.uint8).copy(), trt.PluginFieldType.UNKNOWN)
+            fields = [trt.PluginField(name, array, kind) for name, (array, kind) in arrays.items()]
+            self.serialized = trt.PluginFieldCollection(fields)
+            self.kept.append((arrays, fields, self.serialized))
             return self.serialized
+
+        # ---- kernels ----
+        def _ready(self) -> bool:
+            """Kernels compiled for exactly the block rows the launches will use."""
+            return bool(self.compiled) and self.compiled_for == (self.shape, self.bm)
+
+        def _compile(self) -> None:
+            if not self._ready():
+                self.compiled = kernels_for(self.shape, self.bm, self.arch, self.ptx_version)
+                self.compiled_for, self.loaded = (self.shape, self.bm), {}
+
+        def _preload(self) -> None:
+            """Load the kernels into this thread's CUDA context when it is a GPU they were compiled for."""
+            from dllm_trt.trt.cuda_launch import LoadedKernel, current_arch
+
+            if self.loaded or not self._ready():
+                return
+            if current_arch() == next(iter(self.compiled.values())).arch:
+                self.loaded = {stage: LoadedKernel(kernel) for stage, kernel in self.compiled.items()}
 
         # ---- run ----
         def set_tactic(self, tactic) -> None:  # noqa: ANN001
@@ -292,20 +333,35 @@ def plugin_classes(trt) -> tuple[type, type]:  # noqa: ANN001
             pass
 
         def attach_to_context(self, context):  # noqa: ANN001, ANN201
-            return self.clone()
+            other = self.clone()
+            other._preload()  # a new execution context: before any enqueue, hence before any capture
+            return other
 
         def enqueue(self, input_desc, output_desc, inputs, outputs, workspace, stream) -> int:  # noqa: ANN001
-            from dllm_trt.trt.cuda_launch import LoadedKernel
+            # Never raises: TensorRT calls this from C++ (an exception there is no error it can report);
+            # a non-zero status fails the enqueue, and the reason goes to stderr.
+            try:
+                return self._enqueue(input_desc, inputs, outputs, workspace, int(stream))
+            except Exception as exc:  # noqa: BLE001
+                print(f"dllm-trt: DllmMoE enqueue failed: {exc}", file=sys.stderr)
+                return 1
 
-            if not self.compiled:
-                raise RuntimeError("this DllmMoE plugin carries no compiled kernels (an engine from another build?)")
-            if not self.loaded:  # first enqueue: TensorRT's warm-up, before any CUDA graph capture
+        def _enqueue(self, input_desc, inputs, outputs, workspace, stream: int) -> int:  # noqa: ANN001
+            from dllm_trt.trt.cuda_launch import LoadedKernel, stream_is_capturing
+
+            if not self._ready():
+                print("dllm-trt: this DllmMoE plugin carries no compiled kernels for its block size (an engine "
+                      "from another build? rebuild it with this dllm-trt)", file=sys.stderr)  # fmt: skip
+                return 1
+            if not self.loaded:
+                if stream_is_capturing(stream):
+                    print("dllm-trt: DllmMoE's kernels were not loaded before a CUDA graph capture; run the "
+                          "engine once eagerly first", file=sys.stderr)  # fmt: skip
+                    return 1
                 self.loaded = {stage: LoadedKernel(kernel) for stage, kernel in self.compiled.items()}
-            pointers = [int(p) for p in inputs]
             n_tokens = int(input_desc[0].dims[0])
-            launch_moe(
-                self.loaded, self.shape, self.bm, pointers, int(outputs[0]), int(workspace), n_tokens, int(stream)
-            )
+            pointers = [int(p) for p in inputs]
+            launch_moe(self.loaded, self.shape, self.bm, pointers, int(outputs[0]), int(workspace), n_tokens, stream)
             return 0
 
     class DllmMoECreator(trt.IPluginCreatorV3One):

@@ -47,6 +47,11 @@ class TrtLibrary:
         """Builds for a named compute capability without the GPU (TensorRT for RTX)."""
         return self.name == TENSORRT_RTX
 
+    @property
+    def captures_graphs(self) -> bool:
+        """Its runtime captures and replays CUDA graphs itself (TensorRT for RTX, RTX_RUNTIME): not by hand."""
+        return self.name == TENSORRT_RTX
+
     def configure_target(self, config: object, compute_capability: tuple[int, int]) -> None:
         """Name the build's target GPU in the builder config (TensorRT builds for the GPU it runs on)."""
         if not self.ahead_of_time:
@@ -57,6 +62,40 @@ class TrtLibrary:
             raise DllmError(f"TensorRT for RTX {self.version} cannot target sm_{major}{minor}")
         config.num_compute_capabilities = 1
         config.set_compute_capability(member, 0)
+
+
+# TensorRT for RTX's runtime settings (IRuntimeConfig attribute -> (enum, member), names as its Python bindings
+# spell them): it captures each shape's CUDA graph itself, once that shape's specialised kernels are compiled
+# (LAZY: compiled in the background, fallback kernels meanwhile). A graph captured by hand would keep the
+# fallback kernels, and torch's global capture mode forbids the background compiler's CUDA calls.
+RTX_RUNTIME = {
+    "cuda_graph_strategy": ("CudaGraphStrategy", "WHOLE_GRAPH_CAPTURE"),
+    "dynamic_shapes_kernel_specialization_strategy": ("DynamicShapesKernelSpecializationStrategy", "LAZY"),
+}
+RTX_NO_GRAPHS = dict(RTX_RUNTIME, cuda_graph_strategy=("CudaGraphStrategy", "DISABLED"))
+
+
+def runtime_settings(lib: TrtLibrary, cuda_graphs: bool) -> dict[str, object]:
+    """IRuntimeConfig attribute -> value for an execution context of `lib` (empty for TensorRT, which has no
+    graph strategy: dllm-trt captures its enqueue itself, generation.tensorrt_step)."""
+    if not lib.ahead_of_time:
+        return {}
+    table = RTX_RUNTIME if cuda_graphs else RTX_NO_GRAPHS
+    return {attribute: getattr(getattr(lib.trt, enum), member) for attribute, (enum, member) in table.items()}
+
+
+def execution_context(lib: TrtLibrary, engine: object, cuda_graphs: bool) -> object:
+    """An execution context whose activations the caller provides (set_device_memory), with the library's
+    runtime settings; through IRuntimeConfig where the library has it (TensorRT for RTX, TensorRT 10.11+)."""
+    trt = lib.trt
+    user_managed = trt.ExecutionContextAllocationStrategy.USER_MANAGED
+    if not hasattr(engine, "create_runtime_config"):
+        return engine.create_execution_context(user_managed)
+    config = engine.create_runtime_config()
+    config.set_execution_context_allocation_strategy(user_managed)
+    for attribute, value in runtime_settings(lib, cuda_graphs).items():
+        setattr(config, attribute, value)
+    return engine.create_execution_context(config)
 
 
 def installed(name: str) -> bool:

@@ -94,3 +94,13 @@ MOE_INPUTS["nvfp4"] = MOE_INPUTS["float"] + (
 MOE_WEIGHT_FORMATS = tuple(MOE_INPUTS)
 ROUTED_MOE = "RoutedMoE"  # the ort-cpu target's model-local function
 ORT_MOE_DOMAIN, ORT_MOE_OP = "com.microsoft", "MoE"  # the ort-cuda target's contrib op
+
+# ---- golden files for Polygraphy (parity.golden) -------------------------------------------------
+
+# `validate --report DIR` writes DIR/golden/; `build --golden DIR/golden` copies it beside the engine.
+GOLDEN_DIR = "golden"
+GOLDEN_INPUTS = "inputs.json"  # a JSON list of feed dicts: polygraphy run --load-inputs
+GOLDEN_OUTPUTS = "outputs.json"  # RunResults of the graph's outputs: polygraphy run --load-outputs
+GOLDEN_LAYERS = "layers.json"  # RunResults of the residual stream at every layer boundary
+GOLDEN_INFO = "golden.json"  # what the files hold, the tolerances, the commands
+GOLDEN_FORMAT = "dllm-trt-golden/1"

@@ -172,3 +172,17 @@ def _iterations(accuracy) -> list[dict]:  # noqa: ANN001 (polygraphy AccuracyRes
     [result] = list(accuracy)
     [(_, iterations)] = list(result.items())
     return [dict(iteration) for iteration in iterations]
+
+
+def test_tolerances_fp32_bound_or_twice_the_envelopes_median_error():
+    from dllm_trt.parity.golden import tolerances
+
+    reference = [{"x": torch.tensor([1.0, -4.0, 2.0])}, {"x": torch.tensor([3.0])}]
+    strict = tolerances(reference, None)["x"]
+    assert (strict.statistic, strict.rtol, strict.atol, strict.scale) == ("max", 0.0, 0.0004, 4.0)  # 1e-4 of |4|
+    envelope = [{"x": torch.tensor([1.01, -4.005, 2.02])}, {"x": torch.tensor([3.003])}]
+    measured = tolerances(reference, envelope)["x"]
+    assert measured.statistic == "median" and measured.envelope == pytest.approx(0.01, rel=1e-3)  # call 1's median
+    assert measured.atol == 0.02  # 2x the larger of the calls' medians, rounded up to two digits
+    tiny = tolerances(reference, reference)["x"]
+    assert tiny.atol == 0.0004 and tiny.envelope == 0.0  # never tighter than fp32's bound

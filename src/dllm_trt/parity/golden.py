@@ -49,6 +49,7 @@ Letters: B batch, T new tokens, C canvas, H hidden, V vocab, L layers.
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,7 +58,6 @@ from types import SimpleNamespace
 import torch
 
 from dllm_trt.contract import (
-    ENGINE_FILES,
     GOLDEN_DIR,
     GOLDEN_FORMAT,
     GOLDEN_INFO,
@@ -292,9 +292,8 @@ def _round_up(value: float) -> float:
     """Two significant digits, rounded up: a command line a person reads, never tighter than derived."""
     if value <= 0:
         return 0.0
-    text = f"{value:.1e}"
-    rounded = float(text)
-    return rounded if rounded >= value else float(f"{float(text.split('e')[0]) + 0.1:.1f}e{text.split('e')[1]}")
+    digit = 10.0 ** (math.floor(math.log10(value)) - 1)
+    return float(f"{math.ceil(value / digit * (1 - 1e-12)) * digit:.2g}")
 
 
 def _feed(tensor: torch.Tensor, dtype: str):  # noqa: ANN202
@@ -303,75 +302,86 @@ def _feed(tensor: torch.Tensor, dtype: str):  # noqa: ANN202
     return cast.contiguous() if dtype == "bfloat16" else cast.numpy()
 
 
-def write_golden(options: GoldenOptions, out: Path) -> dict:
-    """The golden files of `options.artifacts` into `out` (module doc); returns what golden.json holds."""
+def residual_names(artifacts: Path, layers: int) -> tuple[list[str], str | None]:
+    """The graph's names of the residual stream entering each layer and the final norm (parity.layer_graphs finds
+    them by their checkpoint-named norm weights); ([], why) where the graph cannot be cut so."""
     import onnx
 
-    from dllm_trt.generation.cpu_variant import execution_on_cpu, needs_cpu_variant
-    from dllm_trt.kernels.quantization import as_stored
-    from dllm_trt.models.checkpoint import safetensors_files, tensor_index
-    from dllm_trt.models.offloaded import offloaded_reference
     from dllm_trt.parity.layer_graphs import split_step_graph
 
-    artifacts = options.artifacts
-    manifest = read_manifest(artifacts)
-    if not (artifacts / STEP_FILE).is_file():
-        raise DllmError(f"{artifacts} has no {STEP_FILE}: golden files are made for an export or optimize directory")
-    dtype, precision = manifest["model"]["dtype"], manifest.get("precision", "")
-    io = manifest["graphs"]["step"]
-    inputs = {i["name"]: i["dtype"] for i in io["inputs"]}
-    outputs = {o["name"] for o in io["outputs"]}
-    layers = len(manifest["model"]["layers"])
     graph = onnx.load(str(artifacts / STEP_FILE), load_external_data=False)
     try:
         segments = {s.index: s for s in split_step_graph(graph, layers)}
-        boundaries, no_layers = [segments[i].hidden_in for i in range(layers + 1)], None
     except DllmError as error:
-        boundaries, no_layers = [], str(error)
-    del graph
-    index = tensor_index(safetensors_files(options.reference))
-    model = offloaded_reference(options.reference, torch.float32, index)
-    canvas = options.canvas or min(model.config.canvas_length, GOLDEN_CANVAS)
-    calls = reference_calls(model, options.prompts, options.seed, canvas)
-    del model
-    envelope = None
-    if dtype != "float32":  # transformers in the artifact's dtype, weights quantized as the artifact stores them
+        return [], str(error)
+    return [segments[i].hidden_in for i in range(layers + 1)], None
 
-        def stored(name: str, tensor: torch.Tensor) -> torch.Tensor:
-            values = as_stored(name, tensor.float().numpy(), precision)
-            return tensor if values is None else torch.from_numpy(values)
 
-        low = offloaded_reference(options.reference, _TORCH[dtype], index, stored)
-        envelope = replay(low, calls)
-        del low
-    if boundaries and any(len(c.residuals) != len(boundaries) for c in [*calls, *(envelope or [])]):
-        raise RuntimeError(f"recorded {[len(c.residuals) for c in calls]} residuals per call for {layers} layers")
-    kept = [{n: t for n, t in call.outputs.items() if n in outputs} for call in calls]
-    layer_outputs = [dict(zip(boundaries, call.residuals)) for call in calls] if boundaries else []
-    output_tolerance = tolerances(kept, None if envelope is None else [c.outputs for c in envelope])
-    layer_tolerance = tolerances(layer_outputs, None if envelope is None else [
-        dict(zip(boundaries, c.residuals)) for c in envelope
-    ]) if boundaries else {}  # fmt: skip
+def envelope_model(reference: Path, dtype: str, precision: str, index: dict):  # noqa: ANN201
+    """transformers in the artifact's dtype, layers read on demand, its weights quantized as the artifact stores
+    them (kernels.quantization.as_stored, from the checkpoint's own values as optimize quantizes them)."""
+    from dllm_trt.kernels.quantization import as_stored
+    from dllm_trt.models.offloaded import offloaded_reference
 
+    def stored(name: str, tensor: torch.Tensor) -> torch.Tensor:
+        values = as_stored(name, tensor.float().numpy(), precision)
+        return tensor if values is None else torch.from_numpy(values)
+
+    return offloaded_reference(reference, _TORCH[dtype], index, stored)
+
+
+def write_golden(options: GoldenOptions, out: Path) -> dict:
+    """The golden files of `options.artifacts` into `out` (module doc); returns what golden.json holds."""
     from polygraphy.comparator import RunResults
     from polygraphy.comparator.struct import IterationResult
     from polygraphy.json import save_json
 
+    from dllm_trt.generation.cpu_variant import execution_on_cpu, needs_cpu_variant
+    from dllm_trt.models.checkpoint import safetensors_files, tensor_index
+    from dllm_trt.models.offloaded import offloaded_reference
+    from dllm_trt.parity.golden_commands import commands, readme
+
+    artifacts = options.artifacts
+    if not (artifacts / STEP_FILE).is_file():
+        raise DllmError(f"{artifacts} has no {STEP_FILE}: golden files are made for an export or optimize directory")
+    manifest = read_manifest(artifacts)
+    dtype, precision, layers = (
+        manifest["model"]["dtype"],
+        manifest.get("precision", ""),
+        len(manifest["model"]["layers"]),
+    )
+    inputs = {i["name"]: i["dtype"] for i in manifest["graphs"]["step"]["inputs"]}
+    outputs = {o["name"] for o in manifest["graphs"]["step"]["outputs"]}
+    names, no_layers = residual_names(artifacts, layers)
+    index = tensor_index(safetensors_files(options.reference))
+    model = offloaded_reference(options.reference, torch.float32, index)
+    calls = reference_calls(model, options.prompts, options.seed,
+                            options.canvas or min(model.config.canvas_length, GOLDEN_CANVAS))  # fmt: skip
+    del model
+    # reduced precision: the same calls on the envelope, for the tolerances
+    envelope = None if dtype == "float32" else replay(envelope_model(options.reference, dtype, precision, index), calls)
+    if names and any(len(c.residuals) != len(names) for c in [*calls, *(envelope or [])]):
+        raise RuntimeError(f"recorded {[len(c.residuals) for c in calls]} residuals per call for {layers} layers")
+    files = {GOLDEN_OUTPUTS: [{n: t for n, t in c.outputs.items() if n in outputs} for c in calls]}
+    theirs = {GOLDEN_OUTPUTS: None if envelope is None else [c.outputs for c in envelope]}
+    if names:
+        files[GOLDEN_LAYERS] = [dict(zip(names, c.residuals)) for c in calls]
+        theirs[GOLDEN_LAYERS] = None if envelope is None else [dict(zip(names, c.residuals)) for c in envelope]
+
     out.mkdir(parents=True, exist_ok=True)
     feeds = [{name: _feed(call.feeds[name], inputs[name]) for name in inputs} for call in calls]
     save_json(feeds, str(out / GOLDEN_INPUTS), description="golden inputs")
-    for file, per_call in ((GOLDEN_OUTPUTS, kept), (GOLDEN_LAYERS, layer_outputs)):
-        if per_call:
-            iterations = [IterationResult({n: t.numpy() for n, t in c.items()}, runner_name=RUNNER) for c in per_call]
-            RunResults([(RUNNER, iterations)]).save(str(out / file))
+    for file, per_call in files.items():
+        iterations = [IterationResult({n: t.numpy() for n, t in c.items()}, runner_name=RUNNER) for c in per_call]
+        RunResults([(RUNNER, iterations)]).save(str(out / file))
     held = ["the embedding (and self-conditioning) entering layer 0"] + [
         f"layer {i}'s output" + (" (the final norm's input)" if i == layers - 1 else "") for i in range(layers)
     ]
     described = None
     if envelope is not None:
-        described = f"transformers in {dtype}"
-        if precision in QUANTIZED_PRECISIONS:
-            described += f", its weights quantized as {precision} stores them"
+        described = f"transformers in {dtype}" + (
+            f", its weights quantized as {precision} stores them" if precision in QUANTIZED_PRECISIONS else ""
+        )
     info = dict(
         format=GOLDEN_FORMAT,
         artifacts=str(artifacts),
@@ -381,10 +391,12 @@ def write_golden(options: GoldenOptions, out: Path) -> dict:
         target=manifest.get("target"),
         precision=precision,
         dtype=dtype,
+        runs_on_cpu=not needs_cpu_variant(artifacts),
+        cpu_execution=execution_on_cpu(artifacts),
         calls=[dict(kind=c.kind, label=c.label, inputs={n: list(c.feeds[n].shape) for n in inputs}) for c in calls],
         inputs=inputs,
-        outputs={GOLDEN_OUTPUTS: {n: t.to_dict() for n, t in output_tolerance.items()}},
-        layers=[dict(name=name, holds=what) for name, what in zip(boundaries, held)],
+        outputs={file: {n: t.to_dict() for n, t in tolerances(files[file], theirs[file]).items()} for file in files},
+        layers=[dict(name=name, holds=what) for name, what in zip(names, held)],
         envelope=described,
         left_out=dict(
             ids="sampled_ids and argmax_ids: discrete (a last-bit difference at a near tie flips one), and Polygraphy "
@@ -392,121 +404,12 @@ def write_golden(options: GoldenOptions, out: Path) -> dict:
             denoise_kv="a denoise step's key/value: the runtime appends only an encoder pass's",
         ),
     )
-    info["runs_on_cpu"] = not needs_cpu_variant(artifacts)
-    info["cpu_execution"] = execution_on_cpu(artifacts)
-    if boundaries:
-        info["outputs"][GOLDEN_LAYERS] = {n: t.to_dict() for n, t in layer_tolerance.items()}
-    else:
+    if no_layers:
         info["left_out"]["layers"] = no_layers
     info["commands"] = commands(info)
     (out / GOLDEN_INFO).write_text(json.dumps(info, indent=2) + "\n")
     (out / "README.md").write_text(readme(info))
     return info
-
-
-def _tolerance_args(tolerance: dict[str, dict]) -> list[str]:
-    args = ["--check-error-stat", *(f"{n}:{t['check_error_stat']}" for n, t in tolerance.items())]
-    args += ["--atol", *(f"{n}:{t['atol']:g}" for n, t in tolerance.items())]
-    return args + ["--rtol", *(f"{n}:{t['rtol']:g}" for n, t in tolerance.items())]
-
-
-def _profile_args(info: dict) -> list[str]:
-    """TensorRT profile shapes covering every golden call (min, opt at the last call, max), per input."""
-    shapes = [call["inputs"] for call in info["calls"]]
-    args = []
-    for option, pick in (("--trt-min-shapes", min), ("--trt-opt-shapes", None), ("--trt-max-shapes", max)):
-        args.append(option)
-        for name in info["inputs"]:
-            dims = shapes[-1][name] if pick is None else [pick(d) for d in zip(*(s[name] for s in shapes))]
-            args.append(f"{name}:[{','.join(map(str, dims))}]")
-    return args
-
-
-def commands(info: dict) -> dict[str, list[str]]:
-    """The polygraphy command lines that apply to the artifact, run from the directory holding golden/ beside the
-    graph or engine: `onnx` / `onnx_layers` in onnxruntime (on CUDA where its CPU provider cannot run the graph
-    as it is), `engine` / `gpu_layers` in TensorRT for graphs optimized for it (onnxruntime has no DllmMoE)."""
-    golden = f"{GOLDEN_DIR}/"
-    load = ["--load-inputs", golden + GOLDEN_INPUTS]
-    outputs, layers = info["outputs"][GOLDEN_OUTPUTS], info["outputs"].get(GOLDEN_LAYERS)
-    names = [layer["name"] for layer in info["layers"]]
-    if info.get("target") == "trt":
-        out = {"engine": ["run", ENGINE_FILES["step"], "--trt", *load, "--load-outputs", golden + GOLDEN_OUTPUTS,
-                          *_tolerance_args(outputs)]}  # fmt: skip
-        if layers:
-            out["gpu_layers"] = ["run", STEP_FILE, "--trt", "--trt-outputs", *names, *_profile_args(info), *load,
-                                 "--load-outputs", golden + GOLDEN_LAYERS, *_tolerance_args(layers)]  # fmt: skip
-        return out
-    runner = ["--onnxrt"] if info["runs_on_cpu"] else ["--onnxrt", "--providers", "cuda"]
-    out = {"onnx": ["run", STEP_FILE, *runner, *load, "--load-outputs", golden + GOLDEN_OUTPUTS,
-                    *_tolerance_args(outputs)]}  # fmt: skip
-    if layers:
-        out["onnx_layers"] = ["run", STEP_FILE, *runner, "--onnx-outputs", *names, *load, "--load-outputs",
-                              golden + GOLDEN_LAYERS, *_tolerance_args(layers)]  # fmt: skip
-    return out
-
-
-def readme(info: dict) -> str:
-    """golden/README.md: what the files are and the commands that apply, in the order a person needs them."""
-    cmds = {name: "polygraphy " + " ".join(args) for name, args in info["commands"].items()}
-    what = f"{info['stage']}" + (f", target {info['target']}" if info.get("target") else "") + f", {info['dtype']}"
-    bound = (
-        "fp32: 1e-4 of each output's largest value, max error"
-        if info["envelope"] is None
-        else f"reduced precision: 2x the envelope's median error, the envelope being {info['envelope']}"
-    )
-    lines = [
-        "# Golden files: transformers' outputs for this artifact, for stock Polygraphy",
-        "",
-        f"Made by `dllm-trt validate` from `{info['artifacts']}` ({what}). Calls: "
-        + "; ".join(c["label"] for c in info["calls"])
-        + ". Outputs are transformers' own, never the artifact's; tolerances per output in `golden.json` ("
-        + bound
-        + "). A command exits 0 when every output is within its tolerance on every call, 1 otherwise. "
-        "`layers.json` holds the residual stream entering each layer, named as the graph names it; the first "
-        "name in Polygraphy's `Mismatched outputs` is the first layer whose output departs:",
-        "",
-        "| tensor | holds |",
-        "|---|---|",
-        *(f"| `{layer['name']}` | {layer['holds']} |" for layer in info["layers"]),
-        "",
-    ]
-    if "onnx" in cmds:
-        where = "this machine's CPU" if info["runs_on_cpu"] else "a CUDA GPU (onnxruntime-gpu)"
-        lines += [f"## The ONNX graph in onnxruntime, on {where}", ""]
-        if not info["runs_on_cpu"]:
-            lines += [f"onnxruntime's CPU provider cannot run this graph as it is ({info['cpu_execution']}).", ""]
-        lines += ["In the artifact directory (`step.onnx` and `golden/`):", "", "```bash", cmds["onnx"]]
-        lines += [cmds["onnx_layers"]] if "onnx_layers" in cmds else []
-        lines += ["```", ""]
-    if "engine" in cmds:
-        rtx = "POLYGRAPHY_USE_TENSORRT_RTX=1 "
-        lines += [
-            "## The engine in TensorRT, on its GPU",
-            "",
-            "`dllm-trt build OPTIMIZED --golden golden/ ...` copies this folder beside `step.engine`. With dllm-trt "
-            "installed, stock Polygraphy registers the engine's `DllmMoE` plugin itself (an extension module, entry "
-            "point `polygraphy.run.plugins`). In the engine directory, with TensorRT (H100, H200, B200, ...) or "
-            "TensorRT for RTX (DGX Spark, RTX):",
-            "",
-            "```bash",
-            cmds["engine"],
-            rtx + cmds["engine"],
-            "```",
-            "",
-        ]
-    if "gpu_layers" in cmds:
-        lines += [
-            "Layer by layer: an engine's outputs are fixed when it is built, so TensorRT builds the optimized graph "
-            "again on the GPU with the residual tensors marked as outputs (a marked tensor can stop a fusion across "
-            "it). In the optimized directory (`step.onnx`, with `golden/` beside it):",
-            "",
-            "```bash",
-            cmds["gpu_layers"],
-            "```",
-            "",
-        ]
-    return "\n".join(lines)
 
 
 def check_golden(golden: Path, artifacts: Path) -> dict:

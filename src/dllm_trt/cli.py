@@ -326,6 +326,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="skip the per-layer check a reduced-precision (bf16, fp16, fp8, nvfp4) graph gets beside the "
         "whole-generation judging (it catches one layer's error that whole generations hide)",
     )  # fmt: skip
+    sub.add_argument(
+        "--no-golden", dest="golden", action="store_false",
+        help="with --report DIR: skip DIR/golden/ (the calls' inputs and transformers' outputs for stock "
+        "'polygraphy run', on the graph here and on the engine on its GPU; canvas --canvas or at most 32)",
+    )  # fmt: skip
 
     sub = verb("build", "build the TensorRT engine from 'optimize --target trt' output", _build)
     sub.add_argument("optimized", type=Path, help="directory written by 'dllm-trt optimize --target trt'")
@@ -345,6 +350,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--dry-run", action="store_true", help="check and print the plan; needs no TensorRT or GPU")
     sub.add_argument("--profile-per-phase", action="store_true", help="one optimization profile per phase (prompt, "
                      "canvas) instead of one for both: tactics tuned to prompts, for more engine bytes")  # fmt: skip
+    sub.add_argument(
+        "--golden", type=Path,
+        help="the golden/ folder 'dllm-trt validate OPTIMIZED --report DIR' wrote (DIR/golden): copied beside the "
+        "engine, for 'polygraphy run step.engine --trt' on its GPU",
+    )  # fmt: skip
     sub.add_argument("--force", **force)
 
     sub = verb("plan", "weights, KV cache and activations of an engine per GPU, before exporting anything", _plan)

@@ -155,3 +155,13 @@ def unique_name(taken: Container[str], name: str) -> str:
     while f"{name}.{index}" in taken:
         index += 1
     return f"{name}.{index}"
+
+# ---- golden files for Polygraphy (parity.golden) -------------------------------------------------
+
+# `validate --report DIR` writes DIR/golden/; `build --golden DIR/golden` copies it beside the engine.
+GOLDEN_DIR = "golden"
+GOLDEN_INPUTS = "inputs.json"  # a JSON list of feed dicts: polygraphy run --load-inputs
+GOLDEN_OUTPUTS = "outputs.json"  # RunResults of the graph's outputs: polygraphy run --load-outputs
+GOLDEN_LAYERS = "layers.json"  # RunResults of the residual stream at every layer boundary
+GOLDEN_INFO = "golden.json"  # what the files hold, the tolerances, the commands
+GOLDEN_FORMAT = "dllm-trt-golden/1"

@@ -104,6 +104,16 @@ def test_wrong_stage_or_target_is_refused(tmp_path):
             plan_build(BuildOptions(opt, tmp_path / "e", gpu="h100"))
 
 
+def test_a_golden_folder_of_another_artifact_is_refused_before_building(optimized, tmp_path):
+    from dllm_trt.contract import GOLDEN_INFO
+
+    with pytest.raises(DllmError, match="holds no golden.json"):
+        plan_build(BuildOptions(optimized, tmp_path / "e", gpu="h100", golden=tmp_path))
+    (tmp_path / GOLDEN_INFO).write_text(json.dumps(dict(artifacts="elsewhere", artifact_manifest_sha256="sha256:0")))
+    with pytest.raises(DllmError, match="was made for elsewhere, not for .*run 'dllm-trt validate"):
+        plan_build(BuildOptions(optimized, tmp_path / "e", gpu="h100", golden=tmp_path))
+
+
 def test_lint_errors_stop_the_plan_naming_the_node(tmp_path):
     model = graphs.step()
     model.graph.node.append(graphs.helper.make_node("Unique", ["entropy"], ["u"], name="uniq"))

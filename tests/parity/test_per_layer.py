@@ -26,7 +26,7 @@ def tiny_bf16(tiny_trt) -> Path:
 def _per_layer(artifacts: Path, reference: Path, report: Path | None = None, *extra: str) -> tuple[int, dict]:
     argv = ["validate", str(artifacts), "--reference", str(reference), "--per-layer", *extra]
     if report is not None:
-        argv += ["--report", str(report)]
+        argv += ["--report", str(report), "--no-golden"]  # golden files: tests/parity/test_golden.py
     code = main(argv)
     return code, json.loads((report / "report.json").read_text()) if report is not None else {}
 
@@ -130,8 +130,9 @@ def test_nvfp4_graph_judged_against_the_reference_quantized_alike(tiny_ckpt, tin
     assert result["layers"][0]["passed"]
     # plain validate runs the per-layer check too for a quantized artifact
     code = main(
-        ["validate", str(broken), "--reference", str(tiny_ckpt), "--seeds", "0", "--report", str(tmp_path / "v")]
-    )
+        ["validate", str(broken), "--reference", str(tiny_ckpt), "--seeds", "0", "--report", str(tmp_path / "v"),
+         "--no-golden"]
+    )  # fmt: skip
     report = json.loads((tmp_path / "v" / "report.json").read_text())
     assert code == 1 and report["per_layer"]["first_divergent_layer"] == 1
 

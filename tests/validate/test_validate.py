@@ -22,6 +22,9 @@ def test_validate_passes_and_writes_reports(capsys, tiny_ckpt, tiny_export, tmp_
     assert report["passed"] and report["generation"]["calls_replayed"] > 10
     assert all(run["token_agreement"] == 1.0 for run in report["generation"]["end_to_end"])
     assert "| check |" in (tmp_path / "r" / "report.md").read_text()
+    golden = json.loads((tmp_path / "r" / "golden" / "golden.json").read_text())  # for stock polygraphy run
+    assert set(golden["commands"]) == {"onnx", "onnx_layers"} and golden["artifacts"] == str(tiny_export)
+    assert not (tmp_path / "r" / "golden" / "inputs.json").is_symlink() and not list((tmp_path / "r").glob(".golden*"))
 
 
 def test_validate_fails_on_a_tampered_graph(capsys, tiny_ckpt, tiny_export, tmp_path):
@@ -117,7 +120,8 @@ def test_reduced_precision_is_judged_against_the_envelope(capsys, tiny_ckpt, tin
     honest = tmp_path / "bf16"
     # validate judges it below
     optimize.run(optimize.OptimizeOptions(tiny_export, honest, "ort-cpu", "bf16", parity="none", quiet=True))
-    code = main(["validate", str(honest), "--reference", str(tiny_ckpt), "--report", str(tmp_path / "r")])
+    argv = ["validate", str(honest), "--reference", str(tiny_ckpt), "--report", str(tmp_path / "r"), "--no-golden"]
+    code = main(argv)
     captured = capsys.readouterr()
     assert code == 0, captured.err
     report = json.loads((tmp_path / "r" / "report.json").read_text())

@@ -29,7 +29,16 @@ from pathlib import Path
 
 import onnx
 
-from dllm_trt.contract import BUILD_FORMAT, ENGINE_FILES, GRAPH_FILES, MANIFEST, MOE_OP, PRECISION_DTYPES, STAGE_BUILD
+from dllm_trt.contract import (
+    BUILD_FORMAT,
+    ENGINE_FILES,
+    GOLDEN_DIR,
+    GRAPH_FILES,
+    MANIFEST,
+    MOE_OP,
+    PRECISION_DTYPES,
+    STAGE_BUILD,
+)
 from dllm_trt.engines.lint import check_optimized_manifest, lint_artifacts
 from dllm_trt.errors import DllmError
 from dllm_trt.manifest import atomic_output, file_sha256, read_manifest, write_manifest
@@ -54,6 +63,7 @@ class BuildOptions:
     force: bool = False  # replace a non-empty output directory
     dry_run: bool = False  # check and return the plan; needs no TensorRT or GPU
     profile_per_phase: bool = False  # two optimization profiles (prompt, canvas) instead of one (trt.profiles)
+    golden: Path | None = None  # validate's golden/ for this graph, copied beside the engine (parity.golden)
     quiet: bool = False
 
 
@@ -122,6 +132,10 @@ def plan_build(options: BuildOptions, trt_version: str | None = None) -> dict:
     directory = options.optimized
     manifest = read_manifest(directory)
     check_optimized_manifest(manifest, directory)
+    if options.golden is not None:
+        from dllm_trt.parity.golden import check_golden
+
+        check_golden(options.golden, directory)
     preset = get_preset(options.gpu)
     precision = manifest["precision"]
     check_precision(preset, precision)
@@ -352,5 +366,10 @@ def build_engines(options: BuildOptions) -> tuple[dict, dict]:
             ))  # fmt: skip
             for aux in _aux_files(directory, manifest):
                 shutil.copy2(aux, tmp / aux.name)
+            if options.golden is not None:
+                from dllm_trt.parity.golden import copy_golden
+
+                copy_golden(options.golden, directory, tmp)
+                notes.append(f"{GOLDEN_DIR}/ copied")
             notes.append(f"{human_bytes(sum(e['bytes'] for e in engines.values()))} of engines")
     return plan, info

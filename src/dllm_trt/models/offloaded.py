@@ -13,6 +13,7 @@ a graph's weights and the reference's layer are never resident together.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -25,15 +26,19 @@ from dllm_trt.models.skeleton import CheckpointSources, build_skeleton, is_fake
 class _Reader:
     """Real tensors for a skeleton's fake ones, from the checkpoint, cast to the skeleton's dtype."""
 
-    def __init__(self, model, index: dict[str, TensorEntry]) -> None:  # noqa: ANN001
+    def __init__(self, model, index: dict[str, TensorEntry], transform: Transform | None = None) -> None:  # noqa: ANN001
         self.sources = CheckpointSources(model, index)
         self.cache: dict[int, torch.Tensor] = {}
+        self.transform = transform
 
     def real(self, fake: torch.Tensor) -> torch.Tensor:
         entry = self.sources.entry(fake)
         if entry is None:
             raise DllmError(f"the checkpoint lacks {self.sources.name(fake)}, which the reference model needs")
-        return read_rows(entry).to(fake.dtype)  # the cast from_pretrained makes
+        tensor = read_rows(entry)
+        if self.transform is not None:
+            tensor = self.transform(self.sources.name(fake), tensor)
+        return tensor.to(fake.dtype)  # the cast from_pretrained makes
 
     def fill(self, module: torch.nn.Module, resident: bool) -> None:
         """Replace every fake tensor directly in `module` by its real value (shared ones once if resident)."""
@@ -50,10 +55,17 @@ class _Reader:
                 store[name] = torch.nn.Parameter(real, requires_grad=False) if store is module._parameters else real
 
 
-def offloaded_reference(ckpt: Path, dtype: torch.dtype, index: dict[str, TensorEntry]):  # noqa: ANN201
-    """transformers' DiffusionGemmaForBlockDiffusion of `ckpt` in `dtype`, holding at most one layer's weights."""
+# (checkpoint tensor name, its values as stored) -> the values the model is given, before the dtype cast
+Transform = Callable[[str, torch.Tensor], torch.Tensor]
+
+
+def offloaded_reference(  # noqa: ANN201
+    ckpt: Path, dtype: torch.dtype, index: dict[str, TensorEntry], transform: Transform | None = None
+):
+    """transformers' DiffusionGemmaForBlockDiffusion of `ckpt` in `dtype`, holding at most one layer's weights;
+    `transform` changes each weight as read (the envelope of a quantized artifact quantizes its experts so)."""
     model = build_skeleton(ckpt, dtype)
-    reader = _Reader(model, index)
+    reader = _Reader(model, index, transform)
     text_models = (model.model.encoder.language_model, model.model.decoder)
     layer_modules = {id(m) for text in text_models for layer in text.layers for m in layer.modules()}
     for name, module in model.named_modules():

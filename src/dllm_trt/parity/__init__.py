@@ -11,4 +11,6 @@ layer_graphs.py       the step graph cut into per-layer pieces onnxruntime runs 
 layer_reference.py    transformers' layers hooked for the same boundaries
 per_layer.py          every layer against transformers' same layer, in bounded memory
 per_layer_report.py   the per-layer table and plot
+golden.py             golden inputs and transformers' outputs in Polygraphy's formats, for stock polygraphy run
+golden_commands.py    the polygraphy command lines of a golden folder and its README.md
 """

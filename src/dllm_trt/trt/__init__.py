@@ -13,4 +13,5 @@ plugins.py       dllm-trt's plugin registry (what lint accepts, what build regis
 moe_plugin.py    DllmMoE, the IPluginV3 both parsers import: compiled kernels in, CUDA-driver launches out
 triton_aot.py    Triton -> cubins for the plugin, refusing what its launch cannot provide
 cuda_launch.py   the plugin's launches through cuda-bindings
+polygraphy_extension.py  the entry point that makes stock polygraphy commands register DllmMoE
 """

@@ -48,7 +48,7 @@ import ctypes
 import json
 import sys
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -203,7 +203,7 @@ def plugin_classes(trt) -> tuple[type, type]:  # noqa: ANN001
     class DllmMoEPlugin(trt.IPluginV3, trt.IPluginV3OneCore, trt.IPluginV3OneBuild, trt.IPluginV3OneRuntime):
         def __init__(
             self, top_k: int, activation: str, arch: int | None, ptx_version: int | None, kernels: bytes | None = None,
-            weight_format: str = "float",
+            weight_format: str = "float", resolve_arch: Callable[[], int | None] | None = None,
         ) -> None:  # fmt: skip
             trt.IPluginV3.__init__(self)
             trt.IPluginV3OneCore.__init__(self)
@@ -216,7 +216,7 @@ def plugin_classes(trt) -> tuple[type, type]:  # noqa: ANN001
             if weight_format not in MOE_INPUTS:
                 raise ValueError(f"DllmMoE weight_format {weight_format!r} is not one of {tuple(MOE_INPUTS)}")
             self.top_k, self.activation, self.arch, self.ptx_version = top_k, activation, arch, ptx_version
-            self.weight_format = weight_format
+            self.weight_format, self.resolve_arch = weight_format, resolve_arch
             self.shape: MoEShape | None = None
             self.bm: int | None = None
             self.compiled: dict[str, CompiledKernel] = {}
@@ -235,7 +235,9 @@ def plugin_classes(trt) -> tuple[type, type]:  # noqa: ANN001
             return self
 
         def clone(self):  # noqa: ANN201
-            other = DllmMoEPlugin(self.top_k, self.activation, self.arch, self.ptx_version, None, self.weight_format)
+            other = DllmMoEPlugin(
+                self.top_k, self.activation, self.arch, self.ptx_version, None, self.weight_format, self.resolve_arch
+            )
             other.shape, other.bm = self.shape, self.bm
             other.compiled, other.compiled_for, other.loaded = dict(self.compiled), self.compiled_for, dict(self.loaded)
             return _immortal(other)
@@ -261,6 +263,16 @@ def plugin_classes(trt) -> tuple[type, type]:  # noqa: ANN001
             return desc.type in floats and desc.type == in_out[0].desc.type  # hidden, weights, output share T
 
         def configure_plugin(self, inputs, outputs) -> None:  # noqa: ANN001
+            # Build time only. A creator registered without the target (trt.polygraphy_extension) asks for it
+            # here: an exception here fails the build with its message, where one in get_fields_to_serialize
+            # would be swallowed and the engine built without kernels.
+            if self.arch is None and self.resolve_arch is not None:
+                self.arch = self.resolve_arch()
+            if self.arch is None:
+                raise RuntimeError(
+                    f"{PLUGIN_NAMESPACE}::{MOE_OP}: no target architecture for its kernels: build where the GPU is, "
+                    "or name one target (polygraphy convert --compute-capabilities 12.1; dllm-trt build --gpu PRESET)"
+                )
             experts, two_width, hidden = (int(d) for d in inputs[3].desc.dims)  # FP4 dims count values, not bytes
             dtype = _TYPES[inputs[0].desc.type.name]
             shape = MoEShape(dtype, experts, hidden, two_width // 2, self.top_k, self.weight_format)
@@ -365,10 +377,12 @@ def plugin_classes(trt) -> tuple[type, type]:  # noqa: ANN001
             return 0
 
     class DllmMoECreator(trt.IPluginCreatorV3One):
-        def __init__(self, arch: int | None, ptx_version: int | None) -> None:
+        def __init__(
+            self, arch: int | None, ptx_version: int | None, resolve_arch: Callable[[], int | None] | None = None
+        ) -> None:
             trt.IPluginCreatorV3One.__init__(self)
             self.name, self.plugin_version, self.plugin_namespace = MOE_OP, PLUGIN_VERSION, PLUGIN_NAMESPACE
-            self.arch, self.ptx_version = arch, ptx_version
+            self.arch, self.ptx_version, self.resolve_arch = arch, ptx_version, resolve_arch
             self.field_names = trt.PluginFieldCollection(
                 [
                     trt.PluginField("top_k", np.array([], np.int32), trt.PluginFieldType.INT32),
@@ -382,7 +396,7 @@ def plugin_classes(trt) -> tuple[type, type]:  # noqa: ANN001
             values = _fields_of(trt, fields)
             plugin = DllmMoEPlugin(
                 values["top_k"], values["activation"], self.arch, self.ptx_version, values.get("kernels"),
-                values.get(MOE_WEIGHT_FORMAT, "float"),
+                values.get(MOE_WEIGHT_FORMAT, "float"), self.resolve_arch,
             )  # fmt: skip
             return _immortal(plugin)
 
@@ -390,9 +404,14 @@ def plugin_classes(trt) -> tuple[type, type]:  # noqa: ANN001
     return _classes[id(trt)]
 
 
-def register_moe_plugin(trt, arch: int | None = None, ptx_version: int | None = None) -> None:  # noqa: ANN001
+def register_moe_plugin(
+    trt, arch: int | None = None, ptx_version: int | None = None,  # noqa: ANN001
+    resolve_arch: Callable[[], int | None] | None = None,
+) -> None:  # fmt: skip
     """Register the DllmMoE creator with a library's plugin registry: before parsing (with `arch`, the
     build's target, e.g. 121) and before deserializing an engine (no `arch` needed: the kernels are in it).
+    `resolve_arch`, where the target is known only once a build configures its plugins (a Polygraphy command
+    line), is asked then; a build with neither fails naming what to pass.
 
     A later registration replaces an earlier one, so one process can build for several targets.
     """
@@ -401,7 +420,7 @@ def register_moe_plugin(trt, arch: int | None = None, ptx_version: int | None = 
     for old in [c for c in _creators if c.trt is trt]:
         registry.deregister_creator(old.creator)
         _creators.remove(old)
-    creator = creator_class(arch, ptx_version)
+    creator = creator_class(arch, ptx_version, resolve_arch)
     if not registry.register_creator(creator, PLUGIN_NAMESPACE):
         raise RuntimeError(f"{trt.__name__} refused to register the {PLUGIN_NAMESPACE}::{MOE_OP} plugin creator")
     _creators.append(_Registered(trt, creator))
@@ -416,4 +435,5 @@ RUNTIME_REQUIREMENT = dict(
     python_plugins=[f"{PLUGIN_NAMESPACE}::{MOE_OP}"],
     register=f"{__name__}.register_moe_plugin",
     module=str(Path(__file__).name),
+    polygraphy="stock polygraphy registers it where dllm-trt is installed (entry point polygraphy.run.plugins)",
 )

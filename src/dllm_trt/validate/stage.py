@@ -9,13 +9,13 @@ from pathlib import Path
 
 import torch
 
-from dllm_trt.contract import QUANTIZED_PRECISIONS, STEP_FILE
+from dllm_trt.contract import GOLDEN_DIR, QUANTIZED_PRECISIONS, STEP_FILE
 from dllm_trt.errors import DllmError
 from dllm_trt.generation.backends import open_step
 from dllm_trt.generation.cpu_variant import execution_on_cpu
 from dllm_trt.generation.loop import GenerationSettings, left_pad
 from dllm_trt.generation.step import TorchStep
-from dllm_trt.manifest import read_manifest
+from dllm_trt.manifest import atomic_output, read_manifest
 from dllm_trt.models.checkpoint import checkpoint_hash, load_model, safetensors_files
 from dllm_trt.parity.generation_parity import generation_parity
 from dllm_trt.parity.per_layer import PerLayerOptions, per_layer_parity
@@ -41,6 +41,7 @@ class ValidateOptions:
     layer_check: bool = True
     canvas: int | None = None  # --per-layer: tokens of the denoise calls' canvas; None: the model's canvas
     quiet: bool = False
+    golden: bool = True  # with report_dir: golden/ beside the report, for stock `polygraphy run` (parity.golden)
 
 
 @dataclass(frozen=True)
@@ -68,7 +69,8 @@ def run(options: ValidateOptions) -> ValidateResult:
     # has each layer judged on its own as well.
     reduced = manifest["model"]["dtype"] != "float32"
     layered = reduced and backend == "onnxruntime" and options.layer_check and (artifacts / STEP_FILE).is_file()
-    progress = Progress(total=layers + 4 if options.per_layer else 5 + (layers + 1) * layered, quiet=options.quiet)
+    total = layers + 4 if options.per_layer else 5 + (layers + 1) * layered
+    progress = Progress(total=total + _writes_golden(options), quiet=options.quiet)
     with progress.stage("checking artifacts against the reference checkpoint") as notes:
         digest = checkpoint_hash(reference, safetensors_files(reference))
         if manifest["checkpoint"]["hash"] != digest:
@@ -115,8 +117,7 @@ def run(options: ValidateOptions) -> ValidateResult:
         del model, envelope, candidate
         result = per_layer_parity(PerLayerOptions(artifacts, reference, prompts or default_prompts(
             text.vocab_size, seeds[0]), seeds[0]), progress)  # fmt: skip
-        layered = dict(report, per_layer=result.to_dict())
-        report = layered | dict(
+        report = dict(report, per_layer=result.to_dict()) | dict(
             passed=report["passed"] and result.passed, failures=report["failures"] + result.failures()
         )
         text_md += "\n" + per_layer_markdown(dict(report, execution=report["execution"]))
@@ -127,6 +128,7 @@ def run(options: ValidateOptions) -> ValidateResult:
                 plot_per_layer(report, report_dir / PLOT)
                 (report_dir / "report.md").write_text(text_md)
             notes.append(f"{report_dir}/report.md")
+    _golden(options, prompts or default_prompts(text.vocab_size, seeds[0]), progress)
     return ValidateResult(report["passed"], report["failures"], report, text_md)
 
 
@@ -156,4 +158,23 @@ def _per_layer(options: ValidateOptions, manifest: dict, prompts: list[list[int]
             (options.report_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
             (options.report_dir / "report.md").write_text(per_layer_markdown(report))
             notes.append(f"{options.report_dir}/report.md, {PLOT}")
+    _golden(options, prompts, progress)
     return ValidateResult(report["passed"], report["failures"], report, per_layer_markdown(report))
+
+
+def _writes_golden(options: ValidateOptions) -> bool:
+    """Golden files are made beside a report, for graphs (an engine carries the ones its graph got: build --golden)."""
+    return options.golden and options.report_dir is not None and (options.artifacts / STEP_FILE).is_file()
+
+
+def _golden(options: ValidateOptions, prompts: list[list[int]], progress: Progress) -> None:
+    """REPORT/golden/: the calls' inputs and transformers' outputs for stock `polygraphy run` (parity.golden)."""
+    if not _writes_golden(options):
+        return
+    from dllm_trt.parity.golden import GoldenOptions, write_golden
+
+    with progress.stage("golden files for polygraphy run") as notes:
+        golden = GoldenOptions(options.artifacts, options.reference, prompts, options.seeds[0], options.canvas)
+        with atomic_output(options.report_dir / GOLDEN_DIR, force=True) as tmp:
+            info = write_golden(golden, tmp)
+        notes.append(f"{options.report_dir / GOLDEN_DIR}/README.md: {', '.join(info['commands'])}")

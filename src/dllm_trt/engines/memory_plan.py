@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dllm_trt.errors import DllmError
+from dllm_trt.generation.prompt_chunks import DEFAULT_PROMPT_CHUNK, largest_passes
 from dllm_trt.trt.gpu_presets import PRESETS
 
 PRECISIONS = ("bf16", "fp8", "nvfp4")
@@ -59,7 +60,7 @@ class PlanOptions:
     precisions: tuple[str, ...] = PRECISIONS
     batches: tuple[int, ...] = BATCHES
     contexts: tuple[int, ...] = CONTEXTS
-    prompt_chunk: int = 4096  # tokens per prompt-phase pass (the engine's new_tokens maximum)
+    prompt_chunk: int = DEFAULT_PROMPT_CHUNK  # tokens per prompt pass: generate's rule (generation.prompt_chunks)
     gpus: tuple[str, ...] = tuple(PRESETS)
 
 
@@ -231,8 +232,9 @@ def activation_bytes(model, batch: int, context: int, prompt_chunk: int, precisi
         hidden_states = 10 * element_bytes * batch * tokens * width
         return scores + head + workspace_layout(moe, batch * tokens)[1] + hidden_states
 
-    chunk = min(prompt_chunk, context)
-    return max(phase(canvas, max(context - canvas, 0), canvas), phase(chunk, max(context - chunk, 0), 0))
+    # the prompt fills the context, in the passes generate makes of it
+    prompt = max(phase(tokens, cached, 0) for tokens, cached in largest_passes(context, prompt_chunk).items())
+    return max(phase(canvas, max(context - canvas, 0), canvas), prompt)
 
 
 def run(options: PlanOptions) -> MemoryPlan:

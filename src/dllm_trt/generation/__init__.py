@@ -7,6 +7,7 @@ loop.py              transformers' generate() as backend-free tensor code; never
 sampler.py           temperature schedule, sampling, entropy-bound acceptance, stopping, random draws
 exponential_noise.py the sampler's Exp(1) noise, bit-exact with torch's generator, drawn ahead
 kv_cache.py          the static KV cache the loop owns and backends bind by address
+prompt_chunks.py     how a long prompt is cut into encoder passes (the loop's rule, which `plan` counts)
 step.py              the Step interface; torch and onnxruntime steps
 backends.py          open the Step for a backend over an artifact directory
 ort_session.py       onnxruntime sessions with this machine's providers

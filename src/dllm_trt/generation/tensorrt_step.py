@@ -234,9 +234,10 @@ class TensorRTStep:
         self.denoise_graphs = DenoiseGraphs(self.canvas, use_cuda_graphs)
         model = manifest["model"]
         cache_dtype = self.canvas.dtypes[self.past_names[0]]
+        longest_pass = int(self.prompt.profile(STEP_INPUTS[0])[2][1])  # input_ids [B, T]: the profile's max T
         self.info = StepInfo(
             model["canvas_length"], model["vocab_size"], model["hidden_size"], model["sliding_window"], cache_dtype,
-            "cuda",
+            "cuda", prompt_chunk_max=longest_pass,
         )  # fmt: skip
 
     @classmethod

@@ -12,6 +12,6 @@ step.py              the Step interface; torch and onnxruntime steps
 backends.py          open the Step for a backend over an artifact directory
 ort_session.py       onnxruntime sessions with this machine's providers
 cpu_variant.py       a runnable CPU copy of graphs onnxruntime cannot run as they are (stand-ins, bf16)
-cpu_standins.py      Python stand-ins of the fused MoE ops (their specified semantics)
+cpu_standins.py      Python stand-ins of the plugin ops, MoE and attention (their specified semantics)
 tensorrt_step.py     the engines of `dllm-trt build` behind the Step interface
 """

@@ -2,14 +2,23 @@
 
 TensorRT's ONNX parser finds a plugin by node op_type plus the attributes `plugin_namespace` and
 `plugin_version`; every other attribute becomes a plugin field. `lint-trt` checks custom nodes
-against this table; `build` registers the plugins themselves (trt.moe_plugin).
+against this table; `build` registers the plugins themselves (trt.moe_plugin, trt.attention_plugin).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from dllm_trt.contract import MOE_ACTIVATION, MOE_OP, MOE_WEIGHT_FORMAT, PLUGIN_NAMESPACE, PLUGIN_VERSION
+from dllm_trt.contract import (
+    ATTENTION_INPUTS,
+    ATTENTION_OP,
+    ATTENTION_SCALE,
+    MOE_ACTIVATION,
+    MOE_OP,
+    MOE_WEIGHT_FORMAT,
+    PLUGIN_NAMESPACE,
+    PLUGIN_VERSION,
+)
 
 FLOATS = ("float32", "float16", "bfloat16")  # "T" below
 
@@ -41,6 +50,12 @@ PLUGINS: dict[str, PluginSpec] = {
         constant_inputs=("gate_up_proj", "down_proj"),
         fixed_attributes=(("activation", MOE_ACTIVATION),),
     ),  # fmt: skip
+    ATTENTION_OP: PluginSpec(
+        ATTENTION_OP,
+        tuple((name, "T") for name in ATTENTION_INPUTS),
+        (("output", "T"),),
+        ((ATTENTION_SCALE, float),),
+    ),
 }
 
 # DllmMoE with quantized experts (attribute weight_format; contract.MOE_INPUTS): the same node with the

@@ -80,12 +80,22 @@ def long_prompt(model):
     return ids, mask, settings, expected, calls
 
 
-@pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
-@pytest.mark.parametrize("chunk", PROMPT_CHUNKS)
-def test_chunked_prompt_passes_are_token_exact(model, steps, long_prompt, backend, chunk):
+@pytest.fixture(scope="module")
+def plugin_step(tiny_trt_fp32):
+    """The fp32 graphs optimized for TensorRT: every attention the DllmAttention plugin, run by its stand-in."""
+    step = OnnxRuntimeStep.from_artifacts(tiny_trt_fp32)
+    assert "long-head attention through its CPU stand-in" in step.execution
+    return step
+
+
+@pytest.mark.parametrize(
+    "backend, chunk",
+    [(backend, chunk) for backend in ("torch", "onnxruntime") for chunk in PROMPT_CHUNKS] + [("attention plugin", 3)],
+)  # fmt: skip
+def test_chunked_prompt_passes_are_token_exact(model, steps, long_prompt, backend, chunk, request):
     ids, mask, settings, expected, calls = long_prompt
     encoded = []
-    step = steps[backend]
+    step = request.getfixturevalue("plugin_step") if backend == "attention plugin" else steps[backend]
     original = step.encode
 
     def counting(input_ids, *args):

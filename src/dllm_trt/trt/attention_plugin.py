@@ -90,16 +90,20 @@ def graph_shapes(model) -> set[AttentionShape]:  # noqa: ANN001 (an onnx.ModelPr
     import onnx
 
     dtypes = {onnx.TensorProto.FLOAT: "fp32", onnx.TensorProto.FLOAT16: "fp16", onnx.TensorProto.BFLOAT16: "bf16"}
+    nodes = [node for node in model.graph.node if node.op_type == ATTENTION_OP]
     values = {v.name: v.type.tensor_type for v in [*model.graph.value_info, *model.graph.input]}
+    if any(name not in values for node in nodes for name in node.input[:2]):  # a graph not from optimize
+        inferred = onnx.shape_inference.infer_shapes(model).graph
+        values = {v.name: v.type.tensor_type for v in [*inferred.value_info, *inferred.input]}
     shapes = set()
-    for node in model.graph.node:
-        if node.op_type != ATTENTION_OP:
-            continue
+    for node in nodes:
         query, key = (values.get(node.input[i]) for i in (0, 1))
         if query is None or key is None:
             raise ValueError(f"{ATTENTION_OP} node {node.name}: its query or key has no recorded shape")
         q_dims = [d.dim_value for d in query.shape.dim]
         kv_heads = key.shape.dim[1].dim_value
+        if not (q_dims[1] and q_dims[3] and kv_heads):  # dim_value 0: a symbolic dimension
+            raise ValueError(f"{ATTENTION_OP} node {node.name}: heads and head size must be static, got {q_dims}")
         scale = next((a.f for a in node.attribute if a.name == ATTENTION_SCALE), 1.0)
         shapes.add(AttentionShape(dtypes[query.elem_type], q_dims[1], kv_heads, q_dims[3], scale))
     return shapes

@@ -15,8 +15,11 @@
 #   4. bench_cuda_step.py: the whole step at the released widths (as many layers as fit, up to 30), random
 #      weights, batch 1 and 8, the three expert formats: ms per denoise step and encoder pass, per layer and
 #      at 30 layers, tok/s at 16 steps per canvas, against the byte floor and against transformers.
+#   5. the attention plugin's kernels (head 512) launched through the driver (tests/trt/test_attention_plugin.py)
+#      and bench_attention_kernel.py: a denoise step's head-512 attention at contexts 4K, 32K and 256K against
+#      its byte and FLOP floors and torch's scaled_dot_product_attention (before 4, which takes what is left).
 # Logs and JSON under $OUT (a temporary folder when unset): gpu.txt, tests_launch.log, tests_step.log,
-# moe_kernel.log/.json, cuda_step.log/.json.
+# moe_kernel.log/.json, attention.log, attention_kernel.json, cuda_step.log/.json.
 #
 #   OUT=/tmp/gpu bash bench/gpu_session.sh
 set -uo pipefail
@@ -40,6 +43,11 @@ TRITON_INTERPRET=0 timeout "$(budget 100)" python3 -m pytest -q -rs -s -p no:cac
 # 3.
 TRITON_INTERPRET=0 timeout "$(budget 80)" python3 bench/bench_moe_kernel.py --tokens 256 --iters 10 --budget-s 1 \
   --json "$OUT/moe_kernel.json" 2>&1 | tee "$OUT/moe_kernel.log" || status=1
+# 5.
+TRITON_INTERPRET=0 timeout "$(budget 45)" python3 -m pytest -q -rs -p no:cacheprovider tests/trt/test_attention_plugin.py \
+  2>&1 | tee "$OUT/attention.log" || status=1
+TRITON_INTERPRET=0 timeout "$(budget 40)" python3 bench/bench_attention_kernel.py --iters 10 \
+  --json "$OUT/attention_kernel.json" 2>&1 | tee -a "$OUT/attention.log" || status=1
 # 4. last: it writes its JSON after every row, so a deadline cut keeps what was measured
 TRITON_INTERPRET=0 timeout "$(budget 300)" python3 bench/bench_cuda_step.py --json "$OUT/cuda_step.json" \
   2>&1 | tee "$OUT/cuda_step.log" || status=1

@@ -53,6 +53,17 @@ def tiny_trt(tiny_export, tmp_path_factory) -> dict:
 
 
 @pytest.fixture(scope="session")
+def tiny_trt_fp32(tiny_export, tmp_path_factory) -> Path:
+    """The tiny export optimized for TensorRT in fp32: every attention is the DllmAttention plugin node (no
+    fp32 attention has a fused TensorRT kernel), which onnxruntime runs through its CPU stand-in."""
+    from dllm_trt import optimize
+
+    path = tmp_path_factory.mktemp("tiny-trt") / "fp32"
+    optimize.run(optimize.OptimizeOptions(tiny_export, path, "trt", "fp32", parity="none", quiet=True))
+    return path
+
+
+@pytest.fixture(scope="session")
 def hf_router_and_experts():
     """Builds transformers' DiffusionGemmaTextRouter + DiffusionGemmaTextExperts at the given sizes
     with random weights of useful spread (the MoE tests' reference)."""

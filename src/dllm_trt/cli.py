@@ -212,6 +212,12 @@ def _demo(args: argparse.Namespace) -> int:
     return code
 
 
+def _default_prompt_chunk() -> int:
+    from dllm_trt.generation.prompt_chunks import DEFAULT_PROMPT_CHUNK
+
+    return DEFAULT_PROMPT_CHUNK
+
+
 def build_parser() -> argparse.ArgumentParser:
     from dllm_trt import demo, export, optimize, runtime, validate
     from dllm_trt.contract import PRECISIONS, TARGETS
@@ -303,6 +309,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--device", help=f"cpu | cuda (default {_default(Generate, 'device')})")
     sub.add_argument("--checkpoint", type=Path, help="for --backend torch (default: the exported one)")
     sub.add_argument("--json", action="store_true", help="print one JSON object: sequences and stats")
+    sub.add_argument("--prompt-chunk", type=int, help="tokens per encoder pass over a long prompt, each over the "
+                     "cache of the previous ones (default: the engine's new_tokens maximum, else "
+                     f"{_default_prompt_chunk()})")  # fmt: skip
 
     Validate = validate.ValidateOptions  # noqa: N806
     sub = verb("validate", "parity of artifacts against transformers; writes a report", _validate)

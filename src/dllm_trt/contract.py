@@ -165,3 +165,19 @@ GOLDEN_OUTPUTS = "outputs.json"  # RunResults of the graph's outputs: polygraphy
 GOLDEN_LAYERS = "layers.json"  # RunResults of the residual stream at every layer boundary
 GOLDEN_INFO = "golden.json"  # what the files hold, the tolerances, the commands
 GOLDEN_FORMAT = "dllm-trt-golden/1"
+
+# ---- the long-head attention plugin --------------------------------------------------------------
+
+# The TensorRT plugin node `optimize --target trt` puts where TensorRT has no fused attention kernel
+# (trt.support.fuses_attention: the released full layers' head size 512, and every fp32 attention), so
+# that no attention score goes through memory (kernels.attention_triton). Found by the parser like DllmMoE
+# (op_type, plugin_namespace PLUGIN_NAMESPACE, plugin_version PLUGIN_VERSION); its ONNX domain is
+# PLUGIN_NAMESPACE. Letters: B batch, Hq query heads, Hkv key/value heads, T queries, S keys, D head dim.
+#   query [B, Hq, T, D] T, key [B, Hkv, S, D] T, value [B, Hkv, S, D] T (the KV concatenation stays outside),
+#   bias [B, 1, T, S] T: the graph's additive mask (causal or bidirectional, cache validity, padding)
+#   -> output [B, Hq, T, D] T;  T fp32 | fp16 | bf16
+# Semantics: opset-23 Attention(query, key, value, bias, scale=ATTENTION_SCALE) with grouped-query heads,
+# fp32 softmax; a query with no valid key averages V over every key, as transformers' eager attention does.
+ATTENTION_OP = "DllmAttention"
+ATTENTION_INPUTS = ("query", "key", "value", "bias")
+ATTENTION_SCALE = "scale"  # float attribute: the factor on Q K^T (DiffusionGemma: 1.0)

@@ -103,8 +103,18 @@ def _int32_matmul():
     return model
 
 
+def _attention_plugin():
+    """The head-512 layer's attention as optimize --target trt writes it: the DllmAttention plugin node."""
+    model = graphs.step()
+    old = [n for n in model.graph.node if n.op_type == "Attention"][-1]  # layer 1: head 512
+    new = helper.make_node("DllmAttention", list(old.input), list(old.output), name="long_attention",
+                           domain="dllm_trt", scale=1.0, plugin_namespace="dllm_trt", plugin_version="1")  # fmt: skip
+    return _replace(model, old, [new])
+
+
 CORPUS = {
     "contract": (lambda: graphs.step(), {}, True),
+    "attention plugin": (_attention_plugin, {}, True),
     "fp32 attention": (lambda: _in_fp32(graphs.step()), {"precision": "fp32"}, True),
     "opset 25": (lambda: graphs.step(opset=25), {}, True),
     "3-D Q/K/V attention": (_three_d_attention, {}, True),

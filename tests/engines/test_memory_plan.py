@@ -57,7 +57,34 @@ def test_what_fits_where(released):
     # precisions a GPU cannot run are never listed, however small: Ampere has no fp8, SM86 no nvfp4
     assert not {"a100", "rtx-3090", "rtx-a6000"} & set(released.fits(rows["fp8", 1, 4096]))
     assert "rtx-4090" not in released.fits(rows["nvfp4", 1, 4096])  # SM89: fp8, no fp4
-    assert rows["bf16", 1, 262144]["activations"] > rows["bf16", 1, 4096]["activations"]  # decomposed head 512
+    assert rows["bf16", 1, 262144]["activations"] > rows["bf16", 1, 4096]["activations"]  # masks grow with context
+
+
+def test_long_contexts_fit_one_h100_with_the_attention_plugin_and_prompt_passes(released):
+    """The released model's head-512 layers run in the DllmAttention plugin (no scores in memory), prompts in
+    passes of 4096 tokens: bf16 batch 1 at 256K and fp8 batch 8 at 32K each fit one H100."""
+    from dllm_trt.kernels.attention_launches import AttentionShape, workspace_bytes
+
+    rows = {(r["precision"], r["batch"], r["context"]): r for r in released.rows}
+    assert "h100" in released.fits(rows["bf16", 1, 262144])
+    assert "h100" in released.fits(rows["fp8", 8, 32768])
+    # decomposed, one 4096-token pass at 256K would write 2 x 4 B x 16 heads x 4096 x 262144 of scores alone
+    assert rows["bf16", 1, 262144]["activations"] < 2 * 4 * 16 * 4096 * 262144 / 20
+    workspace = workspace_bytes(AttentionShape("bf16", 16, 2, 512))  # what the plugin asks TensorRT for
+    assert f"its workspace, {workspace / 1e6:.1f} MB" in released.notes[-1]
+    for key in (("bf16", 1, 262144), ("fp8", 8, 32768)):
+        row = rows[key]
+        print(f"{key}: {row['total'] / 1e9:.1f} GB ({row['activations'] / 1e9:.1f} GB activations) of 0.9 x 80 GiB")
+
+
+def test_the_prompt_phase_follows_generates_chunk_rule():
+    """Smaller passes, less memory: the plan counts the passes generation.prompt_chunks makes."""
+    _, config = memory_plan.load_config("released")
+    model = memory_plan.meta_model(config)
+    by_chunk = [memory_plan.activation_bytes(model, 1, 262144, chunk, "bf16") for chunk in (256, 4096, 32768)]
+    assert by_chunk[0] < by_chunk[1] < by_chunk[2]
+    # a context that is not a multiple of the chunk: its last, shorter pass is never the largest
+    assert memory_plan.activation_bytes(model, 1, 262144 + 100, 4096, "bf16") >= by_chunk[1]
 
 
 def test_cli_prints_the_table_and_refuses_bad_input_in_one_line(capsys):

@@ -57,7 +57,8 @@ def test_dry_run_plan_resolves_presets_profiles_and_memory(optimized):
     assert plan["profiles"]["batch"] == [1, 2, 4] and plan["profiles"]["cache_sliding"] == [0, 7, 7]
     step = plan["graphs"]["step"]
     # two layers: head 16 fuses, head 512 has no fused kernel in bf16
-    assert step["expected"] == dict(moe=2, attention=2, attention_decomposable=1, attention_fused_live=1, profiles=1)
+    expected = dict(moe=2, attention_plugin=0, attention=2, attention_decomposable=1, attention_fused_live=1)
+    assert step["expected"] == expected | dict(profiles=1)  # a hand-built graph: its head 512 Attention stays
     assert list(step["profiles"]) == ["step"]  # one profile for both phases unless asked
     assert step["profiles"]["step"]["past_key.1"] == ([1, 1, 0, 512], [2, 1, 4096, 512], [4, 1, 65536, 512])
     assert "temperature" not in step["profiles"]["step"]
@@ -160,6 +161,12 @@ def test_an_engine_missing_what_the_graph_holds_is_judged():
     assert judge_engine("step", expected, whole, fused_kernels=2, stored_kernels=4) == []
     problems = judge_engine("step", expected, dict(whole, plugins={}), fused_kernels=1, stored_kernels=0)
     assert len(problems) == 3 and "stored kernel sets" in problems[0] and "each of 2 profile(s)" in problems[2]
+    # an attention plugin node must be a plugin layer of the engine, its kernels stored
+    expected = dict(expected, attention=1, attention_decomposable=0, attention_plugin=1)
+    whole = dict(plugins={"DllmMoE": 2, "DllmAttention": 1}, attention=1, attention_decomposable=0)
+    assert judge_engine("step", expected, whole, 2, 4, stored_attention=2) == []
+    problems = judge_engine("step", expected, dict(whole, plugins={"DllmMoE": 2}), 2, 4, stored_attention=0)
+    assert len(problems) == 2 and "stored kernels" in problems[0] and "DllmAttention nodes" in problems[1]
 
 
 @needs_rtx
@@ -169,18 +176,21 @@ def test_tensorrt_for_rtx_builds_the_tiny_preset_with_the_moe_plugin(tiny_trt, p
     assert main(["build", str(tiny_trt[precision]), "--gpu", gpu, "-o", str(out)]) == 0, capsys.readouterr().err
     info = json.loads((out / "build_info.json").read_text())
     assert info["library"] == "tensorrt-rtx" and info["gpu"]["built_on"] is None  # ahead of time, no GPU
-    assert info["runtime_requirements"]["python_plugins"] == ["dllm_trt::DllmMoE"]
+    # the tiny preset's head sizes (16, 32) fuse in bf16; no fp32 attention has a fused TensorRT kernel, so
+    # optimize gave every fp32 attention to the DllmAttention plugin: no attention is decomposed in either
+    plugins = ["dllm_trt::DllmMoE"] + (["dllm_trt::DllmAttention"] if precision == "fp32" else [])
+    assert info["runtime_requirements"]["python_plugins"] == plugins
     layers = len(json.loads((tiny_trt[precision] / "manifest.json").read_text())["model"]["layers"])
     assert list(info["engines"]) == ["step"]  # one engine: one copy of the weights
     for engine in info["engines"].values():
         moe_layers = layers
-        assert engine["network"]["plugins"] == {"DllmMoE": moe_layers}
-        assert engine["network"]["attention"] == moe_layers
-        assert (out / engine["file"]).stat().st_size == engine["bytes"] > 0
-        # the tiny preset's head sizes (16, 32) fuse in bf16; no fp32 attention has a fused kernel
         fused = moe_layers if precision == "bf16" else 0
+        expected = {"DllmMoE": moe_layers} | ({"DllmAttention": moe_layers} if precision == "fp32" else {})
+        assert engine["network"]["plugins"] == expected
+        assert engine["network"]["attention"] == fused
+        assert (out / engine["file"]).stat().st_size == engine["bytes"] > 0
         assert engine["fused_attention_kernels"] == fused
-        assert engine["network"]["attention_decomposable"] == moe_layers - fused
+        assert engine["network"]["attention_decomposable"] == 0
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["stage"] == "build" and manifest["build"]["library"] == "tensorrt-rtx"
     print(

@@ -188,3 +188,34 @@ def test_refuses_what_it_does_not_implement():
     gate_up, down, _ = _hf_experts()
     with pytest.raises(ValueError, match="no biases"):
         with_cpu_standins(_moe(gate_up, down, bias=True, activation_type="geglu", swiglu_fusion=2))
+
+
+def test_dllm_attention_standin_is_onnx_attention_over_the_graphs_mask():
+    """The plugin node through its stand-in against onnxruntime's own opset-23 Attention (grouped heads, a
+    bf16 node retargeted through Casts): the same values wherever a query has a valid key."""
+    from dllm_trt.models.diffusion_gemma import attention_bias
+
+    b, hq, hkv, t, s, d = 2, 4, 2, 5, 9, 16
+    shapes = dict(query=[b, hq, t, d], key=[b, hkv, s, d], value=[b, hkv, s, d], bias=[b, 1, t, s])
+    rng = np.random.default_rng(3)
+    feeds = {name: rng.standard_normal(shape).astype(np.float32) for name, shape in shapes.items()}
+    valid = torch.from_numpy(rng.random((b, s)) > 0.3)
+    valid[:, -t:] = True  # every query sees itself: no row without a valid key (those differ by design)
+    feeds["bias"] = attention_bias(valid, t, True, None, torch.float32).expand(b, 1, t, s).numpy().copy()
+
+    def graph(op_type: str, domain: str, dtype: int, **attrs) -> onnx.ModelProto:  # noqa: ANN003
+        node = oh.make_node(op_type, list(shapes), ["y"], domain=domain, **attrs)
+        inputs = [oh.make_tensor_value_info(n, dtype, shape) for n, shape in shapes.items()]
+        output = oh.make_tensor_value_info("y", dtype, [b, hq, t, d])
+        opsets = [oh.make_opsetid("", 23)] + ([oh.make_opsetid(domain, 1)] if domain else [])
+        return oh.make_model(oh.make_graph([node], "attention", inputs, [output]), opset_imports=opsets, ir_version=10)
+
+    expected = _run(graph("Attention", "", TensorProto.FLOAT, scale=0.5), feeds, standins=False)
+    plugin = graph("DllmAttention", "dllm_trt", TensorProto.FLOAT, scale=0.5, plugin_namespace="dllm_trt",
+                   plugin_version="1")  # fmt: skip
+    assert _rel(_run(with_cpu_standins(plugin), feeds, standins=True), expected) <= TOL
+    # a bf16 node (what a bf16 trt graph holds) reaches the fp32 stand-in through Casts, both ways
+    bf16 = with_cpu_standins(ir.from_proto(graph("DllmAttention", "dllm_trt", TensorProto.BFLOAT16, scale=0.5,
+                                                 plugin_namespace="dllm_trt", plugin_version="1")))  # fmt: skip
+    ops = [(n.domain, n.op_type) for n in bf16.graph]
+    assert ops.count(("", "Cast")) == 5 and (STANDIN_DOMAIN, "DllmAttentionStandin") in ops

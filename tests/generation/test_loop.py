@@ -61,3 +61,54 @@ def test_adaptive_stopping_and_eos_paths(model, steps, backend):
     assert ours.calls_per_canvas == calls
     assert min(calls) < settings.sampler.max_denoising_steps, "stopping never triggered: the test lost its point"
     assert (ours.sequences[:, 4:] == 0).any(), "no EOS padding happened: the test lost its point"
+
+
+# A prompt of 4 sliding windows (8) plus 3 tokens, and a shorter left-padded row, encoded in passes of
+# these sizes: smaller than the window, the sliding cache's capacity (window - 1), the window, and one
+# whose boundaries fall at odd places of the windows. Every pass is over the cache of the earlier ones.
+PROMPT_CHUNKS = (3, 7, 8, 13)
+
+
+@pytest.fixture(scope="module")
+def long_prompt(model):
+    rows = torch.Generator().manual_seed(26)
+    prompts = [torch.randint(3, 512, (length,), generator=rows).tolist() for length in (35, 20)]
+    ids, mask = left_pad(prompts, 0)
+    settings = settings_for(model, max_denoising_steps=4)
+    settings = dataclasses.replace(settings, max_new_tokens=16)  # two canvases: a commit over the chunked cache
+    expected, calls = reference_generate(model, ids, mask, settings, 7)  # the whole prompt in one pass
+    return ids, mask, settings, expected, calls
+
+
+@pytest.fixture(scope="module")
+def plugin_step(tiny_trt_fp32):
+    """The fp32 graphs optimized for TensorRT: every attention the DllmAttention plugin, run by its stand-in."""
+    step = OnnxRuntimeStep.from_artifacts(tiny_trt_fp32)
+    assert "long-head attention through its CPU stand-in" in step.execution
+    return step
+
+
+@pytest.mark.parametrize(
+    "backend, chunk",
+    [(backend, chunk) for backend in ("torch", "onnxruntime") for chunk in PROMPT_CHUNKS] + [("attention plugin", 3)],
+)  # fmt: skip
+def test_chunked_prompt_passes_are_token_exact(model, steps, long_prompt, backend, chunk, request):
+    ids, mask, settings, expected, calls = long_prompt
+    encoded = []
+    step = request.getfixturevalue("plugin_step") if backend == "attention plugin" else steps[backend]
+    original = step.encode
+
+    def counting(input_ids, *args):
+        encoded.append(input_ids.shape[1])
+        return original(input_ids, *args)
+
+    step.encode = counting
+    try:
+        ours = generate(step, settings, ids, mask, seed=7, prompt_chunk=chunk)
+    finally:
+        del step.encode
+    assert torch.equal(ours.sequences, expected.sequences)
+    assert ours.calls_per_canvas == calls
+    prompt_passes = -(-35 // chunk)
+    assert encoded[:prompt_passes] == [chunk] * (prompt_passes - 1) + [35 - chunk * (prompt_passes - 1)]
+    assert max(encoded) <= chunk

@@ -11,8 +11,9 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from dllm_trt.contract import ATTENTION_OP, PLUGIN_NAMESPACE
 from dllm_trt.errors import DllmError
-from dllm_trt.optimize.attention import fuse_attention
+from dllm_trt.optimize.attention import fuse_attention, plugin_rule
 from dllm_trt.optimize.context import PassContext
 from dllm_trt.optimize.rms_norm import fuse_rms_norm
 from dllm_trt.optimize.rotary import fuse_rotary_embedding
@@ -28,14 +29,14 @@ def _const(name: str, value, dtype=np.int64):
 
 
 def _model(hq=4, hkv=2, repeat=True, scaling=None, dtype=TensorProto.FLOAT, bias_shape=(B, 1, T, S),
-           softmax_axis=-1, unsqueeze_axis=2, scale_input=False) -> ir.Model:  # fmt: skip
+           softmax_axis=-1, unsqueeze_axis=2, scale_input=False, head_dim=D) -> ir.Model:  # fmt: skip
     """models/diffusion_gemma.attend as the exporter writes it, after the KV concatenation."""
     nodes = [helper.make_node("Concat", [f"past_{x}", x], [f"{x}_all"], axis=2) for x in ("key", "value")]
     inits = []
     keys, values = "key_all", "value_all"
-    if repeat:  # repeat_kv: [B, Hkv, S, D] -> [B, Hkv, n, S, D] -> [B, Hq, S, D]
-        expand = [B, hkv, hq // hkv, S, D] if unsqueeze_axis == 2 else [B, hq // hkv, hkv, S, D]
-        inits += [_const("axis", [unsqueeze_axis]), _const("expand", expand), _const("heads", [B, hq, S, D])]
+    if repeat:  # repeat_kv: [B, Hkv, S, head_dim] -> [B, Hkv, n, S, head_dim] -> [B, Hq, S, head_dim]
+        expand = [B, hkv, hq // hkv, S, head_dim] if unsqueeze_axis == 2 else [B, hq // hkv, hkv, S, head_dim]
+        inits += [_const("axis", [unsqueeze_axis]), _const("expand", expand), _const("heads", [B, hq, S, head_dim])]
         for x in ("key", "value"):
             nodes += [
                 helper.make_node("Unsqueeze", [f"{x}_all", "axis"], [f"{x}_5d"]),
@@ -63,19 +64,20 @@ def _model(hq=4, hkv=2, repeat=True, scaling=None, dtype=TensorProto.FLOAT, bias
             helper.make_node("Softmax", ["biased_f"], ["probs_f"], axis=softmax_axis),
             helper.make_node("Cast", ["probs_f"], ["probs"], to=dtype),
         ]
-    inits += [_const("flat", [B, T, hq * D])]
+    inits += [_const("flat", [B, T, hq * head_dim])]
     nodes += [
         helper.make_node("MatMul", ["probs", values], ["heads_out"]),
         helper.make_node("Transpose", ["heads_out"], ["tokens_out"], perm=[0, 2, 1, 3]),
         helper.make_node("Reshape", ["tokens_out", "flat"], ["out"]),
     ]
-    inputs = [("query", [B, hq, T, D]), ("past_key", [B, hkv, P, D]), ("past_value", [B, hkv, P, D]),
-              ("key", [B, hkv, T, D]), ("value", [B, hkv, T, D]), ("bias", list(bias_shape))]  # fmt: skip
+    inputs = [("query", [B, hq, T, head_dim]), ("past_key", [B, hkv, P, head_dim]),
+              ("past_value", [B, hkv, P, head_dim]), ("key", [B, hkv, T, head_dim]), ("value", [B, hkv, T, head_dim]),
+              ("bias", list(bias_shape))]  # fmt: skip
     if scale_input:
         inputs.append(("scale", []))
     graph = helper.make_graph(
         nodes, "attention", [helper.make_tensor_value_info(name, dtype, shape) for name, shape in inputs],
-        [helper.make_tensor_value_info("out", dtype, [B, T, hq * D])], inits,
+        [helper.make_tensor_value_info("out", dtype, [B, T, hq * head_dim])], inits,
     )  # fmt: skip
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23)])
     return ir.from_proto(onnx.shape_inference.infer_shapes(model, data_prop=True))  # shapes, as the exporter's
@@ -202,15 +204,19 @@ def test_unknown_target_is_refused():
         fuse_attention(_model(), PassContext("tpu", "fp32", "step", {}))
 
 
-@pytest.mark.parametrize("target, after_norms_and_rotary", [("ort-cpu", False), ("trt", True)])
+@pytest.mark.parametrize(
+    "target, after_norms_and_rotary, plugin", [("ort-cpu", False, False), ("trt", True, True)],
+    ids=["ort-cpu", "trt (fp32: no fused TensorRT attention, every layer's through the DllmAttention stand-in)"],
+)  # fmt: skip
 def test_every_attention_of_the_exported_graphs_fuses_and_parity_holds(
-    tiny_export, tmp_path, target, after_norms_and_rotary, assert_step_parity
+    tiny_export, tmp_path, target, after_norms_and_rotary, plugin, assert_step_parity
 ):
     out = tmp_path / "onnx"
     shutil.copytree(tiny_export, out)
     facts = json.loads((out / "manifest.json").read_text())["model"]
     layers = facts["num_layers"]
     expected = {"step": layers}
+    op = ATTENTION_OP if plugin else "Attention"
     for name, count in expected.items():
         model = ir.load(tiny_export / f"{name}.onnx")  # the copy is overwritten below: read the original
         ctx = PassContext(target, "fp32", name, facts)
@@ -219,13 +225,48 @@ def test_every_attention_of_the_exported_graphs_fuses_and_parity_holds(
             fuse_rotary_embedding(model, ctx)
         assert fuse_attention(model, ctx) == count
         ops = _ops(model)
-        assert ops["Attention"] == count and ops["Softmax"] == count  # what is left: the routers' softmax
-        for node in (n for n in model.graph if n.op_type == "Attention"):
+        assert ops.get(op) == count and ops["Softmax"] == count  # what is left: the routers' softmax
+        assert ops.get("Attention", 0) + ops.get(ATTENTION_OP, 0) == count
+        for node in (n for n in model.graph if n.op_type == op):
             # What TensorRT's parser takes: no past inputs, one output, K/V from the concatenation outside,
-            # a mask with a row per query.
+            # a mask with a row per query (the plugin's inputs are the same).
             assert len(node.inputs) == 4 and len(node.outputs) == 1
             assert node.inputs[1].producer().op_type == node.inputs[2].producer().op_type == "Concat"
             assert node.inputs[3].shape[2] == node.inputs[0].shape[2]
+            assert node.outputs[0].shape == node.inputs[0].shape and node.outputs[0].dtype == node.inputs[0].dtype
         ir.save(model, out / f"{name}.onnx", external_data=f"{name}.onnx.data")
 
     assert assert_step_parity(out).exceeds_window
+
+
+@pytest.mark.parametrize(
+    "precision, head_size, plugin",
+    [("bf16", 512, True), ("bf16", 256, False), ("bf16", 16, False), ("fp16", 320, True), ("fp8", 512, True),
+     ("nvfp4", 256, False), ("fp32", 16, True)],
+)  # fmt: skip
+def test_the_trt_target_takes_the_plugin_exactly_where_tensorrt_fuses_no_attention(precision, head_size, plugin):
+    # the graph's final dtype decides (fp8/nvfp4 graphs compute attention in bf16), as TensorRT's fusion does
+    assert plugin_rule("trt", precision)(head_size) is plugin
+    assert plugin_rule("ort-cpu", precision) is None and plugin_rule("ort-cuda", precision) is None
+
+
+def test_head_512_becomes_the_plugin_node_with_the_attention_inputs():
+    from dllm_trt.generation.cpu_standins import standin_session_options, with_cpu_standins
+
+    model = _model(head_dim=512)
+    feeds = _feeds(model)
+    expected = _run(model, feeds)
+    assert fuse_attention(model, PassContext("trt", "bf16", "step", {})) == 1
+    node = next(n for n in model.graph if n.op_type == ATTENTION_OP)
+    assert node.domain == PLUGIN_NAMESPACE and model.opset_imports[PLUGIN_NAMESPACE] == 1
+    attrs = {name: attr.value for name, attr in node.attributes.items()}
+    assert attrs == {"plugin_namespace": "dllm_trt", "plugin_version": "1", "scale": 1.0}
+    assert "Attention" not in _ops(model)
+    # the node computes the eager graph's attention (its CPU stand-in, the plugin's specified semantics)
+    proto = ir.to_proto(with_cpu_standins(model))
+    session = ort.InferenceSession(
+        proto.SerializeToString(), standin_session_options(), providers=["CPUExecutionProvider"]
+    )
+    out = session.run(None, feeds)[0]
+    # relative to the largest output: at head 512 the scores' fp32 rounding moves small outputs by 1e-5
+    assert np.abs(out - expected).max() / np.abs(expected).max() <= 1e-5

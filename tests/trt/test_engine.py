@@ -1,4 +1,5 @@
-"""trt.engine's builder config, on a real TensorRT-for-RTX builder (ahead of time, no GPU needed)."""
+"""trt.engine on a real TensorRT-for-RTX builder (ahead of time, no GPU needed): the builder config it makes,
+and whether TensorRT fuses an attention, asked rather than assumed."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from dllm_trt.trt.trt_library import TENSORRT_RTX, installed
+from dllm_trt.trt.support import fuses_attention
+from dllm_trt.trt.trt_library import TENSORRT_RTX, installed, load_library
 
 needs_rtx = pytest.mark.skipif(not installed(TENSORRT_RTX), reason="TensorRT for RTX is not installed (the rtx extra)")
 
@@ -36,3 +38,19 @@ def test_rtx_engines_require_user_allocation_so_they_can_be_captured(tmp_path):
     assert not config.get_flag(lib.trt.BuilderFlag.WEIGHT_STREAMING)  # a flag we do not set reads False
     serialized, _ = engine.build_serialized(lib, parsed, profiles, (12, 1), 3, None)
     assert len(serialized) > 1000  # the builder accepts the flag for this target and builds
+
+
+@needs_rtx
+@pytest.mark.parametrize(
+    "dtype, head_size, q_heads, kv_heads",
+    [("BF16", 256, 16, 8), ("BF16", 512, 16, 2), ("FP16", 512, 16, 16)],
+    ids=["released sliding layers", "released full layers", "head 512 without grouping"],
+)
+def test_the_builder_fuses_exactly_what_the_support_table_says(dtype, head_size, q_heads, kv_heads):
+    """The released model's full layers (head 512) get no fused kernel from TensorRT for RTX: the reason
+    optimize routes them to the DllmAttention plugin (trt.attention_plugin). Asked ahead of time for sm_121."""
+    from dllm_trt.trt.engine import probe_fused_attention
+
+    fused = probe_fused_attention(load_library(TENSORRT_RTX), dtype, head_size, q_heads, kv_heads, (12, 1))
+    print(f"\nTensorRT for RTX, sm_121, {dtype} head {head_size} ({q_heads}:{kv_heads}): fused {fused}")
+    assert fused is fuses_attention(dtype, head_size, "rtx-1.7")

@@ -14,6 +14,7 @@ import os
 
 import pytest
 import torch
+from interpreted_launch import InterpretedLaunch
 
 os.environ["TRITON_INTERPRET"] = "1"  # also set by conftest.py; must precede the first triton import
 pytest.importorskip("triton", reason="triton is not installed (pip install 'dllm-trt[triton]')")
@@ -26,8 +27,6 @@ from dllm_trt.trt.moe_plugin import launch_moe  # noqa: E402
 mt = importlib.reload(importlib.import_module("dllm_trt.kernels.moe_triton"))
 
 E, H, I, K = 6, 48, 32, 2  # noqa: E741  multiples of 16 along both input axes (NVFP4 blocks)
-TORCH = {"*fp32": torch.float32, "*bf16": torch.bfloat16, "*fp16": torch.float16, "*i32": torch.int32,
-         "*u8": torch.uint8, "*fp8e4nv": torch.float8_e4m3fn}  # fmt: skip
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 CASES = [("float", "fp32"), ("float", "bf16"), ("fp8", "bf16"), ("nvfp4", "bf16")]
 
@@ -62,31 +61,6 @@ def _node(weight_format: str, dtype: str, n_tokens: int, device: str) -> tuple[l
     return [t.to(device) for t in (*activations, *experts)], _reference(activations, reference)
 
 
-class InterpretedLaunch:
-    """One stage's kernel run by Triton's interpreter: each address becomes a view of the CPU tensor it
-    points into (from that address to the tensor's end), typed as the kernel's parameter declares."""
-
-    def __init__(self, stage: str, shape: MoEShape, bm: int, owners: list[torch.Tensor]) -> None:
-        self.spec = kernel_specs(shape, bm, upcast=True)[stage]
-        self.owners = owners
-        self.calls = 0
-
-    def _view(self, address: int, kind: str) -> torch.Tensor:
-        for owner in self.owners:
-            raw = owner.view(-1).view(torch.uint8)
-            if raw.data_ptr() <= address < raw.data_ptr() + raw.numel():
-                return raw[address - raw.data_ptr() :].view(TORCH[kind])
-        raise AssertionError(f"address {address:#x} is inside no tensor handed to launch_moe")
-
-    def launch(self, grid: tuple[int, int, int], args: list[int], stream: int) -> None:
-        assert len(args) == len(self.spec.signature)
-        arguments = {param: value if kind == "i32" else self._view(value, kind)
-                     for (param, kind), value in zip(self.spec.signature, args, strict=True)}  # fmt: skip
-        kernel = getattr(mt, self.spec.kernel)
-        kernel[grid](**arguments, **self.spec.constants(), num_warps=self.spec.num_warps)
-        self.calls += 1
-
-
 @pytest.mark.parametrize("n_tokens", [1, 9])
 @pytest.mark.parametrize("weight_format,dtype", CASES)
 def test_launch_moe_carves_the_workspace_and_feeds_the_kernels(weight_format, dtype, n_tokens):
@@ -96,9 +70,7 @@ def test_launch_moe_carves_the_workspace_and_feeds_the_kernels(weight_format, dt
     out = torch.full_like(inputs[0], float("nan"))
     workspace = torch.full((workspace_layout(shape, n_tokens)[1],), 0xFF, dtype=torch.uint8)  # garbage, not zeros
     owners = [*inputs, out, workspace]
-    kernels = {
-        stage: InterpretedLaunch(stage, shape, bm, owners) for stage in ("route", "bucket", "up", "down", "combine")
-    }
+    kernels = {stage: InterpretedLaunch(spec, owners) for stage, spec in kernel_specs(shape, bm, upcast=True).items()}
     launch_moe(kernels, shape, bm, [t.data_ptr() for t in inputs], out.data_ptr(), workspace.data_ptr(), n_tokens, 0)
     assert all(k.calls == 1 for k in kernels.values())
     err = (out.float() - ref).abs().max().item()

@@ -17,9 +17,14 @@ Per precision, batch and context it gives three terms, and which GPU presets the
 * activations: the larger of the two phases, one layer live at a time. The canvas phase (a denoise
   step over the canvas): the sampling noise input and three [B, C, V] fp32 tensors of the sampling
   head, the MoE plugin's workspace (kernels.moe_launches.workspace_layout), ten hidden-sized
-  tensors, and, for attention with no fused kernel for its head size (trt.support: head 512
-  in bf16), the materialised fp32 scores and probabilities [B, heads, T, P + T]. The prompt phase
-  is the same for a prompt chunk of `prompt_chunk` tokens without the sampling head.
+  tensors, the additive attention masks [B, 1, T, P + T] the graph builds once per layer type (what
+  TensorRT materialises for its attention layers and the plugin's), the live layer's K/V concatenation
+  [B, G, P + T, D] (kept outside the attention node), and for attention with no fused TensorRT kernel
+  for its head size (trt.support: head 512 in bf16) the DllmAttention plugin's workspace
+  (kernels.attention_launches.workspace_bytes, what the plugin asks TensorRT for): it never writes the
+  scores. The prompt phase is the same for each pass generate makes of a prompt filling the context
+  (generation.prompt_chunks, passes of `prompt_chunk` tokens, each over the cache of the earlier ones),
+  without the sampling head.
 
 A plan fits a GPU when the sum stays within 90% of its memory (the rest: CUDA context, the
 runtime's own buffers, fragmentation) and the GPU runs the precision (RUNS_FROM: fp8 needs SM89 or
@@ -35,6 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dllm_trt.errors import DllmError
+from dllm_trt.generation.prompt_chunks import DEFAULT_PROMPT_CHUNK, largest_passes
 from dllm_trt.trt.gpu_presets import PRESETS
 
 PRECISIONS = ("bf16", "fp8", "nvfp4")
@@ -59,7 +65,7 @@ class PlanOptions:
     precisions: tuple[str, ...] = PRECISIONS
     batches: tuple[int, ...] = BATCHES
     contexts: tuple[int, ...] = CONTEXTS
-    prompt_chunk: int = 4096  # tokens per prompt-phase pass (the engine's new_tokens maximum)
+    prompt_chunk: int = DEFAULT_PROMPT_CHUNK  # tokens per prompt pass: generate's rule (generation.prompt_chunks)
     gpus: tuple[str, ...] = tuple(PRESETS)
 
 
@@ -203,6 +209,7 @@ def kv_cache_bytes(model, batch: int, context: int, precision: str = "bf16", sli
 
 def activation_bytes(model, batch: int, context: int, prompt_chunk: int, precision: str = "bf16") -> int:  # noqa: ANN001
     """The larger phase's working memory (module docstring)."""
+    from dllm_trt.kernels.attention_launches import AttentionShape, workspace_bytes
     from dllm_trt.kernels.moe_launches import MoEShape, workspace_layout
     from dllm_trt.models.diffusion_gemma import layer_specs
     from dllm_trt.trt.support import fuses_attention
@@ -210,29 +217,49 @@ def activation_bytes(model, batch: int, context: int, prompt_chunk: int, precisi
     config = model.config
     text = config.text_config
     attention_type, element_bytes = ACTIVATION_TYPE[precision]
-    canvas, hidden, vocab = config.canvas_length, text.hidden_size, text.vocab_size
+    dtype = precision if precision in ("fp32", "fp16") else "bf16"
+    canvas, hidden, vocab, window = config.canvas_length, text.hidden_size, text.vocab_size, text.sliding_window
     heads = text.num_attention_heads
-    moe = MoEShape(
-        precision if precision in ("fp32", "fp16") else "bf16",
-        text.num_experts,
-        hidden,
-        text.moe_intermediate_size,
-        text.top_k_experts,
-    )
+    moe = MoEShape(dtype, text.num_experts, hidden, text.moe_intermediate_size, text.top_k_experts)
     specs = layer_specs(model)
     width = max(hidden, heads * max(s.head_dim for s in specs), 2 * text.intermediate_size)
+    plugin = max(
+        (workspace_bytes(AttentionShape(dtype, heads, s.num_kv_heads, s.head_dim)) for s in specs
+         if not fuses_attention(attention_type, s.head_dim)),
+        default=0,
+    )  # fmt: skip
 
     def phase(tokens: int, cached: int, rows: int) -> int:
-        scores = max(
-            (0 if fuses_attention(attention_type, s.head_dim) else 2 * 4 * batch * heads * tokens * (cached + tokens))
-            for s in specs
-        )
+        keys = {True: min(cached, window - 1) + tokens, False: cached + tokens}  # per layer type: sliding or not
+        masks = sum(element_bytes * batch * tokens * keys[sliding] for sliding in {s.sliding for s in specs})
+        concat = max(2 * element_bytes * batch * s.num_kv_heads * keys[s.sliding] * s.head_dim for s in specs)
         head = 4 * 4 * batch * rows * vocab  # the noise input, the logits and two more of the sampling head
         hidden_states = 10 * element_bytes * batch * tokens * width
-        return scores + head + workspace_layout(moe, batch * tokens)[1] + hidden_states
+        return plugin + masks + concat + head + workspace_layout(moe, batch * tokens)[1] + hidden_states
 
-    chunk = min(prompt_chunk, context)
-    return max(phase(canvas, max(context - canvas, 0), canvas), phase(chunk, max(context - chunk, 0), 0))
+    # the prompt fills the context, in the passes generate makes of it
+    prompt = max(phase(tokens, cached, 0) for tokens, cached in largest_passes(context, prompt_chunk).items())
+    return max(phase(canvas, max(context - canvas, 0), canvas), prompt)
+
+
+def attention_note(model, prompt_chunk: int) -> str | None:  # noqa: ANN001
+    """What the plan says about attention without a fused TensorRT kernel, if the model has any."""
+    from dllm_trt.kernels.attention_launches import AttentionShape, workspace_bytes
+    from dllm_trt.models.diffusion_gemma import layer_specs
+    from dllm_trt.trt.support import fuses_attention
+
+    heads = model.config.text_config.num_attention_heads
+    unfused = {(s.head_dim, s.num_kv_heads) for s in layer_specs(model) if not fuses_attention("BF16", s.head_dim)}
+    if not unfused:
+        return None
+    sizes = ", ".join(f"{d} ({heads}:{g} heads)" for d, g in sorted(unfused))
+    workspace = max(workspace_bytes(AttentionShape("bf16", heads, g, d)) for d, g in unfused)
+    return (
+        f"Attention of head size {sizes} has no fused TensorRT kernel in bf16: it runs in the DllmAttention plugin "
+        f"(optimize --target trt), which never writes its scores to memory; counted is its workspace, "
+        f"{workspace / 1e6:.1f} MB, whatever the context. Prompt passes of {prompt_chunk} tokens (--prompt-chunk, "
+        "generate's rule): the masks and the MoE's intermediates grow with a pass's tokens."
+    )
 
 
 def run(options: PlanOptions) -> MemoryPlan:
@@ -250,17 +277,9 @@ def run(options: PlanOptions) -> MemoryPlan:
     counts, shapes = count_parameters(model)
     weights = {p: weight_bytes(shapes, p) for p in options.precisions}
     plan = MemoryPlan(name, counts, weights, gpus={g: PRESETS[g].memory_gib for g in options.gpus})
-    from dllm_trt.models.diffusion_gemma import layer_specs
-    from dllm_trt.trt.support import fuses_attention
-
-    unfused = sorted({s.head_dim for s in layer_specs(model) if not fuses_attention("BF16", s.head_dim)})
-    if unfused:
-        plan.notes.append(
-            f"Attention of head size {', '.join(map(str, unfused))} has no fused TensorRT kernel in bf16: its "
-            f"scores [B, heads, T, context] go through memory, which is most of the activations at long "
-            f"contexts; a smaller prompt chunk (now {options.prompt_chunk} tokens, --prompt-chunk) shrinks the "
-            "prompt phase's share."
-        )
+    note = attention_note(model, options.prompt_chunk)
+    if note:
+        plan.notes.append(note)
     for precision in options.precisions:
         for batch in options.batches:
             for context in options.contexts:

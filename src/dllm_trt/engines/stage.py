@@ -13,9 +13,11 @@ it is (optimize wrote it for TensorRT), builds it with its profiles, checks what
 a temporary directory renamed into place at the end. The engines' precision is the graphs' own
 (strongly typed networks): `optimize --precision` decides it.
 
-What was built, judged per engine: every DllmMoE node became one MoE plugin layer; every attention
-node became an IAttention layer; those not marked decomposable were fused (the builder fails rather
-than decompose them); the fused-attention kernels the builder lists are counted in the report.
+What was built, judged per engine: every DllmMoE node became one MoE plugin layer, every DllmAttention
+node (attention TensorRT has no fused kernel for, trt.attention_plugin) one attention plugin layer, each
+with its kernels stored; every attention node became an IAttention layer; those not marked decomposable
+were fused (the builder fails rather than decompose them); the fused-attention kernels the builder lists
+are counted in the report.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from pathlib import Path
 import onnx
 
 from dllm_trt.contract import (
+    ATTENTION_OP,
     BUILD_FORMAT,
     ENGINE_FILES,
     GOLDEN_DIR,
@@ -109,6 +112,7 @@ def _graph_counts(model: onnx.ModelProto, precision: str) -> dict[str, int]:
     moe = sum(n.op_type == MOE_OP for n in model.graph.node)
     return dict(
         moe=moe,
+        attention_plugin=sum(n.op_type == ATTENTION_OP for n in model.graph.node),
         attention=len(attention),
         attention_decomposable=sum(not f for f in fuses.values()),
         attention_fused_live=sum(f for name, f in fuses.items() if name in live),
@@ -193,7 +197,9 @@ def format_plan(plan: dict) -> str:
     for graph, info in plan["graphs"].items():
         want = info["expected"]
         lines.append(
-            f"{graph}: {info['file']} -> {info['engine']} ({want['moe']} MoE plugin layers, {want['attention']} "
+            f"{graph}: {info['file']} -> {info['engine']} ({want['moe']} MoE plugin layers, "
+            f"{want.get('attention_plugin', 0)} attention plugin layers (no fused kernel; no scores in memory), "
+            f"{want['attention']} "
             f"attention layers of which {want['attention_decomposable']} decomposed (no fused kernel for the dtype and "
             f"head size); profiles {', '.join(info['profiles'])} over {len(next(iter(info['profiles'].values())))} "
             "dynamic inputs)"
@@ -229,9 +235,20 @@ def run(options: BuildOptions) -> BuildResult:
     return BuildResult(plan, info)
 
 
-def judge_engine(graph: str, expected: dict, network: dict, fused_kernels: int, stored_kernels: int) -> list[str]:
-    """What the built engine lacks against the graph: a problem per line, none when it is whole."""
+def judge_engine(
+    graph: str, expected: dict, network: dict, fused_kernels: int, stored_kernels: int, stored_attention: int = 0
+) -> list[str]:
+    """What the built engine lacks against the graph: a problem per line, none when it is whole.
+    `stored_kernels`, `stored_attention`: the MoE and attention plugins' kernel sets found in the engine."""
     problems = []
+    attention_plugins = expected.get("attention_plugin", 0)
+    if stored_attention < attention_plugins:
+        problems.append(f"{graph}: {attention_plugins} attention plugin layers but {stored_attention} stored kernels")
+    if network["plugins"].get(ATTENTION_OP, 0) != attention_plugins:
+        problems.append(
+            f"{graph}: {attention_plugins} DllmAttention nodes but {network['plugins'].get(ATTENTION_OP, 0)} "
+            "attention plugin layers in the network"
+        )
     if stored_kernels < expected["moe"]:  # TensorRT swallows a plugin callback's exception: look
         problems.append(f"{graph}: {expected['moe']} MoE plugin layers but {stored_kernels} stored kernel sets")
     if network["plugins"].get(MOE_OP, 0) != expected["moe"]:
@@ -260,6 +277,7 @@ def judge_engine(graph: str, expected: dict, network: dict, fused_kernels: int, 
 
 def build_engines(options: BuildOptions) -> tuple[dict, dict]:
     """Build the engine into `options.output`; returns the plan and the build_info written there."""
+    from dllm_trt.trt import attention_plugin
     from dllm_trt.trt import engine as trt_engine
     from dllm_trt.trt.gpu import check_gpu, detect_gpu
     from dllm_trt.trt.moe_plugin import KERNELS_MAGIC, RUNTIME_REQUIREMENT, compile_for_graphs, register_moe_plugin
@@ -284,11 +302,15 @@ def build_engines(options: BuildOptions) -> tuple[dict, dict]:
     manifest = read_manifest(directory)
     engines = {}
     with atomic_output(out, force=options.force) as tmp:
-        with progress.stage("the MoE plugin: register, compile its kernels") as notes:
+        with progress.stage("the plugins (MoE, attention): register, compile their kernels") as notes:
             register_moe_plugin(lib.trt, arch=preset.arch, ptx_version=options.ptx_version)
             paths = [directory / info["file"] for info in plan["graphs"].values()]
             shapes = compile_for_graphs(paths, preset.arch, options.ptx_version)
             notes.append(f"dllm_trt::DllmMoE, {len(shapes)} shape(s) compiled for sm_{preset.arch}")
+            attention_plugin.register_attention_plugin(lib.trt, arch=preset.arch, ptx_version=options.ptx_version)
+            attention_shapes = attention_plugin.compile_for_graphs(paths, preset.arch, options.ptx_version)
+            if attention_shapes:
+                notes.append(f"dllm_trt::DllmAttention, {len(attention_shapes)} shape(s)")
         for graph, info in plan["graphs"].items():
             with progress.stage(f"{graph}: parse") as notes:
                 parsed = trt_engine.parse_network(lib, directory / info["file"])
@@ -310,7 +332,10 @@ def build_engines(options: BuildOptions) -> tuple[dict, dict]:
                     timing_cache,
                 )
                 fused = trt_engine.fused_attention_kernels(layers)
-                problems = judge_engine(graph, info["expected"], network, fused, serialized.count(KERNELS_MAGIC))
+                problems = judge_engine(
+                    graph, info["expected"], network, fused, serialized.count(KERNELS_MAGIC),
+                    serialized.count(attention_plugin.KERNELS_MAGIC),
+                )  # fmt: skip
                 if problems:
                     raise DllmError("the built engine is not the graph: " + "; ".join(problems))
                 path = tmp / info["engine"]
@@ -345,7 +370,13 @@ def build_engines(options: BuildOptions) -> tuple[dict, dict]:
                 opt_level=options.opt_level,
                 ptx_version=options.ptx_version,
                 timing_cache=plan["timing_cache"] if not lib.ahead_of_time else None,
-                runtime_requirements=RUNTIME_REQUIREMENT,
+                runtime_requirements=dict(
+                    RUNTIME_REQUIREMENT,
+                    python_plugins=[
+                        *RUNTIME_REQUIREMENT["python_plugins"],
+                        *([attention_plugin.RUNTIME_REQUIREMENT] if attention_shapes else []),
+                    ],
+                ),  # fmt: skip
                 lint=dict(warnings=plan["warnings"]),
                 memory_estimate=plan["memory_estimate"],
                 engines=engines,

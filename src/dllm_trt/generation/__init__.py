@@ -7,11 +7,12 @@ loop.py              transformers' generate() as backend-free tensor code; never
 sampler.py           temperature schedule, sampling, entropy-bound acceptance, stopping, random draws
 exponential_noise.py the sampler's Exp(1) noise, bit-exact with torch's generator, drawn ahead
 kv_cache.py          the static KV cache the loop owns and backends bind by address
+prompt_chunks.py     how a long prompt is cut into encoder passes (the loop's rule, which `plan` counts)
 step.py              the Step interface; torch and onnxruntime steps
 backends.py          open the Step for a backend over an artifact directory
 ort_session.py       onnxruntime sessions with this machine's providers
 cpu_variant.py       a runnable CPU copy of graphs onnxruntime cannot run as they are (stand-ins, bf16)
-cpu_standins.py      Python stand-ins of the fused MoE ops (their specified semantics)
+cpu_standins.py      Python stand-ins of the plugin ops, MoE and attention (their specified semantics)
 tensorrt_step.py     the engines of `dllm-trt build` behind the Step interface
 triton_step.py       the torch backend on CUDA: the MoE through the Triton kernels, a graphed denoise step
 cuda_graphs.py       CUDA graphs as trtexec makes them: own stream, thread-local capture, cleared errors

@@ -21,6 +21,10 @@ What each stand-in proves, and what it does not:
   Their fp8 inputs reach them through a Cast to float (exact); fp4 initializers, which onnxruntime
   1.32 can neither Cast nor dequantize on CPU ("Could not find an implementation for Cast(23)"),
   are handed over as fp32 initializers holding the same values (exact too).
+* ``DllmAttentionStandin`` computes ``kernels.attention_triton.attention_reference`` (the long-head
+  attention plugin's specified semantics: grouped-query attention over the graph's additive mask, fp32),
+  proving the graph around the plugin node; its kernels are tested under the Triton interpreter
+  (tests/kernels/test_attention_triton.py).
 * ``OrtMoEStandin`` computes OUR READING of the ``com.microsoft.MoE`` spec (onnxruntime 1.32,
   ``optimize.moe`` docstring): fp32 softmax of ``router_probs`` as logits, top-k with ties to the
   lowest index, optional renormalisation, fc1 [E, fusion*I, H] with ``swiglu_fusion`` 1 (interleaved) or 2
@@ -45,13 +49,14 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 
-from dllm_trt.contract import MOE_INPUTS, MOE_WEIGHT_FORMAT
+from dllm_trt.contract import ATTENTION_INPUTS, ATTENTION_OP, ATTENTION_SCALE, MOE_INPUTS, MOE_WEIGHT_FORMAT
 
 STANDIN_DOMAIN = "ai.onnx.contrib"
 DLLM_MOE_STANDIN = "DllmMoEStandin"
 # one stand-in op per weight format: the PyOp protocol fixes an op's input count
 DLLM_MOE_STANDINS = {"float": DLLM_MOE_STANDIN, "fp8": "DllmMoEFp8Standin", "nvfp4": "DllmMoENvfp4Standin"}
 ORT_MOE_STANDIN = "OrtMoEStandin"
+DLLM_ATTENTION_STANDIN = "DllmAttentionStandin"
 
 # com.microsoft.MoE attributes a stand-in node always carries (defaults of the 1.32 schema);
 # PyOp attributes must be present on the node to be read.
@@ -106,6 +111,17 @@ def _nvfp4_standin(hidden, router_logits, per_expert_scale, gate_up_proj, down_p
         hidden, router_logits, per_expert_scale, gate_up_proj, down_proj, gate_up_block_scale, down_block_scale,
         gate_up_global_scale, down_global_scale, top_k=top_k, activation=activation, weight_format="nvfp4",
     )  # fmt: skip
+
+
+def dllm_attention_standin(query, key, value, bias, scale):  # noqa: ANN001, ANN201
+    """``dllm_trt::DllmAttention`` = ``attention_reference`` (fp32 grouped-query attention over the graph's
+    additive mask; numpy in, numpy out)."""
+    import torch
+
+    from dllm_trt.kernels.attention_triton import attention_reference
+
+    tensors = (torch.from_numpy(np.asarray(a, np.float32)) for a in (query, key, value, bias))
+    return attention_reference(*tensors, scale=float(scale)).numpy()
 
 
 def _gelu_tanh(z: np.ndarray) -> np.ndarray:
@@ -198,6 +214,10 @@ def register_cpu_standins() -> None:
             op_type=op_type, inputs=[fp32] * len(MOE_INPUTS[weight_format]), outputs=[fp32],
             attrs={"top_k": i64, "activation": text},
         )(functions[weight_format])  # fmt: skip
+    onnx_op(
+        op_type=DLLM_ATTENTION_STANDIN, inputs=[fp32] * len(ATTENTION_INPUTS), outputs=[fp32],
+        attrs={ATTENTION_SCALE: PyCustomOpDef.dt_float},
+    )(dllm_attention_standin)  # fmt: skip
     kinds = {int: i64, float: PyCustomOpDef.dt_float, str: text}
     onnx_op(
         op_type=ORT_MOE_STANDIN,
@@ -224,8 +244,8 @@ def standin_session_options(options: ort.SessionOptions | None = None) -> ort.Se
 
 
 def needs_standin(domain: str, op_type: str, attributes: dict) -> bool:
-    """DllmMoE always; com.microsoft.MoE when onnxruntime's CPU kernel would refuse it."""
-    if domain == "dllm_trt" and op_type == "DllmMoE":
+    """DllmMoE and DllmAttention always; com.microsoft.MoE when onnxruntime's CPU kernel would refuse it."""
+    if domain == "dllm_trt" and op_type in ("DllmMoE", ATTENTION_OP):
         return True
     if domain == "com.microsoft" and op_type == "MoE":
         activation = attributes.get("activation_type", "relu")
@@ -237,6 +257,10 @@ def _standin(domain: str, op_type: str, inputs: list[str], attributes: dict, all
     """(op_type, inputs, attributes) of the stand-in for a node, or None to leave it alone."""
     if not (needs_standin(domain, op_type, attributes) or (all_moe and (domain, op_type) == ("com.microsoft", "MoE"))):
         return None
+    if op_type == ATTENTION_OP:
+        if len(inputs) != len(ATTENTION_INPUTS):
+            raise ValueError(f"DllmAttention with {len(inputs)} inputs: the contract's are {ATTENTION_INPUTS}")
+        return DLLM_ATTENTION_STANDIN, inputs, {ATTENTION_SCALE: float(attributes.get(ATTENTION_SCALE, 1.0))}
     if op_type == "DllmMoE":
         weight_format = attributes.get(MOE_WEIGHT_FORMAT, "float")
         if weight_format not in DLLM_MOE_STANDINS or len(inputs) != len(MOE_INPUTS[weight_format]):

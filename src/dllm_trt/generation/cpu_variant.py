@@ -1,6 +1,7 @@
 """Running optimized graphs on this CPU where onnxruntime has no kernel for what they hold.
 
-Fused MoE nodes without a CPU kernel (TensorRT's DllmMoE, com.microsoft.MoE with geglu) run
+Fused MoE nodes without a CPU kernel (TensorRT's DllmMoE, com.microsoft.MoE with geglu) and the long-head
+attention plugin's DllmAttention run
 through Python stand-ins of their specified semantics (generation/cpu_standins.py: this proves the
 graph around them, not their kernels). onnxruntime has no CPU kernels for most bfloat16 math: a
 bf16 graph runs through an emulation: every bf16 tensor becomes fp32 holding bf16-rounded values
@@ -22,13 +23,13 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from dllm_trt.contract import CARRIED_FILES, ORT_MOE_DOMAIN, ORT_MOE_OP
+from dllm_trt.contract import ATTENTION_OP, CARRIED_FILES, ORT_MOE_DOMAIN, ORT_MOE_OP
 from dllm_trt.contract import MOE_OP as DLLM_MOE
 from dllm_trt.contract import PLUGIN_NAMESPACE as DLLM_DOMAIN
 from dllm_trt.manifest import read_manifest, save_graphs, write_manifest
 
 # Ops with no onnxruntime CPU kernel; they run through stand-ins.
-NO_CPU_KERNEL = {(DLLM_DOMAIN, DLLM_MOE), (ORT_MOE_DOMAIN, ORT_MOE_OP)}
+NO_CPU_KERNEL = {(DLLM_DOMAIN, DLLM_MOE), (ORT_MOE_DOMAIN, ORT_MOE_OP), (DLLM_DOMAIN, ATTENTION_OP)}
 
 
 def _graph_files(directory: Path) -> dict[str, str]:
@@ -41,7 +42,11 @@ def _graphs(directory: Path) -> list[onnx.GraphProto]:
 
 
 def needs_standins(directory: Path) -> bool:
-    return any((node.domain, node.op_type) in NO_CPU_KERNEL for g in _graphs(directory) for node in g.node)
+    return bool(_standin_ops(directory))
+
+
+def _standin_ops(directory: Path) -> set[str]:
+    return {node.op_type for g in _graphs(directory) for node in g.node if (node.domain, node.op_type) in NO_CPU_KERNEL}
 
 
 def holds_bfloat16(directory: Path) -> bool:
@@ -53,8 +58,11 @@ def execution_on_cpu(directory: Path) -> str:
     how = []
     if holds_bfloat16(directory):
         how.append("bf16 emulated in fp32 (bf16 storage rounding, fp32 arithmetic)")
-    if needs_standins(directory):
+    ops = _standin_ops(directory)
+    if ops & {DLLM_MOE, ORT_MOE_OP}:
         how.append("fused MoE through its CPU stand-in (the op's specified semantics, not its kernel)")
+    if ATTENTION_OP in ops:
+        how.append("long-head attention through its CPU stand-in (the op's specified semantics, not its kernel)")
     return "; ".join(how) or "native"
 
 
@@ -64,7 +72,7 @@ def unsupported_on_cpu(directory: Path) -> str | None:
         try:
             import onnxruntime_extensions  # noqa: F401
         except ImportError:
-            return "fused MoE nodes need onnxruntime-extensions for their CPU stand-ins (pip install it)"
+            return "plugin nodes (fused MoE, attention) need onnxruntime-extensions for their CPU stand-ins (pip it)"
     return None
 
 

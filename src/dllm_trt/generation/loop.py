@@ -1,7 +1,8 @@
 """The block-diffusion generation loop of transformers' `DiffusionGemmaGenerationMixin.generate()`,
 over any backend's Step. The loop never changes; backends differ only in their Step object.
 
-Per canvas: the encoder step appends the new tokens' K/V to the runtime's cache; a random canvas
+Per canvas: the encoder step appends the new tokens' K/V to the runtime's cache (in passes of at most
+`prompt_chunk` tokens, generation.prompt_chunks: what one pass computes, in bounded memory); a random canvas
 is denoised for up to `max_denoising_steps` steps (sample, accept by entropy bound, re-noise the
 rest, stop a row when stable and confident); the argmax canvas is committed and EOS handled.
 Letters: B batch, L sequence so far, C canvas, H hidden, V vocab.
@@ -11,12 +12,13 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 from dllm_trt.generation.kv_cache import StaticKVCache
+from dllm_trt.generation.prompt_chunks import Span, chunk_spans, resolve_prompt_chunk
 from dllm_trt.generation.sampler import (
     RandomDraws,
     SamplerSettings,
@@ -155,21 +157,39 @@ def generate(
     attention_mask: torch.Tensor | None = None,
     seed: int = 0,
     on_canvas: Callable[[CanvasEvent], None] | None = None,
+    prompt_chunk: int | None = None,
+    protected_spans: Sequence[Span] = (),
 ) -> GenerationResult:
-    """Token-for-token the reference's generate() under `torch.manual_seed(seed)`."""
+    """Token-for-token the reference's generate() under `torch.manual_seed(seed)`.
+
+    `prompt_chunk`: the most tokens of one encoder pass (None: the backend's maximum, else
+    prompt_chunks.DEFAULT_PROMPT_CHUNK); `protected_spans`: [start, end) ranges of `input_ids`'s columns
+    no pass may split (an image's tokens)."""
     info = step.info
     canvas, vocab = info.canvas_length, info.vocab_size
     device = torch.device(info.device)
     # On CUDA this is the generator torch.manual_seed() seeds there, as the reference uses.
     generator = torch.Generator(device=device).manual_seed(seed)
     draws = RandomDraws(generator, input_ids.shape[0], canvas, vocab)
+    chunk = resolve_prompt_chunk(prompt_chunk, info.prompt_chunk_max)
     try:
-        return _generate(step, settings, input_ids, attention_mask, draws, on_canvas)
+        return _generate(step, settings, input_ids, attention_mask, draws, on_canvas, chunk, tuple(protected_spans))
     finally:
         draws.close()
 
 
-def _generate(step, settings, input_ids, attention_mask, draws, on_canvas) -> GenerationResult:  # noqa: ANN001
+def _encode(step, cache: StaticKVCache, pending: torch.Tensor, valid: torch.Tensor, chunk: int,
+            protected: tuple[Span, ...]) -> None:  # noqa: ANN001  # fmt: skip
+    """Encoder passes over the uncached tokens [B, T], each over the cache the previous ones filled."""
+    batch = pending.shape[0]
+    for start, end in chunk_spans(pending.shape[1], chunk, protected):
+        positions = torch.arange(cache.length, cache.length + end - start, device=pending.device)
+        positions = positions.expand(batch, -1).contiguous()  # [B, end - start]
+        part = valid[:, start:end]
+        cache.append(step.encode(pending[:, start:end], positions, part, cache.mask(), cache.tensors()), part)
+
+
+def _generate(step, settings, input_ids, attention_mask, draws, on_canvas, chunk, protected) -> GenerationResult:  # noqa: ANN001
     info = step.info
     canvas = info.canvas_length
     sampler = settings.sampler
@@ -194,11 +214,10 @@ def _generate(step, settings, input_ids, attention_mask, draws, on_canvas) -> Ge
     pending, pending_valid = sequences, attention_mask  # tokens the encoder has not seen yet
 
     for canvas_index in range(max_new_canvases):
-        # 1.a encoder step over the uncached tokens
+        # 1.a encoder step over the uncached tokens, in passes of at most `chunk` (the prompt's spans kept whole)
         t0 = time.perf_counter()
-        cur_len = cache.length + pending.shape[1]
-        positions = torch.arange(cache.length, cur_len, device=device).expand(batch, -1).contiguous()
-        cache.append(step.encode(pending, positions, pending_valid, cache.mask(), cache.tensors()), pending_valid)
+        _encode(step, cache, pending, pending_valid, chunk, protected if canvas_index == 0 else ())
+        cur_len = cache.length
         result.encode_seconds += time.perf_counter() - t0
 
         # 1.b a fresh random canvas, no self-conditioning, stopping state reset

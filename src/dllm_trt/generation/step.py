@@ -43,6 +43,7 @@ class StepInfo:
     sliding_window: int
     dtype: torch.dtype
     device: str = "cpu"  # where the loop keeps its tensors and draws its random numbers
+    prompt_chunk_max: int | None = None  # the most new tokens one encoder pass takes (an engine's profile)
 
     @classmethod
     def from_model(cls, model) -> StepInfo:  # noqa: ANN001

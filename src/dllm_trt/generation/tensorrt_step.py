@@ -1,7 +1,8 @@
 """The tensorrt backend: the engines of `dllm-trt build` behind the Step interface.
 
 Loading checks build_info.json against this process's TensorRT library, version and GPU, registers
-the MoE plugin (trt.moe_plugin: its compiled kernels are inside the engine), then deserializes
+the MoE and attention plugins (trt.moe_plugin, trt.attention_plugin: their compiled kernels are inside the
+engine), then deserializes
 the one step engine: one copy of the weights, for both phases. An engine with one optimization
 profile (the default) runs both phases in one execution context: every encoder pass grows the
 cache, so the denoise step's CUDA graph is captured anew after it anyway. An engine with a profile
@@ -251,6 +252,7 @@ class TensorRTStep:
     def __init__(self, artifacts: Path, manifest: dict, use_cuda_graphs: bool = True) -> None:
         from dllm_trt.generation.step import StepInfo
         from dllm_trt.models.diffusion_gemma import LayerSpec
+        from dllm_trt.trt.attention_plugin import register_attention_plugin
         from dllm_trt.trt.build_info import check_compatible, read_build_info
         from dllm_trt.trt.gpu import detect_gpu
         from dllm_trt.trt.moe_plugin import register_moe_plugin
@@ -264,6 +266,7 @@ class TensorRTStep:
             raise DllmError("the tensorrt backend needs a CUDA GPU and a CUDA build of torch; torch sees none")
         check_compatible(info, lib.version, detect_gpu())
         register_moe_plugin(trt)  # the engine's MoE layers: their kernels are inside the engine
+        register_attention_plugin(trt)  # and its attention without a fused TensorRT kernel, likewise
         self.specs = [LayerSpec(**spec) for spec in manifest["model"]["layers"]]
         self.past_names = cache_names(self.specs, "past_")
         self.new_names = cache_names(self.specs, "")
@@ -289,9 +292,10 @@ class TensorRTStep:
         self.denoise_graphs = DenoiseGraphs(self.canvas, use_cuda_graphs and not lib.captures_graphs)
         model = manifest["model"]
         cache_dtype = self.canvas.dtypes[self.past_names[0]]
+        longest_pass = int(self.prompt.profile(STEP_INPUTS[0])[2][1])  # input_ids [B, T]: the profile's max T
         self.info = StepInfo(
             model["canvas_length"], model["vocab_size"], model["hidden_size"], model["sliding_window"], cache_dtype,
-            "cuda",
+            "cuda", prompt_chunk_max=longest_pass,
         )  # fmt: skip
 
     @classmethod

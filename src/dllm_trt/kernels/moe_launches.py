@@ -40,11 +40,12 @@ class KernelSpec:
     """Everything that decides a compiled kernel: which kernel, its runtime signature in argument
     order, its constexprs and launch options."""
 
-    kernel: str  # name of a @triton.jit function in dllm_trt.kernels.moe_triton
+    kernel: str  # name of a @triton.jit function in `module`
     signature: tuple[tuple[str, str], ...]  # (parameter, Triton type), in argument order
     constexprs: tuple[tuple[str, object], ...]
     num_warps: int = 4
     num_stages: int = 3
+    module: str = "dllm_trt.kernels.moe_triton"  # where the kernel is (attention's: kernels.attention_triton)
 
     def constants(self) -> dict[str, object]:
         return dict(self.constexprs)

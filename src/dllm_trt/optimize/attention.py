@@ -22,7 +22,11 @@ only Attention's first output and rejects past_key/past_value inputs. The transp
 and o_proj after the node are untouched.
 
 The op per target (the measurements behind the choice: README, "Measurements behind the passes"):
-- "trt": opset-23 Attention, parsed into IAttention (TensorRT >= 10.14).
+- "trt": opset-23 Attention, parsed into IAttention (TensorRT >= 10.14), where TensorRT has a fused kernel for
+  the graph's final dtype and the head size (trt.support.fuses_attention: fp16/bf16, heads 16..256); elsewhere
+  (the released full layers' head 512, every fp32 attention) `dllm_trt::DllmAttention` with the same inputs
+  and `scale`, the plugin of trt.attention_plugin, whose kernels never write the scores to memory
+  (TensorRT would decompose such a node into GEMM, softmax, GEMM, the scores in between in memory).
 - "ort-cpu": opset-23 Attention: the fastest of the candidates in every shape measured (it is GQA-aware, the
   contrib MultiHeadAttention needs the repeated K/V and was no faster than the eager ops), and correct.
   com.microsoft GroupQueryAttention is not usable here: with past context and more than one query token
@@ -48,7 +52,14 @@ import onnx_ir as ir
 from onnx_ir.passes import common as common_passes
 from onnxscript.rewriter import pattern
 
-from dllm_trt.contract import TARGETS
+from dllm_trt.contract import (
+    ATTENTION_OP,
+    ATTENTION_SCALE,
+    PLUGIN_NAMESPACE,
+    PLUGIN_VERSION,
+    PRECISION_DTYPES,
+    TARGETS,
+)
 from dllm_trt.errors import DllmError
 from dllm_trt.optimize.context import PassContext
 from dllm_trt.optimize.fusion_census import nodes_of
@@ -57,6 +68,20 @@ _FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
 
 # (bias [B, 1, 1, S], T) -> bias expanded to [B, 1, T, S], once per bias in the graph being rewritten
 MaskFactory = Callable[[ir.Value, int], ir.Value]
+# head size -> whether its attention becomes the DllmAttention plugin node (None: never)
+PluginRule = Callable[[int], bool] | None
+_TRT_TYPES = {"float32": "FP32", "float16": "FP16", "bfloat16": "BF16"}  # contract dtypes -> trt.support's names
+
+
+def plugin_rule(target: str, precision: str) -> PluginRule:
+    """The trt target's rule: the plugin where TensorRT has no fused kernel for the graph's final dtype
+    (the precision's, contract.PRECISION_DTYPES) and the head size."""
+    if target != "trt":
+        return None
+    from dllm_trt.trt.support import fuses_attention
+
+    dtype = _TRT_TYPES[PRECISION_DTYPES[precision]]
+    return lambda head_size: not fuses_attention(dtype, head_size)
 
 
 def _dims(value: ir.Value | None) -> list | None:
@@ -141,9 +166,10 @@ class _EagerAttention(pattern.RewriteRuleClassBase):
     """One variant of the eager pattern: repeat_kv or not, how the scale is applied, softmax casts or not."""
 
     def __init__(
-        self, repeat: bool, scaling: str, softmax_cast: bool, masks: MaskFactory, softmax_precision: bool = True
-    ) -> None:
-        self.masks = masks
+        self, repeat: bool, scaling: str, softmax_cast: bool, masks: MaskFactory, softmax_precision: bool = True,
+        plugin: PluginRule = None,
+    ) -> None:  # fmt: skip
+        self.masks, self.plugin = masks, plugin
         name = f"attention{'_repeat_kv' if repeat else ''}{'_' + scaling if scaling != 'none' else ''}"
         super().__init__(name + ("_cast_softmax" if softmax_cast else ""))
         self.repeat, self.scaling, self.softmax_cast = repeat, scaling, softmax_cast
@@ -225,13 +251,24 @@ class _EagerAttention(pattern.RewriteRuleClassBase):
         extra = {"softmax_precision": int(ir.DataType.FLOAT)} if self.softmax_cast and self.softmax_precision else {}
         if not _same_dim(bias.shape[2], query.shape[2]):
             bias = self.masks(bias, query.shape[2])  # [B, 1, 1, S] -> [B, 1, T, S]
+        head_size = _static(query.shape[3])
+        if self.plugin is not None and head_size is not None and self.plugin(head_size):
+            # the same inputs for the plugin (contract.ATTENTION_INPUTS); no type inference for it: Q's type
+            out = op.op(
+                ATTENTION_OP, query, key, value, bias, _domain=PLUGIN_NAMESPACE, plugin_namespace=PLUGIN_NAMESPACE,
+                plugin_version=PLUGIN_VERSION, **{ATTENTION_SCALE: factor},
+            )  # fmt: skip
+            out.type, out.shape = query.type, query.shape
+            return out
         # Q [B, Hq, T, D], K/V [B, Hkv, S, D], bias [B, 1, T, S] -> [B, Hq, T, D]
         return op.Attention(query, key, value, bias, scale=factor, is_causal=0, **extra)
 
 
-def attention_rules(masks: MaskFactory, softmax_precision: bool = True) -> list[pattern.RewriteRule]:
+def attention_rules(
+    masks: MaskFactory, softmax_precision: bool = True, plugin: PluginRule = None
+) -> list[pattern.RewriteRule]:
     return [
-        _EagerAttention.rule(repeat, scaling, cast, masks, softmax_precision)
+        _EagerAttention.rule(repeat, scaling, cast, masks, softmax_precision, plugin)
         for repeat in (True, False)
         for scaling in ("none", "mul", "div")
         for cast in (False, True)
@@ -240,20 +277,25 @@ def attention_rules(masks: MaskFactory, softmax_precision: bool = True) -> list[
 
 def fusion_rules(model: ir.Model, ctx: PassContext) -> list[pattern.RewriteRule]:
     """The rules fuse_attention applies to `model` for `ctx.target` (also the fusion census's)."""
-    return attention_rules(_mask_factory(model.graph), softmax_precision=ctx.target != "trt")
+    plugin = plugin_rule(ctx.target, ctx.precision)
+    return attention_rules(_mask_factory(model.graph), softmax_precision=ctx.target != "trt", plugin=plugin)
 
 
 def fused_nodes(model: ir.Model, ctx: PassContext) -> list[ir.Node]:
-    return nodes_of(model, "", "Attention")
+    """Both forms an attention fuses into: opset-23 Attention, or the plugin where TensorRT fuses no kernel."""
+    return nodes_of(model, "", "Attention") + nodes_of(model, PLUGIN_NAMESPACE, ATTENTION_OP)
 
 
 def fuse_attention(model: ir.Model, ctx: PassContext) -> int:
-    """Every target gets opset-23 Attention (see the module docstring for the measurements behind it)."""
+    """Every target gets opset-23 Attention, the trt target the DllmAttention plugin where TensorRT fuses
+    no attention (see the module docstring for the measurements behind it)."""
     if ctx.target not in TARGETS:
         raise DllmError(f"unknown target {ctx.target!r}: use one of {', '.join(TARGETS)}")
     version = model.opset_imports.get("", 0)
     if version < 23:
         raise DllmError(f"Attention needs ONNX opset 23; this graph imports opset {version}: re-export it")
     count = pattern.RewriteRuleSet(fusion_rules(model, ctx), commute=True).apply_to_model(model)
+    if any(node.op_type == ATTENTION_OP for node in model.graph):
+        model.opset_imports.setdefault(PLUGIN_NAMESPACE, 1)
     common_passes.RemoveUnusedNodesPass()(model)  # repeat_kv's shape arithmetic
     return count

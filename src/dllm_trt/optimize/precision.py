@@ -176,6 +176,12 @@ class _Converter:
                 self.set_input(node, index, ir.DataType.FLOAT if index in (1, 2) or index >= 5 else self.low)
             self.set_outputs(node, self.low, Tag.LOW, force=True)  # no ONNX type inference for plugin ops
             return
+        if node.domain == "dllm_trt" and op == "DllmAttention":
+            # like Attention: Q, K, V and the mask in the low precision, fp32 inside (kernels.attention_triton)
+            for index in range(len(node.inputs)):
+                self.set_input(node, index, self.low)
+            self.set_outputs(node, self.low, Tag.LOW, force=True)  # no ONNX type inference for plugin ops
+            return
         if op in LOW_ANCHORS or (node.domain == "com.microsoft" and op == "MoE"):
             for index in range(len(node.inputs)):
                 self.set_input(node, index, self.low)

@@ -25,6 +25,7 @@ class GenerateOptions:
     backend: str = "onnxruntime"  # one of generation.backends.BACKENDS
     device: str = "cpu"  # cpu | cuda
     checkpoint: Path | None = None  # for the torch backend; None: the checkpoint the artifacts came from
+    prompt_chunk: int | None = None  # tokens per encoder pass; None: the engine's new_tokens maximum, else 4096
 
 
 @dataclass
@@ -104,6 +105,8 @@ def run(options: GenerateOptions, on_canvas: Callable[[CanvasText], None] | None
         raise DllmError("--max-new-tokens must be a positive integer")
     if options.max_denoising_steps is not None and options.max_denoising_steps <= 0:
         raise DllmError("--max-denoising-steps must be a positive integer")
+    if options.prompt_chunk is not None and options.prompt_chunk <= 0:
+        raise DllmError("--prompt-chunk must be a positive integer (tokens per prompt pass)")
     settings = GenerationSettings.from_generation_config(
         generation_config(options.artifacts), max_new_tokens=options.max_new_tokens,
         max_denoising_steps=options.max_denoising_steps,
@@ -119,7 +122,8 @@ def run(options: GenerateOptions, on_canvas: Callable[[CanvasText], None] | None
         rows = [[t for t in tokens if t != pad] for tokens in event.tokens.tolist()]
         on_canvas(CanvasText(event, rows, decode(rows)))
 
-    result = generate(step, settings, input_ids, mask, seed=options.seed, on_canvas=stream if on_canvas else None)
+    result = generate(step, settings, input_ids, mask, seed=options.seed, on_canvas=stream if on_canvas else None,
+                      prompt_chunk=options.prompt_chunk)  # fmt: skip
     sequences = result.sequences.tolist()
     return GenerateResult(
         prompts=prompts, sequences=sequences, prompt_length=input_ids.shape[1], stats=result.stats(),

@@ -11,6 +11,8 @@ profiles.py      optimization-profile ranges: preset defaults, overrides, one pr
 support.py       TensorRT's ONNX operator support per version, from trt_support.json
 plugins.py       dllm-trt's plugin registry (what lint accepts, what build registers)
 moe_plugin.py    DllmMoE, the IPluginV3 both parsers import: compiled kernels in, CUDA-driver launches out
+attention_plugin.py  DllmAttention, attention TensorRT fuses no kernel for (head 512), built and run like DllmMoE
+plugin_fields.py the plugins' shared plumbing: field reading, stored kernel sets, object lifetime
 triton_aot.py    Triton -> cubins for the plugin, refusing what its launch cannot provide
 cuda_launch.py   the plugin's launches through cuda-bindings
 polygraphy_extension.py  the entry point that makes stock polygraphy commands register DllmMoE

@@ -190,3 +190,45 @@ def build_serialized(
 def fused_attention_kernels(layers: list[str]) -> int:
     """How many layers of the built engine are TensorRT's fused attention kernels."""
     return sum(bool(FUSED_ATTENTION_KERNELS.search(line)) for line in layers)
+
+
+def attention_probe_graph(dtype: str, head_size: int, q_heads: int, kv_heads: int) -> bytes:
+    """One opset-23 Attention node as optimize emits it (Q [B, Hq, T, D], K/V [B, Hkv, S, D], an additive
+    mask [B, 1, T, S] in Q's dtype), serialized: what `probe_fused_attention` asks the builder about."""
+    import onnx
+    from onnx import helper
+
+    elem = {"FP16": onnx.TensorProto.FLOAT16, "BF16": onnx.TensorProto.BFLOAT16, "FP32": onnx.TensorProto.FLOAT}[dtype]
+    shapes = dict(q=["b", q_heads, "t", head_size], k=["b", kv_heads, "s", head_size],
+                  v=["b", kv_heads, "s", head_size], mask=["b", 1, "t", "s"])  # fmt: skip
+    node = helper.make_node("Attention", ["q", "k", "v", "mask"], ["y"], name="attention", scale=1.0, is_causal=0)
+    graph = helper.make_graph(
+        [node], "attention_probe", [helper.make_tensor_value_info(n, elem, s) for n, s in shapes.items()],
+        [helper.make_tensor_value_info("y", elem, ["b", q_heads, "t", head_size])],
+    )  # fmt: skip
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23)], ir_version=10).SerializeToString()
+
+
+def probe_fused_attention(
+    lib: TrtLibrary, dtype: str, head_size: int, q_heads: int, kv_heads: int, compute_capability: tuple[int, int]
+) -> bool:
+    """Ask the real builder whether it fuses this attention: parse one Attention node, leave it not
+    decomposable (the parser's default) and build; True when an engine comes out. Ahead of time with
+    TensorRT for RTX, on the GPU itself with TensorRT."""
+    trt = lib.trt
+    messages: list[str] = []
+    builder = trt.Builder(_logger(lib, messages))
+    flag = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
+    network = builder.create_network(0 if flag is None else 1 << int(flag))
+    parser = trt.OnnxParser(network, _logger(lib, messages))
+    if not parser.parse(attention_probe_graph(dtype, head_size, q_heads, kv_heads)):
+        raise DllmError(f"{lib.name}'s parser rejected the attention probe: {parser.get_error(0).desc()}")
+    config = builder.create_builder_config()
+    lib.configure_target(config, compute_capability)
+    profile = builder.create_optimization_profile()
+    batch, queries, keys = (1, 1, 2), (1, 16, 64), (1, 64, 256)  # (min, opt, max) of B, T, S
+    for name, heads, rows, last in (("q", q_heads, queries, None), ("k", kv_heads, keys, None),
+                                    ("v", kv_heads, keys, None), ("mask", 1, queries, keys)):  # fmt: skip
+        profile.set_shape(name, *([batch[i], heads, rows[i], head_size if last is None else last[i]] for i in range(3)))
+    config.add_optimization_profile(profile)
+    return builder.build_serialized_network(network, config) is not None

@@ -44,10 +44,7 @@ kernels and torch tensors' addresses, eagerly and inside CUDA-graph captures (be
 
 from __future__ import annotations
 
-import ctypes
-import json
 import sys
-import zlib
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Protocol
@@ -64,6 +61,7 @@ from dllm_trt.contract import (
     PLUGIN_VERSION,
 )
 from dllm_trt.kernels.moe_launches import STAGES, MoEShape, grids, kernel_specs, tile_m, workspace_layout
+from dllm_trt.trt import plugin_fields
 from dllm_trt.trt.triton_aot import CompiledKernel, compile_specs
 
 BLOCK_ROWS = (16, 32, 64)  # what moe_launches.tile_m can pick
@@ -142,56 +140,23 @@ def graph_shapes(model) -> set[MoEShape]:  # noqa: ANN001 (an onnx.ModelProto wi
     return shapes
 
 
-# The plugin's `kernels` field: this marker, the length of what follows (8 bytes, little-endian), then the
-# zlib-compressed JSON of the shape, the tile and the cubins. TensorRT stores plugin fields verbatim, twice
-# per layer and profile, so the compression is paid back many times (a cubin set: 371 KB as JSON, about
-# a quarter compressed); the marker lets a reader find every stored set in an engine.
+# The plugin's `kernels` field (trt.plugin_fields: this marker, a length, the compressed JSON of the shape,
+# the tile and the cubins).
 KERNELS_MAGIC = b"dllm_trt.DllmMoE.kernels/1\0"
 
 
 def pack_kernels(stored: dict) -> bytes:
-    data = zlib.compress(json.dumps(stored).encode(), 9)
-    return KERNELS_MAGIC + len(data).to_bytes(8, "little") + data
+    return plugin_fields.pack_kernels(stored, KERNELS_MAGIC)
 
 
 def unpack_kernels(blob: bytes, offset: int = 0) -> dict:
     """The kernel set packed at `offset` of `blob` (a field, or a whole engine)."""
-    if blob[offset : offset + len(KERNELS_MAGIC)] != KERNELS_MAGIC:
-        raise ValueError("not a DllmMoE kernel set (rebuild the engine with this dllm-trt)")
-    start = offset + len(KERNELS_MAGIC) + 8
-    size = int.from_bytes(blob[start - 8 : start], "little")
-    return json.loads(zlib.decompress(blob[start : start + size]))
+    return plugin_fields.unpack_kernels(blob, KERNELS_MAGIC, offset)
 
 
 def kernels_in_engine(engine: bytes) -> list[dict]:
     """Every kernel set an engine stores (one per plugin layer and copy TensorRT keeps)."""
-    sets, offset = [], engine.find(KERNELS_MAGIC)
-    while offset >= 0:
-        sets.append(unpack_kernels(engine, offset))
-        offset = engine.find(KERNELS_MAGIC, offset + 1)
-    return sets
-
-
-def _fields_of(trt, collection) -> dict:  # noqa: ANN001
-    fields = {}
-    for field in collection:
-        data = np.asarray(field.data)
-        if field.type == trt.PluginFieldType.CHAR:
-            fields[field.name] = bytes(data.astype(np.uint8)).rstrip(b"\0").decode()
-        elif field.type == trt.PluginFieldType.UNKNOWN:
-            fields[field.name] = bytes(data.astype(np.uint8))
-        else:
-            fields[field.name] = int(data.reshape(-1)[0])
-    return fields
-
-
-def _immortal(plugin: object) -> object:
-    """One reference more than Python will ever release: TensorRT for RTX 1.7.1.116's bindings let the
-    Python object of a cloned plugin go while the builder still uses it (seen when the plugin's output
-    feeds a Shape op: freed at once, then heap corruption), and a reference Python holds itself is
-    freed a second time at exit. A plugin object is small; its kernels are shared between clones."""
-    ctypes.pythonapi.Py_IncRef(ctypes.py_object(plugin))
-    return plugin
+    return plugin_fields.kernels_in_engine(engine, KERNELS_MAGIC)
 
 
 def plugin_classes(trt) -> tuple[type, type]:  # noqa: ANN001
@@ -240,7 +205,7 @@ def plugin_classes(trt) -> tuple[type, type]:  # noqa: ANN001
             )
             other.shape, other.bm = self.shape, self.bm
             other.compiled, other.compiled_for, other.loaded = dict(self.compiled), self.compiled_for, dict(self.loaded)
-            return _immortal(other)
+            return plugin_fields.immortal(other)
 
         # ---- build ----
         def get_output_data_types(self, input_types):  # noqa: ANN001, ANN201
@@ -393,12 +358,12 @@ def plugin_classes(trt) -> tuple[type, type]:  # noqa: ANN001
             )
 
         def create_plugin(self, name, fields, phase):  # noqa: ANN001, ANN201
-            values = _fields_of(trt, fields)
+            values = plugin_fields.fields_of(trt, fields)
             plugin = DllmMoEPlugin(
                 values["top_k"], values["activation"], self.arch, self.ptx_version, values.get("kernels"),
                 values.get(MOE_WEIGHT_FORMAT, "float"), self.resolve_arch,
             )  # fmt: skip
-            return _immortal(plugin)
+            return plugin_fields.immortal(plugin)
 
     _classes[id(trt)] = (DllmMoEPlugin, DllmMoECreator)
     return _classes[id(trt)]

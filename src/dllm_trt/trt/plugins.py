@@ -2,7 +2,7 @@
 
 TensorRT's ONNX parser finds a plugin by node op_type plus the attributes `plugin_namespace` and
 `plugin_version`; every other attribute becomes a plugin field. `lint-trt` checks custom nodes
-against this table; `build` registers the plugins themselves (trt.moe_plugin).
+against this table; `build` registers the plugins themselves (trt.moe_plugin, trt.attention_plugin).
 """
 
 from __future__ import annotations
@@ -10,6 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from dllm_trt.contract import (
+    ATTENTION_INPUTS,
+    ATTENTION_OP,
+    ATTENTION_SCALE,
     MOE_ACTIVATION,
     MOE_EXPERT_INPUTS,
     MOE_INPUT_DTYPES,
@@ -48,7 +51,12 @@ def _moe_spec(weight_format: str) -> PluginSpec:
     )
 
 
-PLUGINS: dict[str, PluginSpec] = {MOE_OP: _moe_spec("float")}
+PLUGINS: dict[str, PluginSpec] = {
+    MOE_OP: _moe_spec("float"),
+    ATTENTION_OP: PluginSpec(
+        ATTENTION_OP, tuple((name, "T") for name in ATTENTION_INPUTS), (("output", "T"),), ((ATTENTION_SCALE, float),)
+    ),
+}
 # DllmMoE with quantized experts (attribute weight_format): the same node with the stored values and their
 # scales in place of T weights.
 QUANTIZED_MOE = {fmt: _moe_spec(fmt) for fmt in MOE_INPUT_DTYPES if fmt != "float"}

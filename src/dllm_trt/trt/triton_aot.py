@@ -1,4 +1,4 @@
-"""Compile the MoE's Triton kernels ahead of time for one GPU architecture, with no GPU present.
+"""Compile the plugins' Triton kernels (MoE, attention) ahead of time for one GPU architecture, with no GPU present.
 
 Triton compiles a kernel for a named target (`GPUTarget("cuda", 121, 32)` for sm_121) down to a
 cubin with the ptxas it bundles; the cubin goes into the engine (trt.moe_plugin) and the CUDA
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import functools
+import importlib
 import json
 import os
 import re
@@ -91,11 +92,10 @@ def _compile(spec: KernelSpec, arch: int, ptx_version: int | None) -> CompiledKe
     import triton
     from triton.backends.compiler import GPUTarget
 
-    from dllm_trt.kernels import moe_triton
-
     constants = spec.constants()
     signature = dict(spec.signature) | {name: "constexpr" for name in constants}
-    source = triton.compiler.ASTSource(fn=getattr(moe_triton, spec.kernel), signature=signature, constexprs=constants)
+    kernel = getattr(importlib.import_module(spec.module), spec.kernel)
+    source = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constants)
     isa = {"ptx_version": ptx_version} if ptx_version else {}
     compiled = None
     for num_stages in range(spec.num_stages, 0, -1):  # fewer pipeline stages, less shared memory
@@ -126,7 +126,7 @@ def _compile_in_child(specs: tuple[KernelSpec, ...], arch: int, ptx_version: int
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     result = subprocess.run([sys.executable, "-m", __name__], input=request, capture_output=True, text=True, env=env)
     if result.returncode != 0:
-        raise RuntimeError(f"compiling the MoE kernels for sm_{arch} failed: {result.stderr.strip()[-2000:]}")
+        raise RuntimeError(f"compiling the plugin kernels for sm_{arch} failed: {result.stderr.strip()[-2000:]}")
     return tuple(CompiledKernel.from_dict(kernel) for kernel in json.loads(result.stdout))
 
 

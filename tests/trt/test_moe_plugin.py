@@ -195,7 +195,8 @@ def test_serialized_fields_carry_the_kernels_of_the_block_rows_they_name_in_ever
     kernels compiled for them; a plugin made from stored fields (run time, no target) keeps them."""
     import base64
 
-    from dllm_trt.trt.moe_plugin import _fields_of, unpack_kernels
+    from dllm_trt.trt.moe_plugin import unpack_kernels
+    from dllm_trt.trt.plugin_fields import fields_of
 
     trt, plugin_class = _rtx_plugin_class()
 
@@ -203,7 +204,7 @@ def test_serialized_fields_carry_the_kernels_of_the_block_rows_they_name_in_ever
         return plugin_class(K, "gelu_tanh", arch=ARCH, ptx_version=None)
 
     def stored(plugin) -> bytes:  # noqa: ANN001
-        return _fields_of(trt, plugin.get_fields_to_serialize())["kernels"]
+        return fields_of(trt, plugin.get_fields_to_serialize())["kernels"]
 
     def check(plugin, bm: int) -> bytes:  # noqa: ANN001
         blob = stored(plugin)
@@ -227,7 +228,7 @@ def test_serialized_fields_carry_the_kernels_of_the_block_rows_they_name_in_ever
     d.configure_plugin(_descs(trt, 192), [])
     check(d, 64)  # ... -> reconfigure after serializing: the cached fields are not reused
     e = new()
-    assert "kernels" not in _fields_of(trt, e.get_fields_to_serialize())  # nothing configured: nothing to store
+    assert "kernels" not in fields_of(trt, e.get_fields_to_serialize())  # nothing configured: nothing to store
     f = e.clone()
     f.configure_plugin(_descs(trt, 96), [])
     check(f, 32)  # serialize -> clone -> configure -> serialize

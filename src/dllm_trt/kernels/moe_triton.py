@@ -83,6 +83,11 @@ except ImportError:  # the kernels below exist only with Triton; moe_reference w
     tl = None
 
 
+def triton_available() -> bool:
+    """True when Triton imports, i.e. ``fused_moe`` can run (on CUDA, or on CPU when interpreting)."""
+    return triton is not None
+
+
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 

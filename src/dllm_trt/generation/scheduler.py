@@ -164,6 +164,7 @@ class Scheduler:
         self._numbers = itertools.count()
         self._stopping = False
         self._thread: threading.Thread | None = None
+        self.finished = 0  # requests that ran to their end
         self._draw_pool = ThreadPoolExecutor(options.draw_workers, thread_name_prefix="dllm-trt-draws")
 
     # ---- the caller's side (any thread) --------------------------------------------------------------
@@ -264,7 +265,10 @@ class Scheduler:
                 while self._queue and len(self._active) + len(admitted) < self.options.max_batch:
                     admitted.append(self._queue.popleft())
             for ticket in admitted:
-                self._active.append(self._admit(ticket))
+                try:
+                    self._active.append(self._admit(ticket))
+                except Exception as exc:  # noqa: BLE001 (e.g. no memory for its cache: that request fails alone)
+                    self._end(ticket, Failed(f"could not start: {type(exc).__name__}: {exc}"))
             self.tick()
 
     def _admit(self, ticket: Ticket) -> _Row:
@@ -405,6 +409,7 @@ class Scheduler:
 
     def _end(self, ticket: Ticket, outcome: Finished | Failed) -> None:
         ticket.outcome = outcome
+        self.finished += isinstance(outcome, Finished)
         status = "finished" if isinstance(outcome, Finished) else "cancelled" if outcome.cancelled else "failed"
         self.observer.on_end(status, outcome.result if isinstance(outcome, Finished) else None)
         self._send(ticket, outcome)

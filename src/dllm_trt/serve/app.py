@@ -23,7 +23,12 @@ from dllm_trt.serve.engine import CanvasUpdate, Engine, Failed, Finished, Job, f
 from dllm_trt.serve.metrics import Metrics
 
 
-def create_app(engine: Engine, metrics: Metrics, on_ready: Callable[[], None] | None = None) -> FastAPI:
+def create_app(
+    engine: Engine,
+    metrics: Metrics,
+    on_ready: Callable[[], None] | None = None,
+    on_stop: Callable[[], None] | None = None,
+) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         engine.scheduler.start()
@@ -33,6 +38,8 @@ def create_app(engine: Engine, metrics: Metrics, on_ready: Callable[[], None] | 
             yield
         finally:
             engine.scheduler.stop()
+            if on_stop is not None:
+                on_stop()
 
     app = FastAPI(title="dllm-trt", lifespan=lifespan, docs_url=None, redoc_url=None)
 

@@ -42,7 +42,8 @@ class _Request(BaseModel):
     max_tokens: int | None = None  # None: the generation config's max_new_tokens
     stream: bool = False
     stream_options: StreamOptions | None = None
-    seed: int | None = None  # None: a random seed; a given seed gives what `dllm-trt generate --seed` gives
+    # None: a random seed; a given seed gives what `dllm-trt generate --seed` gives (torch takes 64 bits)
+    seed: int | None = Field(None, ge=0, lt=2**64)
     n: int = 1
     user: str | None = None
     # the block-diffusion sampler's knobs (None: the generation config's)

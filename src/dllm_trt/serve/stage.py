@@ -38,7 +38,7 @@ def model_name(options: ServeOptions, manifest: dict) -> str:
     return options.model_name or Path(manifest["checkpoint"]["path"]).name
 
 
-def build_app(options: ServeOptions, on_ready=None):  # noqa: ANN001, ANN201 (fastapi.FastAPI)
+def build_app(options: ServeOptions, on_ready=None, on_stop=None):  # noqa: ANN001, ANN201 (fastapi.FastAPI)
     """The app and its engine, checked and loaded; nothing served yet (tests and run() share it)."""
     try:
         import uvicorn  # noqa: F401 (checked here, used by run)
@@ -67,11 +67,13 @@ def build_app(options: ServeOptions, on_ready=None):  # noqa: ANN001, ANN201 (fa
     template = options.chat_template.read_text() if options.chat_template is not None else None
     engine = Engine(scheduler, options.artifacts, model_name(options, manifest), manifest["model"]["vocab_size"],
                     template)  # fmt: skip
-    return create_app(engine, metrics, on_ready), engine
+    return create_app(engine, metrics, on_ready, on_stop), engine
 
 
 def run(options: ServeOptions) -> ServeResult:
-    """Serve until SIGINT/SIGTERM; prints one line when ready."""
+    """Serve until SIGINT/SIGTERM; prints one line when ready and one when stopped. uvicorn re-raises the
+    signal once it has shut down gracefully, so the process ends as killed by it (exit status -15 for
+    SIGTERM), after the scheduler has stopped."""
     import uvicorn
 
     url = f"http://{options.host}:{options.port}"
@@ -84,7 +86,11 @@ def run(options: ServeOptions) -> ServeResult:
               f"{execution}; up to {engine.scheduler.options.max_batch} requests batched)", file=sys.stderr,
               flush=True)  # fmt: skip
 
-    app, holder["engine"] = build_app(options, ready)
+    def stopped() -> None:
+        print(f"dllm-trt: stopped; {holder['engine'].scheduler.finished} requests served", file=sys.stderr,
+              flush=True)  # fmt: skip
+
+    app, holder["engine"] = build_app(options, ready, stopped)
     config = uvicorn.Config(app, host=options.host, port=options.port, log_level="warning", access_log=False,
                             timeout_graceful_shutdown=options.graceful_shutdown_s)  # fmt: skip
     server = uvicorn.Server(config)

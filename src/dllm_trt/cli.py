@@ -252,6 +252,7 @@ def _add_serving_verbs(verb) -> None:  # noqa: ANN001 (build_parser's verb())
     sub.add_argument("--port", type=int, help=f"default {_default(ServeOptions, 'port')}")
     sub.add_argument("--model-name", help="the name clients ask for (default: the checkpoint directory's name)")
     sub.add_argument("--chat-template", type=Path, help="a Jinja chat template, for tokenizers without one")
+    sub.add_argument("--threads", type=int, help="onnxruntime's intra-op threads (default 0: one per core)")
     limits(sub)
 
     sub = verb("triton-repo", "write a Triton Inference Server model repository for artifacts", _triton_repo)

@@ -20,6 +20,7 @@ class ServeOptions:
     backend: str = "onnxruntime"  # one of generation.backends.BACKENDS
     device: str = "cpu"  # cpu | cuda
     checkpoint: Path | None = None  # for the torch backend; None: the checkpoint the artifacts came from
+    threads: int = 0  # onnxruntime's intra-op threads; 0: one per core
     host: str = "127.0.0.1"  # loopback unless asked: a server is reachable from where it binds
     port: int = 8000
     model_name: str | None = None  # None: the checkpoint directory's name
@@ -58,7 +59,7 @@ def build_app(options: ServeOptions, on_ready=None, on_stop=None):  # noqa: ANN0
     if options.chat_template is not None and not options.chat_template.is_file():
         raise DllmError(f"--chat-template {options.chat_template}: no such file")
     manifest = read_manifest(options.artifacts)
-    step = open_step(options.artifacts, options.backend, options.device, options.checkpoint)
+    step = open_step(options.artifacts, options.backend, options.device, options.checkpoint, options.threads)
     if options.backend == "torch" and limits.torch_threads:  # a torch Step computes on torch's threads
         limits = dataclasses.replace(limits, torch_threads=0)
     metrics = Metrics()

@@ -91,3 +91,20 @@ def hf_router_and_experts():
         return router.eval(), block.eval()
 
     return build
+
+
+TRAINED = Path(__file__).resolve().parents[1] / "src" / "dllm_trt" / "assets" / "pycode-tiny"
+
+
+@pytest.fixture(scope="session")
+def trained_ort_cpu(tmp_path_factory) -> Path:
+    """The embedded trained checkpoint (with its tokenizer) exported and optimized for onnxruntime on CPU: the
+    demo's graphs. Made once per session for the tests that serve it."""
+    if not (TRAINED / "model.safetensors").is_file():
+        pytest.skip(f"no trained checkpoint at {TRAINED} (build it with examples/train_pycode.py)")
+    from dllm_trt import export, optimize
+
+    root = tmp_path_factory.mktemp("trained")
+    export.run(export.ExportOptions(TRAINED, root / "onnx", parity=False, quiet=True))
+    optimize.run(optimize.OptimizeOptions(root / "onnx", root / "optimized", "ort-cpu", parity="none", quiet=True))
+    return root / "optimized"

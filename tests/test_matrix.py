@@ -28,7 +28,7 @@ OPTIMIZED = tuple(
 NOT_OPTIMIZED = [(t, p) for t, p in COMBINATIONS if f"optimize-{t}-{p}" not in OPTIMIZED]
 ENGINES = tuple(f"engines-{p}" for p in PRECISIONS) if installed(TENSORRT_RTX) else ()
 ARTIFACTS = EXPORTS + OPTIMIZED + ENGINES
-VERBS = ("inspect", "generate", "validate", "lint-trt", "build-dry-run", "build")
+VERBS = ("inspect", "generate", "validate", "lint-trt", "build-dry-run", "build", "triton-repo")
 ENGINE_GPU = "dgx-spark"
 
 
@@ -36,6 +36,8 @@ def expected(verb: str, artifact: str) -> str:
     """What the cell must do: TensorRT verbs take only 'optimize --target trt' output; engines run on their GPU."""
     if verb in ("lint-trt", "build-dry-run", "build"):
         return "ran" if artifact.startswith("optimize-trt-") else "refused"
+    if verb == "triton-repo":  # a Triton model takes text: the tiny checkpoint has no tokenizer
+        return "refused"
     if artifact.startswith("engines-"):
         return "ran" if verb == "inspect" else "refused"
     return "ran"
@@ -70,6 +72,7 @@ def _argv(verb: str, path, tiny_ckpt, tmp_path) -> list[str]:  # noqa: ANN001
         "lint-trt": ["lint-trt", path],
         "build-dry-run": ["build", path, "--gpu", "h100", "-o", tmp_path / "engines", "--dry-run"],
         "build": ["build", path, "--gpu", ENGINE_GPU, "-o", tmp_path / "engines"],
+        "triton-repo": ["triton-repo", path, "-o", tmp_path / "repo"],
     }[verb]
 
 
@@ -92,6 +95,7 @@ def test_every_cell_runs_or_refuses_in_one_line(verb, artifact, artifacts, tiny_
         assert code == 2 and len(errors) == 1 and errors[0].startswith("dllm-trt: error: "), captured.err
     assert "Traceback" not in captured.err
     assert not (tmp_path / "engines").exists()  # a dry run or a refusal writes nothing
+    assert want == "ran" or not (tmp_path / "repo").exists()
     assert code != 0 or verb != "build"  # builds of trt artifacts are the fixture's
 
 

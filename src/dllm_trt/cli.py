@@ -218,6 +218,60 @@ def _default_prompt_chunk() -> int:
     return DEFAULT_PROMPT_CHUNK
 
 
+# ---- serving: `serve` and `triton-repo` -------------------------------------------------------------------
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from dllm_trt import serve
+    from dllm_trt.generation.scheduler import SchedulerOptions
+
+    serve.run(_options(serve.ServeOptions, args, scheduler=_options(SchedulerOptions, args)))
+    return 0
+
+
+def _triton_repo(args: argparse.Namespace) -> int:
+    from dllm_trt.serve import triton_repo
+
+    result = triton_repo.run(_options(triton_repo.TritonRepoOptions, args))
+    print(f"wrote {result.output}: model '{result.model_name}' (step in-process: {result.backend}), "
+          f"{len(result.files)} files; see {result.output}/README.md to deploy it")  # fmt: skip
+    return 0
+
+
+def _add_serving_verbs(verb) -> None:  # noqa: ANN001 (build_parser's verb())
+    from dllm_trt.generation.backends import BACKENDS
+    from dllm_trt.generation.scheduler import SchedulerOptions
+    from dllm_trt.serve.stage import ServeOptions
+
+    def limits(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("--max-batch", type=int, help=f"requests batched into one step call (default "
+                         f"{_default(SchedulerOptions, 'max_batch')})")  # fmt: skip
+        sub.add_argument("--max-queue", type=int, help=f"requests waiting beyond those; more get HTTP 429 (default "
+                         f"{_default(SchedulerOptions, 'max_queue')})")  # fmt: skip
+        sub.add_argument("--max-context", type=int, help=f"prompt + new tokens of one request, the slots of its "
+                         f"cache (default {_default(SchedulerOptions, 'max_context')})")  # fmt: skip
+
+    sub = verb("serve", "an OpenAI-compatible HTTP server over exported, optimized or built artifacts", _serve)
+    sub.add_argument("artifacts", type=Path, help="directory written by export, optimize or build")
+    sub.add_argument("--backend", help=f"{' | '.join(BACKENDS)} (default {_default(ServeOptions, 'backend')})")
+    sub.add_argument("--device", help=f"cpu | cuda (default {_default(ServeOptions, 'device')})")
+    sub.add_argument("--checkpoint", type=Path, help="for --backend torch (default: the exported one)")
+    sub.add_argument("--host", help=f"address to bind (default {_default(ServeOptions, 'host')}: this machine only)")
+    sub.add_argument("--port", type=int, help=f"default {_default(ServeOptions, 'port')}")
+    sub.add_argument("--model-name", help="the name clients ask for (default: the checkpoint directory's name)")
+    sub.add_argument("--chat-template", type=Path, help="a Jinja chat template, for tokenizers without one")
+    sub.add_argument("--threads", type=int, help="onnxruntime's intra-op threads (default 0: one per core)")
+    limits(sub)
+
+    sub = verb("triton-repo", "write a Triton Inference Server model repository for artifacts", _triton_repo)
+    sub.add_argument("artifacts", type=Path, help="directory written by export, optimize or build (with a tokenizer)")
+    sub.add_argument("-o", "--output", type=Path, required=True, help="the model repository to write")
+    sub.add_argument("--model-name", help="the Triton model's name (default: the checkpoint directory's name)")
+    sub.add_argument("--instances", type=int, help="model instances per server (default 1)")
+    limits(sub)
+    sub.add_argument("--force", action="store_true", help="replace a non-empty output directory")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from dllm_trt import demo, export, optimize, runtime, validate
     from dllm_trt.contract import PRECISIONS, TARGETS
@@ -389,6 +443,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="the pre-flight support table alone, even where a TensorRT library is installed",
     )
+    _add_serving_verbs(verb)
     return parser
 
 

@@ -61,7 +61,7 @@ def test_dry_run_plan_resolves_presets_profiles_and_memory(optimized):
     assert step["expected"] == expected | dict(profiles=1)  # a hand-built graph: its head 512 Attention stays
     assert list(step["profiles"]) == ["step"]  # one profile for both phases unless asked
     assert step["profiles"]["step"]["past_key.1"] == ([1, 1, 0, 512], [2, 1, 4096, 512], [4, 1, 65536, 512])
-    assert "temperature" not in step["profiles"]["step"]
+    assert step["profiles"]["step"]["temperature"] == ([1], [2], [4])  # one per row
     options = BuildOptions(optimized, optimized.parent / "e", gpu="h200", profile_per_phase=True)
     per_phase = plan_build(options)["graphs"]["step"]
     assert list(per_phase["profiles"]) == ["prompt", "canvas"] and per_phase["expected"]["profiles"] == 2

@@ -43,3 +43,32 @@ def test_overflow_is_refused():
         assert "KV cache full" in str(exc)
     else:
         raise AssertionError("overflow accepted")
+
+
+def test_aligned_cache_holds_what_the_static_cache_holds_right_aligned():
+    """The fixed layout the scheduler batches: the same positions as StaticKVCache, newest in the last slot,
+    padding (invalid) on the left, slot counts fixed whatever the length."""
+    from dllm_trt.generation.kv_cache import AlignedKVCache
+
+    window, slots = 6, 20
+    aligned = AlignedKVCache(SPECS, max_length=slots, window=window, dtype=torch.float32)
+    static = StaticKVCache(SPECS, batch=1, max_length=slots, window=window, dtype=torch.float32)
+    start = 0
+    for tokens in (3, 4, 8, 1):
+        new = [t[:1] for t in chunk(tokens, start)]
+        aligned.append(new)
+        static.append(new, torch.ones(1, tokens, dtype=torch.bool))
+        start += tokens
+        for ours, theirs in zip(aligned.tensors(), static.tensors()):
+            held = theirs.shape[2]
+            assert torch.equal(ours[:, :, ours.shape[2] - held :], theirs)
+            assert not ours[:, :, : ours.shape[2] - held].any()  # nothing but zeros before the held positions
+        assert [t.shape[2] for t in aligned.tensors()] == [window - 1, window - 1, slots, slots]
+        assert aligned.mask().shape == (1, slots) and aligned.mask().sum() == start
+        assert aligned.mask()[0, slots - start :].all()
+    try:
+        aligned.append([t[:1] for t in chunk(5, start)])
+    except ValueError as exc:
+        assert "KV cache full" in str(exc)
+    else:
+        raise AssertionError("overflow accepted")

@@ -168,7 +168,7 @@ def step(opset: int = 23) -> onnx.ModelProto:
             outputs.append(helper.make_tensor_value_info(f"{kind}.{i}", BF16, shape))
     x = _rows(b, x, rows, True)
     logits = b.op("Cast", [b.op("MatMul", [x, b.op("Transpose", [embed], perm=[1, 0])])], to=F32)
-    processed = b.op("Div", [logits, "temperature"])
+    processed = b.op("Div", [logits, b.op("Unsqueeze", ["temperature", b.const([1, 2])])])  # one per row
     probs = b.op("Softmax", [processed], axis=-1)
     nodes_out = [
         helper.make_node(
@@ -193,7 +193,7 @@ def step(opset: int = 23) -> onnx.ModelProto:
         helper.make_tensor_value_info("cache_mask", BOOL, ["batch", "cache_full"]),
         helper.make_tensor_value_info("self_conditioning", BF16, ["batch", "rows", h]),
         *cache_inputs,
-        helper.make_tensor_value_info("temperature", F32, []),
+        helper.make_tensor_value_info("temperature", F32, ["batch"]),
         helper.make_tensor_value_info("sampling_noise", F32, ["batch", "rows", v]),
     ]
     outputs += [

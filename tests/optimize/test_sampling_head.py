@@ -67,8 +67,8 @@ def test_head_equals_the_torch_sampler_head(target: str):
     (logits,) = session(original).run(None, {"input_ids": canvas})
     generator = torch.Generator().manual_seed(3)
     noise = sampling_noise(B, C, V, generator)
-    temperature = torch.tensor(0.55)
-    processed = torch.from_numpy(logits) / temperature
+    temperature = torch.linspace(0.45, 0.75, B)  # one per row: rows at different steps share a call
+    processed = torch.from_numpy(logits) / temperature[:, None, None]
     expected = sampling_head(processed, noise)
     embed = torch.from_numpy(numpy_helper.to_array(original.graph.initializer[0]).copy())
     expected_sc = torch.softmax(processed, -1) @ embed * float(np.sqrt(H))
@@ -89,7 +89,7 @@ def test_ties_take_the_first_index_as_torch_does(target: str):
     model = ir.from_proto(step_like(all_tied=True))
     add_sampling_head(model, PassContext(target, *CTX_REST))
     canvas = np.random.default_rng(2).integers(0, V, (B, C)).astype(np.int64)
-    feeds = {"input_ids": canvas, "temperature": np.array(0.7, np.float32),
+    feeds = {"input_ids": canvas, "temperature": np.full(B, 0.7, np.float32),
              "sampling_noise": np.ones((B, C, V), np.float32)}  # fmt: skip
     sampled, argmax, _, _ = session(ir.to_proto(model)).run(None, feeds)
     reference = sampling_head(torch.zeros(B, C, V), torch.ones(B * C, V))

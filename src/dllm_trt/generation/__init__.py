@@ -1,13 +1,16 @@
 """The block-diffusion loop over one Step interface, and the Step backends (torch | onnxruntime | tensorrt).
 
-A leaf library: the `generate` verb runs it, and export, optimize and validate run graphs through its
-Steps to measure them.
+A leaf library: the `generate` and `serve` verbs run it, and export, optimize and validate run graphs
+through its Steps to measure them.
 
 loop.py              transformers' generate() as backend-free tensor code; never changes with the backend
 sampler.py           temperature schedule, sampling, entropy-bound acceptance, stopping, random draws
 exponential_noise.py the sampler's Exp(1) noise, bit-exact with torch's generator, drawn ahead
-kv_cache.py          the static KV cache the loop owns and backends bind by address
+kv_cache.py          the static KV cache the loop owns and backends bind by address; the fixed-layout one of a
+                     scheduled request
 prompt_chunks.py     how a long prompt is cut into encoder passes (the loop's rule, which `plan` counts)
+scheduler.py         continuous batching: requests at different stages sharing step calls, each its own bits
+tokenizer.py         the tokenizer and generation config beside the graphs; streamed text of canvases
 step.py              the Step interface; torch and onnxruntime steps
 backends.py          open the Step for a backend over an artifact directory
 ort_session.py       onnxruntime sessions with this machine's providers

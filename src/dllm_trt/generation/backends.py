@@ -13,8 +13,9 @@ from dllm_trt.manifest import read_manifest
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
 
 
-def open_step(artifacts: Path, backend: str, device: str = "cpu", checkpoint: Path | None = None):  # noqa: ANN201
-    """The Step for `backend`; the torch backend loads the checkpoint the artifacts were made from."""
+def open_step(artifacts: Path, backend: str, device: str = "cpu", checkpoint: Path | None = None, threads: int = 0):  # noqa: ANN201
+    """The Step for `backend`; the torch backend loads the checkpoint the artifacts were made from. `threads`:
+    onnxruntime's intra-op threads (0: its own choice, one per core)."""
     manifest = read_manifest(artifacts)
     if backend == "onnxruntime":
         from dllm_trt.generation.step import OnnxRuntimeStep
@@ -27,7 +28,7 @@ def open_step(artifacts: Path, backend: str, device: str = "cpu", checkpoint: Pa
                 f"{artifacts} was optimized for TensorRT: onnxruntime on {device} has no kernel for its MoE "
                 "plugin; build engines ('dllm-trt build'), or run it on CPU (--device cpu)"
             )
-        return OnnxRuntimeStep.from_artifacts(artifacts, device)
+        return OnnxRuntimeStep.from_artifacts(artifacts, device, threads)
     if backend == "torch":
         precision = manifest.get("precision")
         experts = precision if precision in QUANTIZED_PRECISIONS else "float"

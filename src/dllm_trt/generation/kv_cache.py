@@ -94,3 +94,61 @@ class StaticKVCache:
         flat = self.storage[index]
         for row in reversed(range(1, self.batch * spec.num_kv_heads)):
             flat[row * row_new : row * row_new + row_old] = flat[row * row_old : (row + 1) * row_old].clone()
+
+
+class AlignedKVCache:
+    """One request's KV cache in a fixed layout, so that rows of different lengths batch without padding changes.
+
+    Every layer holds a fixed number of slots (full layers `max_length`, sliding layers `window - 1`,
+    as StaticKVCache keeps them) with the valid positions right-aligned: the newest position is always
+    the last slot and padding is on the left, where the step's mask (`mask()`) hides it. Rows of
+    different lengths then stack into one batch without re-padding, and a row is laid out the same
+    whether it runs alone or with 15 others, so its arithmetic is the same bits either way
+    (reductions over the keys see the same slots in the same lanes). The price: attention over
+    `max_length` slots, and a shift of the row's slots on every append (once per committed canvas).
+    Letters: G key/value heads, S slots, T new positions, D head dim.
+    """
+
+    def __init__(
+        self,
+        specs: list[LayerSpec],
+        max_length: int,
+        window: int,
+        dtype: torch.dtype,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        self.specs = specs
+        self.max_length = max_length
+        self.sliding_capacity = min(max_length, window - 1)
+        self.length = 0
+        self.layers: list[torch.Tensor] = []  # key.0, value.0, key.1, ...: [1, G, S, D]
+        for spec in specs:
+            slots = self.sliding_capacity if spec.sliding else max_length
+            for _ in ("key", "value"):
+                self.layers.append(torch.zeros(1, spec.num_kv_heads, slots, spec.head_dim, dtype=dtype, device=device))
+        self.valid = torch.zeros(1, max_length, dtype=torch.bool, device=device)  # [1, S_full]
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Every layer's K/V [1, G, S, D] in graph input order (S fixed per layer type)."""
+        return self.layers
+
+    def mask(self) -> torch.Tensor:
+        """Validity of the full layers' slots [1, S_full]; the sliding layers' slots are its last ones."""
+        return self.valid
+
+    def append(self, new: list[torch.Tensor]) -> None:
+        """Commit the K/V of T new positions ([1, G, T, D] per layer, graph output order), all valid."""
+        tokens = new[0].shape[2]
+        if self.length + tokens > self.max_length:
+            raise ValueError(f"KV cache full: {self.length} + {tokens} positions > max_length {self.max_length}")
+        for layer, tensor in zip(self.layers, new):
+            slots = layer.shape[2]
+            tensor = tensor.to(layer.dtype)
+            if tokens >= slots:  # a sliding layer keeps the last `window - 1` positions
+                layer.copy_(tensor[:, :, tokens - slots :])
+            else:
+                layer[:, :, : slots - tokens] = layer[:, :, tokens:].clone()
+                layer[:, :, slots - tokens :] = tensor
+        self.valid[:, : self.max_length - tokens] = self.valid[:, tokens:].clone()
+        self.valid[:, self.max_length - tokens :] = True
+        self.length += tokens

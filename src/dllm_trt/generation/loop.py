@@ -137,6 +137,64 @@ def finalize_canvas(
     return sequences, finished
 
 
+class CanvasState:
+    """One canvas being denoised for B rows: the loop's steps 1.b and 1.c, one denoise call at a time.
+
+    `generate` below drives it over a batch; generation.scheduler drives one per request and batches
+    the calls of requests at different steps. Either way each row sees the reference's arithmetic.
+    """
+
+    def __init__(self, current: torch.Tensor, sampler: SamplerSettings, hidden: int, dtype: torch.dtype) -> None:
+        batch, canvas = current.shape
+        device = current.device
+        self.sampler = sampler
+        self.current = current  # [B, C] the canvas the next step reads
+        self.argmax = current  # [B, C] what a commit now would commit
+        self.self_conditioning = torch.zeros(batch, canvas, hidden, dtype=dtype, device=device)  # [B, C, H]
+        self.entropy = torch.zeros(batch, canvas, device=device)  # [B, C]
+        self.finished = torch.zeros(batch, dtype=torch.bool, device=device)  # [B] finished denoising
+        self.steps = torch.zeros(batch, dtype=torch.int, device=device)  # [B] steps each row counted
+        self.stopping = StableAndConfident(sampler.stability_threshold, sampler.confidence_threshold)
+        self.remaining = sampler.max_denoising_steps  # the reference's cur_step: N down to 1
+        self.calls = 0
+
+    @classmethod
+    def start(cls, draws: RandomDraws, info, sampler: SamplerSettings) -> CanvasState:  # noqa: ANN001 (StepInfo)
+        """1.b: a fresh random canvas (drawn on the step's device), no self-conditioning, stopping reset."""
+        return cls(draws.canvas(), sampler, info.hidden_size, info.dtype)
+
+    @property
+    def done(self) -> bool:
+        return self.remaining == 0 or bool(torch.all(self.finished))
+
+    def count(self, finished_sequences: torch.Tensor) -> torch.Tensor:
+        """Rows this step counts (neither finished denoising nor finished), added to `steps`."""
+        counted = ~(self.finished | finished_sequences)
+        self.steps += counted
+        return counted
+
+    def step_temperature(self) -> torch.Tensor:
+        """The schedule's temperature for the coming step (0-d, float32)."""
+        return temperature(self.sampler, self.remaining)
+
+    def advance(self, out, renoised: torch.Tensor) -> None:  # noqa: ANN001 (generation.step.DenoiseSample)
+        """1.c after the step: accept, re-noise the rest, keep finished rows, update the stopping state."""
+        accepted = accepted_positions(out.entropy, self.sampler.entropy_bound)
+        # accept_canvas then renoise_canvas: accepted positions take the sample, the rest fresh noise
+        new_current = torch.where(accepted, out.sampled, renoised)
+        new_argmax, entropy, next_sc = out.argmax, out.entropy, out.next_self_conditioning
+        if self.finished.any():
+            keep = self.finished[:, None]
+            new_argmax = torch.where(keep, self.argmax, new_argmax)
+            new_current = torch.where(keep, self.current, new_current)
+            entropy = torch.where(keep, self.entropy, entropy)
+            next_sc = torch.where(keep[:, :, None], self.self_conditioning, next_sc)
+        self.finished |= self.stopping(new_argmax, entropy)
+        self.current, self.argmax, self.self_conditioning, self.entropy = new_current, new_argmax, next_sc, entropy
+        self.remaining -= 1
+        self.calls += 1
+
+
 def left_pad(prompts: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Prompts of different lengths -> input_ids [B, L] and attention_mask [B, L] (left padding)."""
     length = max(len(p) for p in prompts)
@@ -208,7 +266,6 @@ def _generate(step, settings, input_ids, attention_mask, draws, on_canvas, chunk
     )
     finished_sequences = torch.zeros(batch, dtype=torch.bool, device=device)
     forward_passes = torch.zeros(batch, dtype=torch.int, device=device)
-    stopping = StableAndConfident(sampler.stability_threshold, sampler.confidence_threshold)
     result = GenerationResult(input_ids, [], [], [], [], 0, 0.0)
     sequences = input_ids.clone()
     pending, pending_valid = sequences, attention_mask  # tokens the encoder has not seen yet
@@ -220,46 +277,22 @@ def _generate(step, settings, input_ids, attention_mask, draws, on_canvas, chunk
         cur_len = cache.length
         result.encode_seconds += time.perf_counter() - t0
 
-        # 1.b a fresh random canvas, no self-conditioning, stopping state reset
-        current = draws.canvas()
-        argmax_canvas = current
-        self_conditioning = torch.zeros(batch, canvas, info.hidden_size, dtype=info.dtype, device=device)
-        previous_entropy = torch.zeros(batch, canvas, device=device)
-        finished_denoising = torch.zeros(batch, dtype=torch.bool, device=device)
-        stopping.reset()
+        # 1.b a fresh random canvas, no self-conditioning, stopping state reset; 1.c denoise it
+        state = CanvasState.start(draws, info, sampler)
         decoder_positions = torch.arange(cur_len, cur_len + canvas, device=device).expand(batch, -1).contiguous()
-        steps = torch.zeros(batch, dtype=torch.int, device=device)
-        calls = 0
-
-        # 1.c denoise, counting the remaining steps down from N to 1 as the reference does
-        for cur_step in reversed(range(1, sampler.max_denoising_steps + 1)):
-            counted = ~(finished_denoising | finished_sequences)
-            forward_passes += counted
-            steps += counted
+        while not state.done:
+            forward_passes += state.count(finished_sequences)
             t0 = time.perf_counter()
             noise, renoised = draws.step()
             out = step.denoise_and_sample(
-                current, self_conditioning, decoder_positions, cache.mask(), cache.tensors(),
-                temperature(sampler, cur_step), noise,
+                state.current, state.self_conditioning, decoder_positions, cache.mask(), cache.tensors(),
+                state.step_temperature(), noise,
             )  # fmt: skip
-            accepted = accepted_positions(out.entropy, sampler.entropy_bound)
-            # accept_canvas then renoise_canvas: accepted positions take the sample, the rest fresh noise
-            new_current = torch.where(accepted, out.sampled, renoised)
-            new_argmax, entropy, next_sc = out.argmax, out.entropy, out.next_self_conditioning
-            if finished_denoising.any():
-                keep = finished_denoising[:, None]
-                new_argmax = torch.where(keep, argmax_canvas, new_argmax)
-                new_current = torch.where(keep, current, new_current)
-                entropy = torch.where(keep, previous_entropy, entropy)
-                next_sc = torch.where(keep[:, :, None], self_conditioning, next_sc)
-            finished_denoising |= stopping(new_argmax, entropy)
-            current, argmax_canvas, self_conditioning, previous_entropy = new_current, new_argmax, next_sc, entropy
+            state.advance(out, renoised)
             elapsed = time.perf_counter() - t0
             result.step_seconds.append(elapsed)
             result.denoise_seconds += elapsed
-            calls += 1
-            if torch.all(finished_denoising):
-                break
+        argmax_canvas, steps, calls = state.argmax, state.steps, state.calls
 
         # 1.d/e commit the argmax canvas, handle EOS and padding of finished rows
         sequences = torch.cat([sequences, argmax_canvas], dim=-1)

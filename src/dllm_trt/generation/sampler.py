@@ -10,6 +10,7 @@ Letters: B batch, C canvas, V vocab, S stability history length.
 
 from __future__ import annotations
 
+from concurrent.futures import Executor
 from dataclasses import dataclass
 
 import torch
@@ -122,14 +123,18 @@ class RandomDraws:
     state the reference would be in, so the stream stays the reference's.
     """
 
-    def __init__(self, generator: torch.Generator, batch: int, canvas: int, vocab: int) -> None:
+    def __init__(
+        self, generator: torch.Generator, batch: int, canvas: int, vocab: int, pool: Executor | None = None
+    ) -> None:
+        """`pool`: a worker pool shared by many draws (one per request of a scheduler), left open on close;
+        without one, a CPU generator gets a worker of its own."""
         self.generator = generator
         self.shape = (batch, canvas, vocab)
-        self.pool = None
+        self.pool, self.own_pool = None, False
         if generator.device.type == "cpu":  # CUDA draws are asynchronous already
             from concurrent.futures import ThreadPoolExecutor
 
-            self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dllm-trt-draws")
+            self.pool, self.own_pool = pool or ThreadPoolExecutor(1, thread_name_prefix="dllm-trt-draws"), pool is None
         self.pending = None
         self.state_before_pending: torch.Tensor | None = None
 
@@ -165,5 +170,5 @@ class RandomDraws:
 
     def close(self) -> None:
         self.rollback()
-        if self.pool is not None:
+        if self.own_pool:
             self.pool.shutdown(wait=True)

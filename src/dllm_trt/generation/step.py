@@ -96,7 +96,8 @@ class Step(Protocol):
         temperature: torch.Tensor,
         noise: torch.Tensor,
     ) -> DenoiseSample:
-        """One denoise step and what the sampler needs from it (see generation.sampler)."""  # fmt: skip
+        """One denoise step and what the sampler needs from it (see generation.sampler). `temperature` is
+        0-d (every row) or [B] (one per row)."""  # fmt: skip
 
 
 class LogitsStep:
@@ -113,7 +114,8 @@ class LogitsStep:
 
     def denoise_and_sample(self, canvas_ids, self_conditioning, position_ids, cache_mask, past, temperature, noise):  # noqa: ANN001, ANN201
         logits = self.denoise(canvas_ids, self_conditioning, position_ids, cache_mask, past)
-        processed = logits / temperature  # LinearTemperatureScheduleLogitsProcessor
+        temperature = torch.as_tensor(temperature)  # 0-d, or [B]: one per row (rows at different steps)
+        processed = logits / (temperature[:, None, None] if temperature.dim() == 1 else temperature)  # [B, C, V]
         head = sampling_head(processed, noise)
         next_sc = self.soft_embedding(processed.to(self.info.dtype))
         return DenoiseSample(head.sampled, head.argmax, head.entropy, next_sc)
@@ -165,7 +167,7 @@ def encoder_feeds(step, input_ids, position_ids, input_mask, cache_mask, past) -
     feeds = step_feeds(step.past_names, input_ids, position_ids, input_mask, cache_mask,
                        no_self_conditioning(input_ids, step.info), past)  # fmt: skip
     temperature, noise = SAMPLING_INPUTS
-    feeds[temperature] = torch.ones((), dtype=torch.float32)
+    feeds[temperature] = torch.ones(input_ids.shape[0], dtype=torch.float32)
     feeds[noise] = torch.zeros(input_ids.shape[0], 0, step.info.vocab_size, dtype=torch.float32)
     return feeds
 
@@ -177,10 +179,12 @@ def denoiser_feeds(step, canvas_ids, self_conditioning, position_ids, cache_mask
 
 
 def sampling_feeds(step, canvas_ids, self_conditioning, position_ids, cache_mask, past, temperature, noise) -> dict:  # noqa: ANN001
-    """A denoise step of a graph that samples inside: denoiser_feeds plus the temperature and the noise."""
+    """A denoise step of a graph that samples inside: denoiser_feeds plus the temperature (0-d for every row,
+    or [B]: the graph takes one per row) and the noise."""
     feeds = denoiser_feeds(step, canvas_ids, self_conditioning, position_ids, cache_mask, past)
     temperature_name, noise_name = SAMPLING_INPUTS
-    feeds[temperature_name] = torch.as_tensor(temperature, dtype=torch.float32).reshape(())
+    temperature = torch.as_tensor(temperature, dtype=torch.float32, device=canvas_ids.device)
+    feeds[temperature_name] = temperature.reshape(-1).expand(canvas_ids.shape[0]).contiguous()
     feeds[noise_name] = noise.view(canvas_ids.shape[0], canvas_ids.shape[1], -1)
     return feeds
 
@@ -252,6 +256,10 @@ class OnnxRuntimeStep(_OnnxRuntimeBase, LogitsStep):
         info = StepInfo.from_manifest(manifest)
         outputs = {o["name"] for o in manifest["graphs"]["step"]["outputs"]}
         kind = OnnxRuntimeHeadStep if SAMPLING_OUTPUTS[0] in outputs else cls
+        inputs = {i["name"]: i["shape"] for i in manifest["graphs"]["step"]["inputs"]}
+        if inputs.get(SAMPLING_INPUTS[0]) == []:
+            raise DllmError(f"{artifacts} was optimized by an earlier dllm-trt (one temperature per call, not one "
+                            "per row); run 'dllm-trt optimize' on its export again")  # fmt: skip
         step = kind(artifacts, specs, info, device, threads)
         step.execution = manifest.get("cpu_execution", "native") if device == "cpu" else f"onnxruntime {device}"
         step.variant = variant  # removed with the step

@@ -6,7 +6,8 @@ the tied embedding E [V, H], followed by a Mul by the embedding scale sqrt(H)).
 
 Emits, inside the graph, everything the sampler needs from one denoise step, computed as
 generation.sampler.sampling_head and the reference do:
-    processed = logits / temperature                         (temperature: new input, [] fp32)
+    processed = logits / temperature                         (temperature: new input, [B] fp32: one per
+                                                               row, so rows at different steps share a call)
     probs     = Softmax(processed)
     sampled_ids = ArgMax(probs / sampling_noise)              (sampling_noise: new input [B, R, V],
                                                                the Exp(1) noise torch.multinomial draws)
@@ -65,11 +66,12 @@ def add_sampling_head(model: ir.Model, ctx: PassContext) -> int:
     batch, canvas, vocab = logits.shape.dims
     hidden = embed.shape.dims[1]
 
-    temperature = ir.Value(name=TEMPERATURE, shape=ir.Shape([]), type=ir.TensorType(ir.DataType.FLOAT))
+    temperature = ir.Value(name=TEMPERATURE, shape=ir.Shape([batch]), type=ir.TensorType(ir.DataType.FLOAT))
     noise = ir.Value(name=SAMPLING_NOISE, shape=ir.Shape([batch, canvas, vocab]), type=ir.TensorType(ir.DataType.FLOAT))
     graph.inputs.extend([temperature, noise])
     fmin = _const(graph, "sampling_head.float32_min", np.array(np.finfo(np.float32).min, dtype=np.float32))
     axes = _const(graph, "sampling_head.last_axis", np.array([-1], dtype=np.int64))
+    row_axes = _const(graph, "sampling_head.row_axes", np.array([1, 2], dtype=np.int64))
 
     one = _const(graph, "sampling_head.k1", np.array([1], dtype=np.int64)) if ctx.target == "ort-cpu" else None
     tape = ir.tape.Tape(graph)
@@ -80,7 +82,7 @@ def add_sampling_head(model: ir.Model, ctx: PassContext) -> int:
         _, indices = tape.op_multi_out("TopK", [x, one], attributes={"axis": -1}, num_outputs=2)
         return tape.op("Squeeze", [indices, axes])
 
-    processed = tape.op("Div", [logits, temperature])  # [B, C, V]
+    processed = tape.op("Div", [logits, tape.op("Unsqueeze", [temperature, row_axes])])  # [B, C, V] / [B, 1, 1]
     probs = tape.op("Softmax", [processed], attributes={"axis": -1})
     sampled = last_axis_argmax(tape.op("Div", [probs, noise]))
     argmax = last_axis_argmax(processed)

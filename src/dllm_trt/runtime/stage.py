@@ -11,6 +11,7 @@ from pathlib import Path
 from dllm_trt.errors import DllmError
 from dllm_trt.generation.backends import BACKENDS, open_step
 from dllm_trt.generation.loop import CanvasEvent, GenerationSettings, generate, left_pad
+from dllm_trt.generation.tokenizer import generation_config, load_tokenizer
 from dllm_trt.manifest import read_manifest
 
 
@@ -55,23 +56,6 @@ class GenerateResult:
         if self.text is not None:
             out["text"] = self.text
         return json.dumps(out)
-
-
-def load_tokenizer(artifacts: Path):  # noqa: ANN201
-    """The tokenizer carried beside the graphs, or None when the checkpoint had none."""
-    if not (artifacts / "tokenizer.json").is_file():
-        return None
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
-
-    try:
-        return AutoTokenizer.from_pretrained(str(artifacts))
-    except (OSError, ValueError):
-        return PreTrainedTokenizerFast(tokenizer_file=str(artifacts / "tokenizer.json"))
-
-
-def generation_config(artifacts: Path) -> dict:
-    path = artifacts / "generation_config.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def _prompts(options: GenerateOptions, tokenizer) -> list[list[int]]:  # noqa: ANN001

@@ -7,6 +7,8 @@ loop.py              transformers' generate() as backend-free tensor code; never
 sampler.py           temperature schedule, sampling, entropy-bound acceptance, stopping, random draws
 exponential_noise.py the sampler's Exp(1) noise, bit-exact with torch's generator, drawn ahead
 kv_cache.py          the static KV cache the loop owns and backends bind by address
+images.py            a prompt's image spans and soft tokens, as each encoder pass takes them
+image_inputs.py      images read, checked and processed as transformers' Gemma 4 processor does; placeholders
 step.py              the Step interface; torch and onnxruntime steps
 backends.py          open the Step for a backend over an artifact directory
 ort_session.py       onnxruntime sessions with this machine's providers

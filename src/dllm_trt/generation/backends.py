@@ -42,8 +42,10 @@ def open_step(artifacts: Path, backend: str, device: str = "cpu", checkpoint: Pa
 
 def open_torch_step(checkpoint: Path, device: str = "cpu"):  # noqa: ANN201
     from dllm_trt.generation.step import TorchStep
-    from dllm_trt.models.checkpoint import load_model
+    from dllm_trt.models.checkpoint import load_model, safetensors_files, tensor_index
+    from dllm_trt.models.vision import has_vision_tower
 
     if device == "cuda" and not torch.cuda.is_available():
         raise DllmError("--device cuda: torch sees no CUDA device here; pass --device cpu")
-    return TorchStep(load_model(checkpoint).to(device))
+    model = load_model(checkpoint).to(device)
+    return TorchStep(model, images=has_vision_tower(tensor_index(safetensors_files(checkpoint))))

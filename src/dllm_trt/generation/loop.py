@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from dllm_trt.generation.images import PromptImages
 from dllm_trt.generation.kv_cache import StaticKVCache
 from dllm_trt.generation.sampler import (
     RandomDraws,
@@ -155,8 +156,13 @@ def generate(
     attention_mask: torch.Tensor | None = None,
     seed: int = 0,
     on_canvas: Callable[[CanvasEvent], None] | None = None,
+    images: PromptImages | None = None,
 ) -> GenerationResult:
-    """Token-for-token the reference's generate() under `torch.manual_seed(seed)`."""
+    """Token-for-token the reference's generate() under `torch.manual_seed(seed)`.
+
+    `images`: the prompt's images (their spans in `input_ids` and soft tokens), merged into the first
+    encoder pass as the reference merges pixel_values; no later call sees them but through the cache.
+    """
     info = step.info
     canvas, vocab = info.canvas_length, info.vocab_size
     device = torch.device(info.device)
@@ -164,12 +170,12 @@ def generate(
     generator = torch.Generator(device=device).manual_seed(seed)
     draws = RandomDraws(generator, input_ids.shape[0], canvas, vocab)
     try:
-        return _generate(step, settings, input_ids, attention_mask, draws, on_canvas)
+        return _generate(step, settings, input_ids, attention_mask, draws, on_canvas, images)
     finally:
         draws.close()
 
 
-def _generate(step, settings, input_ids, attention_mask, draws, on_canvas) -> GenerationResult:  # noqa: ANN001
+def _generate(step, settings, input_ids, attention_mask, draws, on_canvas, images) -> GenerationResult:  # noqa: ANN001
     info = step.info
     canvas = info.canvas_length
     sampler = settings.sampler
@@ -198,7 +204,10 @@ def _generate(step, settings, input_ids, attention_mask, draws, on_canvas) -> Ge
         t0 = time.perf_counter()
         cur_len = cache.length + pending.shape[1]
         positions = torch.arange(cache.length, cur_len, device=device).expand(batch, -1).contiguous()
-        cache.append(step.encode(pending, positions, pending_valid, cache.mask(), cache.tensors()), pending_valid)
+        # the prompt pass takes the images whole (the reference's first encoder call); no other pass has any
+        extra = {} if images is None or canvas_index else dict(images=images.for_pass(0, prompt_length))
+        cache.append(step.encode(pending, positions, pending_valid, cache.mask(), cache.tensors(), **extra),
+                     pending_valid)  # fmt: skip
         result.encode_seconds += time.perf_counter() - t0
 
         # 1.b a fresh random canvas, no self-conditioning, stopping state reset

@@ -27,13 +27,14 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes import common as common_passes
 
+from dllm_trt.contract import VISION_INPUTS
 from dllm_trt.optimize.context import PassContext
 
 LAZY_ELEMENTS = 1 << 20  # constants larger than this are converted when saved, not when the pass runs
 # fp8 and nvfp4 are bf16 graphs whose quantized weights optimize.quantize stored before this pass
 LOW_DTYPES = {"fp16": ir.DataType.FLOAT16, "bf16": ir.DataType.BFLOAT16, "fp8": ir.DataType.BFLOAT16,
               "nvfp4": ir.DataType.BFLOAT16}  # fmt: skip
-FP32_INPUTS = ("temperature", "sampling_noise")
+FP32_INPUTS = ("temperature", "sampling_noise", VISION_INPUTS[0])  # pixels: the reference scales them in fp32
 # Ops whose activation inputs must be in the low precision (they carry their own fp32 internals).
 LOW_ANCHORS = {"RMSNormalization", "Attention", "RotaryEmbedding"}
 # Ops that start an fp32 region: the reference upcasts before them.

@@ -323,8 +323,11 @@ def _decisions(tee: TeeStep) -> list[Agreement]:
 
 
 @torch.no_grad()
-def reference_generate(model, input_ids, attention_mask, settings: GenerationSettings, seed: int):  # noqa: ANN001, ANN201
-    """transformers' generate() under torch.manual_seed(seed); also counts its decoder calls per canvas."""
+def reference_generate(model, input_ids, attention_mask, settings: GenerationSettings, seed: int, images=None):  # noqa: ANN001, ANN201
+    """transformers' generate() under torch.manual_seed(seed); also counts its decoder calls per canvas.
+
+    `images` (a dict: pixel_values, image_position_ids, mm_token_type_ids, as the processor returns
+    them) go to generate() as its keyword arguments."""
     calls: list[int] = []
     encoder = model.model.encoder
     original_encoder, original_forward = encoder.forward, model.forward
@@ -347,7 +350,7 @@ def reference_generate(model, input_ids, attention_mask, settings: GenerationSet
             t_max=settings.sampler.t_max, stability_threshold=settings.sampler.stability_threshold,
             confidence_threshold=settings.sampler.confidence_threshold,
             sampler_config=EntropyBoundSamplerConfig(entropy_bound=settings.sampler.entropy_bound),
-            eos_token_id=list(settings.eos_token_ids) or None, pad_token_id=settings.pad_token_id,
+            eos_token_id=list(settings.eos_token_ids) or None, pad_token_id=settings.pad_token_id, **(images or {}),
         )  # fmt: skip
     finally:
         del encoder.forward, model.forward

@@ -82,8 +82,6 @@ def hf_router_and_experts():
 
 # ---- image input: a checkpoint with a vision tower, its export and its fp32 ort-cpu graphs ---------------
 
-TINY_VISION_SOFT_TOKENS = 70  # the smallest count Gemma 4's processor takes: 630 patches an image
-
 
 @pytest.fixture(scope="session")
 def tiny_vision_ckpt(tmp_path_factory) -> Path:
@@ -100,6 +98,8 @@ def tiny_vision_export(tiny_vision_ckpt, tmp_path_factory) -> Path:
     from dllm_trt import export
 
     out = tmp_path_factory.mktemp("tiny-vision-export") / "onnx"
+    from vision_case import TINY_VISION_SOFT_TOKENS
+
     options = export.ExportOptions(tiny_vision_ckpt, out, quiet=True, max_soft_tokens=(TINY_VISION_SOFT_TOKENS,))
     assert export.run(options).parity_failed is None
     return out

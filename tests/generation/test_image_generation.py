@@ -3,7 +3,7 @@ image_position_ids, mm_token_type_ids) returns, over every backend that runs her
 
 import pytest
 import torch
-from conftest import TINY_VISION_SOFT_TOKENS
+from vision_case import TINY_VISION_SOFT_TOKENS
 
 from dllm_trt.generation.image_inputs import expand_prompt_ids, image_processor, process_images
 from dllm_trt.generation.images import PromptImages

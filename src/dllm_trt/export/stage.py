@@ -75,7 +75,8 @@ def model_summary(model, max_soft_tokens: tuple[int, ...] = ()) -> dict:  # noqa
     vision = None
     if max_soft_tokens:
         facts = VisionFacts.from_config(model.config.to_dict())
-        vision = dict(facts.to_dict(), graphs={str(n): vision_graph(n) for n in max_soft_tokens})
+        vision = dict(facts.to_dict(), graphs={str(n): vision_graph(n) for n in max_soft_tokens},
+                      config=model.config.vision_config.to_dict())  # fmt: skip
     return dict(
         model_type=model.config.model_type,
         dtype=str(model.dtype).removeprefix("torch."),

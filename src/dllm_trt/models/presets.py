@@ -228,9 +228,14 @@ def make_checkpoint(
     tower = has_tower(preset)
     randomize_(model, seed, tower=tower)
     model.generation_config = generation_config_for(preset)
+    save_checkpoint(model, out, tower)
+    return model
+
+
+def save_checkpoint(model: DiffusionGemmaForBlockDiffusion, out: Path, tower: bool) -> None:
+    """save_pretrained (safetensors); without `tower` a text-only checkpoint: none of the tower's weights."""
     state = None if tower else {k: v for k, v in model.state_dict().items() if not _is_tower(k)}
     model.save_pretrained(out, safe_serialization=True, state_dict=state)
-    return model
 
 
 def _is_tower(name: str) -> bool:

@@ -156,18 +156,19 @@ class TeeStep:
             return ours, None
         return ours, compare(name, envelope, expected, GENERATION_TOLERANCES["float32"].step, valid, argmax)
 
-    def encode(self, input_ids, position_ids, input_mask, cache_mask, past):  # noqa: ANN001, ANN201
+    def encode(self, input_ids, position_ids, input_mask, cache_mask, past, images=None):  # noqa: ANN001, ANN201
         self.canvas += 1
         self.step = 0
         self.probe.take()
         self.probe.rows = input_mask.reshape(-1)
+        extra = {} if images is None else dict(images=images)
         try:
-            expected = self.reference.encode(input_ids, position_ids, input_mask, cache_mask, past)
+            expected = self.reference.encode(input_ids, position_ids, input_mask, cache_mask, past, **extra)
         finally:
             self.probe.rows = None
         args = (input_ids, position_ids, input_mask, cache_mask, past)
-        actual = self.candidate.encode(*args)
-        envelope = self.envelope.encode(*args) if self.envelope is not None else [None] * len(expected)
+        actual = self.candidate.encode(*args, **extra)
+        envelope = self.envelope.encode(*args, **extra) if self.envelope is not None else [None] * len(expected)
         valid = input_mask[:, None, :, None]  # [B, 1, T, 1]: padding K/V is never attended
         pairs = [
             self._both(f"key/value.{i // 2}", a, e, v, valid)

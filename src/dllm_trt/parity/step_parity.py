@@ -150,8 +150,8 @@ def _scenario_images(model, ids: torch.Tensor, valid: torch.Tensor, gen: torch.G
     special = (config.image_token_id, config.boi_token_id, config.eoi_token_id)
     ids[torch.isin(ids, torch.tensor(special)) & valid] = 3  # no stray image token outside the spans
     context = ids.shape[1]
-    size = max(2, min(5, (context - 6) // 4))  # image tokens per image: more than one, or no block to see
-    for row, start in ((0, 1), (0, 3 + size), (1, context - size - 3)):
+    size = max(1, min(5, context // 2 - 2))  # image tokens per image (2 or more from a context of 8 on)
+    for row, start in ((0, 0), (0, size + 2), (1, context - size - 2)):
         ids[row, start : start + size + 2] = torch.tensor([config.boi_token_id, *[config.image_token_id] * size,
                                                            config.eoi_token_id])  # fmt: skip
     count = int((ids == config.image_token_id).sum())

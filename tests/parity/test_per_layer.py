@@ -141,7 +141,7 @@ def test_trained_checkpoint_bf16_passes_and_a_norm_5_percent_off_fails(tmp_path)
     from dllm_trt import export, optimize
 
     exported, optimized = tmp_path / "onnx", tmp_path / "bf16"
-    export.run(export.ExportOptions(TRAINED, exported, dtype="float32", parity=False, quiet=True))
+    export.run(export.ExportOptions(TRAINED, exported, dtype="float32", parity=False, quiet=True, vision=False))
     optimize.run(optimize.OptimizeOptions(exported, optimized, "ort-cpu", "bf16", parity="none", quiet=True))
     code, report = _per_layer(optimized, TRAINED, tmp_path / "honest")
     assert code == 0, report["per_layer"]["failures"]

@@ -91,6 +91,9 @@ def trace(spec: TraceSpec, optimize: bool):  # noqa: ANN201 (torch.onnx.ONNXProg
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
         logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+        # the translation of full_like over a dynamic 1-D size (ImageStep's block ids) passes an empty attribute
+        # list, which onnx_ir warns about before defaulting it as the op wants; the saved graph holds none
+        logging.getLogger("onnx_ir").setLevel(logging.ERROR)
         with torch.no_grad():
             return torch.onnx.export(
                 spec.module,

@@ -141,7 +141,7 @@ def quantity(name: str) -> str:
     return group_name(name)
 
 
-def _scenario_images(model, ids: torch.Tensor, valid: torch.Tensor, gen: torch.Generator):  # noqa: ANN001, ANN202
+def scenario_images(model, ids: torch.Tensor, valid: torch.Tensor, gen: torch.Generator):  # noqa: ANN001, ANN202
     """In place: image spans written into the prompt (two in row 0, one in the padded row 1, each as the
     processor writes it, boi + image tokens + eoi), with random soft tokens for them; a PromptImages."""
     from dllm_trt.generation.images import PromptImages
@@ -176,7 +176,7 @@ def _scenario(model, step, seed: int, context: int, head: bool) -> list[_Check]:
     valid = torch.arange(context)[None, :] >= (context - lengths)[:, None]  # [B, L]
     ids[~valid] = pad
     positions = torch.arange(context)[None, :]
-    images = _scenario_images(model, ids, valid, gen) if getattr(step, "images", False) else None
+    images = scenario_images(model, ids, valid, gen) if getattr(step, "images", False) else None
     reference = new_cache(model)
     reference_encode(model, reference, ids, valid, positions, None if images is None else images.embeds)
     ours = StaticKVCache(layer_specs(model), batch, context + canvas, window, io_dtype)

@@ -106,8 +106,10 @@ def run(options: ValidateOptions) -> ValidateResult:
     if vision is not None:  # the prompts with images at their heads: the fixed test images, at the fewest soft tokens
         prompts, images = _with_images(prompts or default_prompts(text.vocab_size, seeds[0]), vision, artifacts)
     ids, mask = left_pad(prompts or default_prompts(text.vocab_size, seeds[0]), text.pad_token_id or 0)
-    with progress.stage(f"generation parity ({len(seeds)} seed(s), {settings.max_new_tokens} new tokens"
-                        + (f", {len(images.counts)} images)" if images else ")")) as notes:  # fmt: skip
+    pictured = f", {len(images.counts)} images in the first prompt" if images else ""
+    with progress.stage(
+        f"generation parity ({len(seeds)} seed(s), {settings.max_new_tokens} new tokens{pictured})"
+    ) as notes:
         generation = generation_parity(
             model, TorchStep(model, images=vision is not None), candidate, settings, ids, mask, list(seeds), dtype,
             envelope, images,
@@ -138,14 +140,15 @@ def run(options: ValidateOptions) -> ValidateResult:
 
 
 def _with_images(prompts: list[list[int]], vision: dict, artifacts: Path):  # noqa: ANN202
-    """Each prompt with one fixed test image before its text (the first with two, of different aspect
-    ratios, and text between), placeholders expanded as the processor does; and the processed images."""
+    """The first prompt with two fixed test images of different aspect ratios (one before its text, one
+    inside it), the others as they are, placeholders expanded as the processor does; and the processed
+    images (at the fewest soft tokens exported: the prompt pass grows with them)."""
     from dllm_trt.generation.image_inputs import expand_prompt_ids, image_processor, process_images
     from dllm_trt.parity.vision_parity import fixed_images
 
     image = vision["image_token_id"]
     count = min(int(n) for n in vision["graphs"])
-    marked = [[image, *prompt[:2], image, *prompt[2:]] if row == 0 else [image, *prompt]
+    marked = [[image, *prompt[:2], image, *prompt[2:]] if row == 0 else list(prompt)
               for row, prompt in enumerate(prompts)]  # fmt: skip
     pictures = fixed_images(sum(p.count(image) for p in marked))
     processed = process_images(pictures, image_processor(artifacts, vision["patch_size"],

@@ -136,7 +136,7 @@ def run(options: ExportOptions) -> ExportResult:
     index = tensor_index(files)
     tower = has_vision_tower(index) if options.vision is None else options.vision
     if tower and not has_vision_tower(index):
-        raise DllmError(f"{ckpt} holds no vision tower weights (a text-only checkpoint); export it without --vision")
+        raise DllmError(f"{ckpt} holds no vision tower weights (a text-only checkpoint): there is no tower to export")
     soft_counts = soft_counts if tower else ()
     graph_list = graphs_for(tower, soft_counts)
     progress = Progress(total=3 + len(graph_list) + parity, quiet=quiet)
@@ -305,10 +305,15 @@ def _measure_parity(
 
 def _measure_parity_per_layer(ckpt: Path, work: Path, seed: int, vocab: int) -> tuple[dict, list[str]]:
     """Every layer of the graphs in `work` against transformers' same layer (validate --per-layer's check)."""
+    from dllm_trt.manifest import read_manifest
     from dllm_trt.parity.per_layer import PerLayerOptions, per_layer_parity
     from dllm_trt.parity.prompts import default_prompts
+    from dllm_trt.parity.vision_per_layer import tower_per_layer
 
     result = per_layer_parity(PerLayerOptions(work, ckpt, default_prompts(vocab, seed), seed))
+    manifest = read_manifest(work)
+    if manifest["model"].get("vision"):  # the tower layer by layer too, on the fixed images
+        result.layers = tower_per_layer(work, ckpt, manifest) + result.layers
     lines = result.failures() or [
         f"every layer within its bound ({result.judged_tokens}/{result.tokens} token-layers judged, calls: "
         f"{', '.join(result.calls)})"

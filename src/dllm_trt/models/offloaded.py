@@ -52,8 +52,11 @@ class _Reader:
                 store[name] = torch.nn.Parameter(real, requires_grad=False) if store is module._parameters else real
 
 
-def offloaded_reference(ckpt: Path, dtype: torch.dtype, index: dict[str, TensorEntry]):  # noqa: ANN201
-    """transformers' DiffusionGemmaForBlockDiffusion of `ckpt` in `dtype`, holding at most one layer's weights."""
+def offloaded_reference(ckpt: Path, dtype: torch.dtype, index: dict[str, TensorEntry], tower_only: bool = False):  # noqa: ANN201
+    """transformers' DiffusionGemmaForBlockDiffusion of `ckpt` in `dtype`, holding at most one layer's weights.
+
+    `tower_only`: only the vision tower and its embedder are given weights (what get_image_features runs);
+    the text model's embedding, a few GB at the released widths, is never read."""
     model = build_skeleton(ckpt, dtype)
     reader = _Reader(model, index)
     tower = has_vision_tower(index)
@@ -63,7 +66,7 @@ def offloaded_reference(ckpt: Path, dtype: torch.dtype, index: dict[str, TensorE
     layer_modules = {id(m) for layers in stacks for layer in layers for m in layer.modules()}
     for name, module in model.named_modules():
         # a text-only checkpoint has no tower to read (transformers builds one for every config)
-        if id(module) not in layer_modules and (tower or "vision" not in name):
+        if id(module) not in layer_modules and (tower or "vision" not in name) and (not tower_only or "vision" in name):
             reader.fill(module, resident=True)
     for layers in stacks:
         for layer in layers:

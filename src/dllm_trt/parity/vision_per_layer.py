@@ -44,16 +44,15 @@ def layer_name(index: int | str) -> str:
 
 
 class _TowerRecorder:
-    """Hooks on the tower's layers and norms: per layer its input, its norms' tensors, its output (and envelope)."""
+    """Hooks on the tower's layers and norms; each layer's record goes to `on_layer` as the layer finishes
+    (index, its input, its run, its envelope run), so that memory holds one layer's tensors at a time."""
 
-    def __init__(self, tower, envelope_dtype: torch.dtype | None) -> None:  # noqa: ANN001
-        self.envelope_dtype = envelope_dtype
-        self.inputs: list[torch.Tensor] = []
-        self.runs: list[LayerRun] = []
-        self.envelopes: list[LayerRun | None] = []
+    def __init__(self, tower, envelope_dtype: torch.dtype | None, on_layer) -> None:  # noqa: ANN001
+        self.envelope_dtype, self.on_layer = envelope_dtype, on_layer
         self.embedding: torch.Tensor | None = None
+        self.last_output: torch.Tensor | None = None
         self._run: LayerRun | None = None
-        self._call: tuple | None = None
+        self._index = 0
         self.handles = [tower.patch_embedder.register_forward_hook(self._embedded)]
         for layer in tower.encoder.layers:
             self.handles.append(layer.register_forward_pre_hook(self._before, with_kwargs=True))
@@ -74,14 +73,14 @@ class _TowerRecorder:
         return hook
 
     def _before(self, layer, args, kwargs) -> None:  # noqa: ANN001
-        self._call, self._run = (args, kwargs), LayerRun()
+        self._run = LayerRun()
 
     def _after(self, layer, args, kwargs, output) -> None:  # noqa: ANN001
         run, self._run = self._run, None
-        run.tensors["output"] = output.detach().float().clone()
-        self.inputs.append(args[0].detach().float().clone())
-        self.runs.append(run)
-        self.envelopes.append(self._envelope(layer, args, kwargs) if self.envelope_dtype is not None else None)
+        run.tensors["output"] = self.last_output = output.detach().float().clone()
+        envelope = self._envelope(layer, args, kwargs) if self.envelope_dtype is not None else None
+        self.on_layer(self._index, args[0].detach().float(), run, envelope)
+        self._index += 1
 
     def _envelope(self, layer, args, kwargs) -> LayerRun:  # noqa: ANN001
         dtype = self.envelope_dtype
@@ -108,65 +107,77 @@ class _TowerRecorder:
 def tower_per_layer(
     artifacts: Path, reference: Path, manifest: dict, progress: Progress | None = None, images: list | None = None
 ) -> list[LayerVerdict]:
-    """The verdicts of every tower layer of the artifact's first vision graph, then of its epilogue ('vision head')."""
+    """The verdicts of every tower layer of the artifact's first vision graph, then of its epilogue ('vision head').
+
+    The artifact's piece of each layer runs as soon as transformers' layer has run (from its forward hook),
+    given that layer's input: memory holds one reference layer and one piece, whatever the tower's depth.
+    """
     progress = progress or Progress(total=0, quiet=True)
     vision = manifest["model"]["vision"]
     count, name = min((int(n), g) for n, g in vision["graphs"].items())
     file = manifest["graphs"][name]["file"]
     dtype = manifest["model"]["dtype"]
     io_dtype = getattr(torch, dtype)
+    envelope_dtype = None if dtype == "float32" else io_dtype
     layers = vision["num_layers"]
     processor = image_processor(artifacts, vision["patch_size"], vision["pooling_kernel_size"], count)
     inputs = process_images(images or fixed_images(), processor)
-    model = offloaded_reference(reference, torch.float32, tensor_index(safetensors_files(reference)))
-    recorder = _TowerRecorder(model.model.encoder.vision_tower, None if dtype == "float32" else io_dtype)
-    with progress.stage(f"reference: transformers' tower layer by layer, {len(inputs.counts)} image(s)") as notes:
-        try:
-            features = reference_image_features(model, inputs.pixel_values, inputs.position_ids)
-        finally:
-            recorder.close()
-        envelope_features = envelope_embedding = None
-        if dtype != "float32":
-            envelope_features = _envelope_head(model, recorder.runs[-1].tensors["output"], inputs, io_dtype)
-            embedder = model.model.encoder.vision_tower.patch_embedder
-            padding = (inputs.position_ids == -1).all(dim=-1)
-            envelope_embedding = torch.func.functional_call(embedder, envelope_weights(embedder, io_dtype, ""), (
-                inputs.pixel_values, inputs.position_ids, padding)).float()  # fmt: skip
-        notes.append(f"{layers} layers, {name} ({count} soft tokens an image)")
-    del model
-    gc.collect()
-    judge = _Judge(dtype, 1)
     valid = (inputs.position_ids != -1).all(-1).reshape(-1)  # [I*P]: padding patches are never pooled
     patches = valid.numel()
     feeds = dict(zip(VISION_INPUTS, (inputs.pixel_values, inputs.position_ids)))
-    verdicts = []
+    judge = _Judge(dtype, 1)
+    verdicts: list[LayerVerdict] = []
     with tempfile.TemporaryDirectory(prefix="dllm-trt-vision-layers-") as scratch:
         graphs = LayerGraphs(artifacts, file, layers, Path(scratch), VISION_LAYOUT)
-        own = _run_piece(graphs, -1, [feeds], [{}])[0]
+        own = _run_piece(graphs, -1, [feeds], [{}])[0]  # the prologue: patch embedding, RoPE tables, padding bias
+
+        def on_layer(index: int, hidden_in: torch.Tensor, ref: LayerRun, env: LayerRun | None) -> None:
+            segment = graphs.segments[index]
+            out = _run_piece(graphs, index, [feeds | own], [{segment.hidden_in: hidden_in.to(io_dtype)}])[0]
+            where = layer_name(index)
+            for block, module, side in VISION_BLOCKS:
+                if block in segment.blocks:
+                    key = f"{module}.{side}"
+                    ours = _tokens(out[segment.blocks[block]].float(), patches)
+                    env_tensor = None if env is None else _tokens(env.tensors[key], patches)
+                    judge.value(where, CALL, block, ours, _tokens(ref.tensors[key], patches), env_tensor, valid)
+            leaving = _tokens(out[graphs.output_of_layer(index)].float(), patches)
+            env_out = None if env is None else _tokens(env.tensors["output"], patches)
+            judge.value(where, CALL, "layer output", leaving, _tokens(ref.tensors["output"], patches), env_out, valid)
+            verdicts.append(LayerVerdict(where, judge.verdicts(where), order=ORDER))
+            progress.note(
+                f"{where}: " + ("ok" if verdicts[-1].passed else f"FAIL at {verdicts[-1].first_failing_block()}")
+            )
+
+        model = offloaded_reference(
+            reference, torch.float32, tensor_index(safetensors_files(reference)), tower_only=True
+        )
+        tower = model.model.encoder.vision_tower
+        recorder = _TowerRecorder(tower, envelope_dtype, on_layer)
+        with progress.stage(
+            f"the tower layer by layer: transformers' and the artifact's, {len(inputs.counts)} image(s)"
+        ) as notes:
+            try:
+                features = reference_image_features(model, inputs.pixel_values, inputs.position_ids)
+            finally:
+                recorder.close()
+            notes.append(f"{layers} layers, {name} ({count} soft tokens an image)")
+        envelope_features = envelope_embedding = None
+        if envelope_dtype is not None:
+            envelope_features = _envelope_head(model, recorder.last_output, inputs, io_dtype)
+            padding = (inputs.position_ids == -1).all(dim=-1)
+            weights = envelope_weights(tower.patch_embedder, io_dtype, "")
+            envelope_embedding = torch.func.functional_call(tower.patch_embedder, weights, (
+                inputs.pixel_values, inputs.position_ids, padding)).float()  # fmt: skip
+        del model, tower
+        gc.collect()
         embedded = _tokens(own[graphs.segments[0].hidden_in].float(), patches)
         env_embedded = None if envelope_embedding is None else _tokens(envelope_embedding, patches)
         judge.value(layer_name(0), CALL, "embedding", embedded, _tokens(recorder.embedding, patches), env_embedded,
                     valid)  # fmt: skip
-        for index in range(layers):
-            with progress.stage(f"vision layer {index}: the artifact's piece") as notes:
-                segment = graphs.segments[index]
-                teacher = {segment.hidden_in: recorder.inputs[index].to(io_dtype)}
-                out = _run_piece(graphs, index, [feeds | own], [teacher])[0]
-                ref, env = recorder.runs[index].tensors, recorder.envelopes[index]
-                for block, module, side in VISION_BLOCKS:
-                    if block in segment.blocks:
-                        key = f"{module}.{side}"
-                        env_tensor = None if env is None else _tokens(env.tensors[key], patches)
-                        ours = _tokens(out[segment.blocks[block]].float(), patches)
-                        judge.value(layer_name(index), CALL, block, ours, _tokens(ref[key], patches), env_tensor, valid)
-                leaving = _tokens(out[graphs.output_of_layer(index)].float(), patches)
-                env_out = None if env is None else _tokens(env.tensors["output"], patches)
-                judge.value(layer_name(index), CALL, "layer output", leaving, _tokens(ref["output"], patches), env_out,
-                            valid)  # fmt: skip
-                verdicts.append(LayerVerdict(layer_name(index), judge.verdicts(layer_name(index)), order=ORDER))
-                notes.append("ok" if verdicts[-1].passed else f"FAIL at {verdicts[-1].first_failing_block()}")
+        verdicts[0] = LayerVerdict(layer_name(0), judge.verdicts(layer_name(0)), order=ORDER)  # with the embedding
         last = graphs.segments[layers]
-        teacher = {last.hidden_in: recorder.runs[-1].tensors["output"].to(io_dtype)}
+        teacher = {last.hidden_in: recorder.last_output.to(io_dtype)}
         soft = _run_piece(graphs, layers, [feeds | own], [teacher])[0][graphs.model.graph.output[0].name]
         ours = torch.cat([soft[i, :n].float() for i, n in enumerate(inputs.counts)])  # each image's valid prefix
         rows = torch.ones(ours.shape[0], dtype=torch.bool)

@@ -105,6 +105,42 @@ def trained_ort_cpu(tmp_path_factory) -> Path:
     from dllm_trt import export, optimize
 
     root = tmp_path_factory.mktemp("trained")
-    export.run(export.ExportOptions(TRAINED, root / "onnx", parity=False, quiet=True))
+    export.run(export.ExportOptions(TRAINED, root / "onnx", parity=False, quiet=True, vision=False))
     optimize.run(optimize.OptimizeOptions(root / "onnx", root / "optimized", "ort-cpu", parity="none", quiet=True))
     return root / "optimized"
+
+
+# ---- image input: a checkpoint with a vision tower, its export and its fp32 ort-cpu graphs ---------------
+
+
+@pytest.fixture(scope="session")
+def tiny_vision_ckpt(tmp_path_factory) -> Path:
+    from dllm_trt.models.presets import make_checkpoint
+
+    path = tmp_path_factory.mktemp("tiny-vision") / "ckpt"
+    make_checkpoint(path, "tiny-vision", seed=0)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_vision_export(tiny_vision_ckpt, tmp_path_factory) -> Path:
+    """Exported with its parity measured (the vision graph and a prompt pass with images included)."""
+    from dllm_trt import export
+
+    out = tmp_path_factory.mktemp("tiny-vision-export") / "onnx"
+    from vision_case import TINY_VISION_SOFT_TOKENS
+
+    options = export.ExportOptions(tiny_vision_ckpt, out, quiet=True, max_soft_tokens=(TINY_VISION_SOFT_TOKENS,))
+    assert export.run(options).parity_failed is None
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_vision_optimized(tiny_vision_export, tmp_path_factory) -> Path:
+    from dllm_trt import optimize
+
+    out = tmp_path_factory.mktemp("tiny-vision-ort") / "fp32"
+    result = optimize.run(optimize.OptimizeOptions(tiny_vision_export, out, "ort-cpu", "fp32", parity="final",
+                                                   quiet=True))  # fmt: skip
+    assert not result.failed_passes
+    return out

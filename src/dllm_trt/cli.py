@@ -78,7 +78,7 @@ def _print_validation(result) -> int:  # noqa: ANN001 (validate.ValidateResult)
 
 def _make_tiny(args: argparse.Namespace) -> int:
     from dllm_trt.manifest import atomic_output
-    from dllm_trt.models.presets import PRESETS, make_checkpoint
+    from dllm_trt.models.presets import PRESETS, has_tower, make_checkpoint
 
     if args.preset not in PRESETS:
         raise DllmError(f"unknown preset '{args.preset}'; choose one of: {', '.join(PRESETS)}")
@@ -87,15 +87,22 @@ def _make_tiny(args: argparse.Namespace) -> int:
     with atomic_output(args.out, force=args.force) as tmp:
         model = make_checkpoint(tmp, args.preset, args.seed, num_layers=args.layers)
     params = sum(p.numel() for n, p in model.named_parameters() if "vision" not in n)
-    print(f"wrote {args.preset} checkpoint ({params / 1e6:.2f}M text parameters, seed {args.seed}) to {args.out}")
+    tower = sum(p.numel() for n, p in model.named_parameters() if "vision" in n) if has_tower(args.preset) else 0
+    vision = f" and {tower / 1e6:.2f}M in its vision tower" if tower else ""
+    described = f"{params / 1e6:.2f}M text parameters{vision}, seed {args.seed}"
+    print(f"wrote {args.preset} checkpoint ({described}) to {args.out}")
     return 0
 
 
 def _export(args: argparse.Namespace) -> int:
     from dllm_trt import export
 
-    result = export.run(_options(export.ExportOptions, args))
-    print(f"wrote {result.output}/step.onnx, self_conditioning.onnx and manifest.json")
+    values = {}
+    if hasattr(args, "max_soft_tokens"):
+        values["max_soft_tokens"] = _parse_ints("--max-soft-tokens", args.max_soft_tokens)
+    result = export.run(_options(export.ExportOptions, args, **values))
+    files = ", ".join(g["file"] for g in result.manifest["graphs"].values())
+    print(f"wrote {result.output}: {files} and manifest.json")
     if result.parity_failed:
         print(f"dllm-trt: parity check failed ({result.parity_failed}); graphs kept in {result.output} for "
               "inspection", file=sys.stderr)  # fmt: skip
@@ -117,6 +124,7 @@ def _generate(args: argparse.Namespace) -> int:
     options = _options(
         runtime.GenerateOptions, args, prompts=tuple(getattr(args, "prompt", ())),
         prompt_ids=tuple(_parse_ids(text) for text in getattr(args, "prompt_ids", ())),
+        images=tuple(getattr(args, "image", ())),
     )  # fmt: skip
     json_out = getattr(args, "json", False)
     result = runtime.run(options, on_canvas=None if json_out else _print_canvas)
@@ -274,7 +282,7 @@ def _add_serving_verbs(verb) -> None:  # noqa: ANN001 (build_parser's verb())
 
 def build_parser() -> argparse.ArgumentParser:
     from dllm_trt import demo, export, optimize, runtime, validate
-    from dllm_trt.contract import PRECISIONS, TARGETS
+    from dllm_trt.contract import DEFAULT_MAX_SOFT_TOKENS, PRECISIONS, TARGETS
     from dllm_trt.engines import memory_plan
     from dllm_trt.engines.lint import LintOptions
     from dllm_trt.engines.stage import BuildOptions
@@ -317,6 +325,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--no-parity", dest="parity", action="store_false", help="skip the parity measurement")
     sub.add_argument("--seed", type=int, help=f"seed of the parity check's inputs (default {_default(Export, 'seed')})")
     sub.add_argument("--dtype", help="float32 | float16 | bfloat16 (default: the checkpoint's); float32 for CPU parity")
+    sub.add_argument("--max-soft-tokens", help="comma-separated soft tokens per image, one vision graph each, of 70, "
+                     f"140, 280, 560, 1120 (default {DEFAULT_MAX_SOFT_TOKENS})")  # fmt: skip
+    sub.add_argument("--no-vision", dest="vision", action="store_false", help="leave the checkpoint's vision tower "
+                     "out (text only); by default it is exported where the checkpoint holds one")  # fmt: skip
     sub.add_argument("--force", **force)
 
     sub = verb("inspect", "verify an artifact directory's checksums and summarize its graphs", _inspect)
@@ -362,6 +374,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--backend", help=f"{' | '.join(BACKENDS)} (default {_default(Generate, 'backend')})")
     sub.add_argument("--device", help=f"cpu | cuda (default {_default(Generate, 'device')})")
     sub.add_argument("--checkpoint", type=Path, help="for --backend torch (default: the exported one)")
+    sub.add_argument("--image", type=Path, action="append", metavar="PATH", help="an image; repeat for several, in "
+                     "the order of their places: the image token in --prompt, the checkpoint's image_token_id once in "
+                     "--prompt-ids")  # fmt: skip
+    soft = _default(Generate, "max_soft_tokens")
+    sub.add_argument("--max-soft-tokens", type=int, help="soft tokens per image at most: 70 | 140 | 280 | 560 | "
+                     f"1120 (default {soft}; the export needs a vision graph for it)")  # fmt: skip
     sub.add_argument("--json", action="store_true", help="print one JSON object: sequences and stats")
     sub.add_argument("--prompt-chunk", type=int, help="tokens per encoder pass over a long prompt, each over the "
                      "cache of the previous ones (default: the engine's new_tokens maximum, else "

@@ -25,6 +25,8 @@ CARRIED_FILES = (
     "tokenizer_config.json",
     "special_tokens_map.json",
     "chat_template.jinja",
+    "processor_config.json",  # the image processor's settings, where the checkpoint has them
+    "preprocessor_config.json",
 )
 FUSION_REPORT = "fusion_report"  # .json and .md, written by optimize
 BUILD_INFO = "build_info.json"
@@ -181,3 +183,28 @@ GOLDEN_FORMAT = "dllm-trt-golden/1"
 ATTENTION_OP = "DllmAttention"
 ATTENTION_INPUTS = ("query", "key", "value", "bias")
 ATTENTION_SCALE = "scale"  # float attribute: the factor on Q K^T (DiffusionGemma: 1.0)
+
+# ---- image input: the vision tower's graphs and the step's image inputs ---------------------------
+
+# One vision graph per max_soft_tokens (the pooler's cell count is a shape), all over one copy of the
+# tower's weights; the default count's graph is `vision`, another's `vision-<count>` (files and engines
+# alike: vision.onnx, vision-70.onnx, vision.engine). Present only where the checkpoint holds a tower.
+VISION = "vision"
+DEFAULT_MAX_SOFT_TOKENS = 280  # Gemma4ImageProcessor's default
+VISION_INPUTS = ("pixel_values", "pixel_position_ids")  # [I, P, 3*patch^2] float32, [I, P, 2] int64
+VISION_OUTPUT = "soft_tokens"  # [I, S, H] in the model dtype: each image's valid rows first
+IMAGES_AXIS = "images"  # I, the vision graph's dynamic axis
+# The step graph of a checkpoint with a tower takes these after STEP_INPUTS (before the cache):
+# image_embeds [S, H] model dtype, image_rows [S] int64 (flat b * T + t), image_block_ids [S] int64.
+# S = 0 on every call but a prompt pass with images.
+STEP_IMAGE_INPUTS = ("image_embeds", "image_rows", "image_block_ids")
+IMAGE_TOKENS_AXIS = "image_tokens"  # S
+
+
+def vision_graph(max_soft_tokens: int) -> str:
+    """The graph (and file stem) of the vision tower at `max_soft_tokens`: vision, vision-70, ..."""
+    return VISION if max_soft_tokens == DEFAULT_MAX_SOFT_TOKENS else f"{VISION}-{max_soft_tokens}"
+
+
+def is_vision_graph(name: str) -> bool:
+    return name == VISION or name.startswith(f"{VISION}-")

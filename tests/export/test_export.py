@@ -11,7 +11,7 @@ from dllm_trt.export import run as export_run
 from dllm_trt.generation.step import OnnxRuntimeStep
 from dllm_trt.models.checkpoint import load_model
 from dllm_trt.models.diffusion_gemma import layer_specs
-from dllm_trt.models.presets import TINY_VISION, randomize_
+from dllm_trt.models.presets import TINY_VISION, randomize_, save_checkpoint
 from dllm_trt.parity.step_parity import step_parity
 
 
@@ -107,7 +107,7 @@ def test_export_of_a_hand_built_config(tmp_path):
     config = DiffusionGemmaConfig(text_config=text, vision_config=TINY_VISION, canvas_length=6)
     model = DiffusionGemmaForBlockDiffusion(config).eval()
     randomize_(model, seed=5)
-    model.save_pretrained(tmp_path / "ck")
+    save_checkpoint(model, tmp_path / "ck", tower=False)  # text-only: no tower to export
     manifest = export_run(ExportOptions(tmp_path / "ck", tmp_path / "onnx", seed=2, quiet=True)).manifest
     assert manifest["parity"]["passed"], manifest["parity"]
     assert manifest["parity"]["exceeds_window"]

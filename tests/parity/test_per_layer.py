@@ -143,7 +143,7 @@ def test_trained_checkpoint_bf16_passes_and_a_norm_5_percent_off_fails(tmp_path)
 
     exported, optimized = tmp_path / "onnx", tmp_path / "bf16"
     # validate --per-layer judges it below
-    export.run(export.ExportOptions(TRAINED, exported, dtype="float32", parity=False, quiet=True))
+    export.run(export.ExportOptions(TRAINED, exported, dtype="float32", parity=False, quiet=True, vision=False))
     # validate --per-layer judges it below
     optimize.run(optimize.OptimizeOptions(exported, optimized, "ort-cpu", "bf16", parity="none", quiet=True))
     code, report = _per_layer(optimized, TRAINED, tmp_path / "honest")

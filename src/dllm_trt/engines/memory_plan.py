@@ -1,9 +1,11 @@
 """`dllm-trt plan`: what an engine of a model needs on a GPU, before anything is exported or built.
 
 `run(PlanOptions) -> MemoryPlan`. The model comes from a checkpoint's config.json, an artifact
-directory's manifest, or a preset name (`released` is the 26B-A4B text config); nothing is loaded:
-the weights are counted on transformers' model built on the meta device, through the step module
-the graph is exported from (models.diffusion_gemma.Step), so the count is what the engine holds.
+directory's manifest, or a preset name (`released` is the 26B-A4B config, vision tower included);
+nothing is loaded: the weights are counted on transformers' model built on the meta device, through
+the step module the graph is exported from (models.diffusion_gemma.Step), so the count is what the
+engine holds, and where the model has a vision tower through the vision module its engine is built
+from (models.vision.VisionEncoder: category "vision", kept bf16 in every precision).
 
 Per precision, batch and context it gives three terms, and which GPU presets they fit:
 
@@ -52,7 +54,7 @@ GB = 1e9
 # Bytes per value and the scales that come with it: (bytes per value, values per scale, scale bytes);
 # nvfp4 adds one fp32 scale per expert (or per tensor) on top, counted in weight_bytes.
 QUANTIZED_BYTES = {"bf16": (2.0, 0, 0), "fp8": (1.0, 0, 4), "nvfp4": (0.5, 16, 1)}
-KEPT_IN_BF16 = ("embedding", "router", "norms")  # what no precision quantizes
+KEPT_IN_BF16 = ("embedding", "router", "norms", "vision")  # what no precision quantizes
 # Activations and the KV cache stay in the graph's float type; quantized precisions compute in bf16.
 ACTIVATION_TYPE = {"fp32": ("FP32", 4), "fp16": ("FP16", 2), "bf16": ("BF16", 2), "fp8": ("BF16", 2),
                    "nvfp4": ("BF16", 2)}  # fmt: skip
@@ -88,10 +90,13 @@ class MemoryPlan:
 
     def table(self) -> str:
         total = sum(self.parameters.values())
-        share = self.parameters.get("experts", 0) / max(total, 1)
+        step = total - self.parameters.get("vision", 0)
+        share = self.parameters.get("experts", 0) / max(step, 1)
+        vision = self.parameters.get("vision")
+        tower = f" and {vision / 1e9:.2f} G in the vision engine" if vision else ""
         lines = [
-            f"memory plan for {self.model}: {total / 1e9:.2f} G parameters in the step engine "
-            f"({share:.1%} experts), one copy for both phases",
+            f"memory plan for {self.model}: {step / 1e9:.2f} G parameters in the step engine "
+            f"({share:.1%} experts), one copy for both phases{tower}",
             "weights: " + ", ".join(f"{p} {self.weights[p] / GB:.1f} GB" for p in self.weights),
             "",
             "| precision | batch | context | weights GB | KV cache GB | activations GB | total GB | fits "
@@ -114,25 +119,36 @@ def _k(tokens: int) -> str:
 
 def load_config(source: str):  # noqa: ANN201 (DiffusionGemmaConfig)
     """(name, config) from a preset name, a checkpoint directory or an artifact directory."""
+    name, config, _ = load_model_source(source)
+    return name, config
+
+
+def load_model_source(source: str):  # noqa: ANN201
+    """(name, config, whether the model has a vision tower) of a preset, checkpoint or artifact directory."""
     from transformers import DiffusionGemmaConfig
 
     from dllm_trt.models.presets import PRESETS as MODEL_PRESETS
-    from dllm_trt.models.presets import build_config
+    from dllm_trt.models.presets import TEXT_ONLY_VISION, build_config, has_tower
 
     if source == "released":
-        return "the released 26B-A4B text config", build_config("full-width", num_layers=30)
+        return "the released 26B-A4B config", build_config("full-width-vision", num_layers=30), True
     if source in MODEL_PRESETS:
-        return f"the {source} preset", build_config(source)
+        return f"the {source} preset", build_config(source), has_tower(source)
     path = Path(source)
     if (path / "config.json").is_file():
-        from dllm_trt.models.checkpoint import read_config
+        from dllm_trt.models.checkpoint import read_config, safetensors_files, tensor_index
+        from dllm_trt.models.vision import has_vision_tower
 
-        return str(path), read_config(path)
+        tower = has_vision_tower(tensor_index(safetensors_files(path)))
+        return str(path), read_config(path), tower
     if (path / "manifest.json").is_file():
         model = json.loads((path / "manifest.json").read_text()).get("model", {})
         if "text_config" not in model:
             raise DllmError(f"{path}/manifest.json carries no text_config; re-export it with this dllm-trt")
-        return str(path), DiffusionGemmaConfig(text_config=model["text_config"], canvas_length=model["canvas_length"])
+        vision = (model.get("vision") or {}).get("config")
+        config = DiffusionGemmaConfig(text_config=model["text_config"], canvas_length=model["canvas_length"],
+                                      vision_config=vision or TEXT_ONLY_VISION)  # fmt: skip
+        return str(path), config, vision is not None
     choices = ", ".join(["released", *MODEL_PRESETS])
     raise DllmError(f"{source}: neither a checkpoint (config.json), an artifact directory (manifest.json) "
                     f"nor a preset ({choices})")  # fmt: skip
@@ -157,14 +173,19 @@ def meta_model(config):  # noqa: ANN001, ANN201 (DiffusionGemmaForBlockDiffusion
         return DiffusionGemmaForBlockDiffusion(config)
 
 
-def count_parameters(model) -> tuple[dict[str, int], dict[str, list[tuple[int, ...]]]]:  # noqa: ANN001
-    """Parameter count and shapes per category of the step module (what the step graph holds)."""
+def count_parameters(model, tower: bool = False) -> tuple[dict[str, int], dict[str, list[tuple[int, ...]]]]:  # noqa: ANN001
+    """Parameter count and shapes per category of the step module (what the step graph holds), and of the
+    vision module with `tower` (what its graphs hold, once whatever their count)."""
     from dllm_trt.models.diffusion_gemma import Step
+    from dllm_trt.models.vision import VisionEncoder
 
     counts: dict[str, int] = {}
     shapes: dict[str, list[tuple[int, ...]]] = {}
-    for name, parameter in Step(model).named_parameters():  # tied tensors once
-        category = _category(name, parameter.dim())
+    named = [*Step(model).named_parameters()]  # tied tensors once
+    if tower:
+        named += [(f"vision.{n}", p) for n, p in VisionEncoder(model).named_parameters()]
+    for name, parameter in named:
+        category = "vision" if name.startswith("vision.") else _category(name, parameter.dim())
         counts[category] = counts.get(category, 0) + parameter.numel()
         shapes.setdefault(category, []).append(tuple(parameter.shape))
     return counts, shapes
@@ -272,14 +293,20 @@ def run(options: PlanOptions) -> MemoryPlan:
             raise DllmError(f"unknown GPU preset '{name}'; choose among: {', '.join(PRESETS)}")
     if min(options.batches, default=1) < 1 or min(options.contexts, default=1) < 1 or options.prompt_chunk < 1:
         raise DllmError("batches, contexts and the prompt chunk are positive integers")
-    name, config = load_config(options.source)
+    name, config, tower = load_model_source(options.source)
     model = meta_model(config)
-    counts, shapes = count_parameters(model)
+    counts, shapes = count_parameters(model, tower)
     weights = {p: weight_bytes(shapes, p) for p in options.precisions}
     plan = MemoryPlan(name, counts, weights, gpus={g: PRESETS[g].memory_gib for g in options.gpus})
     note = attention_note(model, options.prompt_chunk)
     if note:
         plan.notes.append(note)
+    if tower:
+        plan.notes.append(
+            f"The vision tower ({counts['vision'] / 1e9:.2f} G parameters, bf16 in every precision) is counted in "
+            "the weights: its engine (vision.engine) holds it beside the step engine. Its activations, one image "
+            "call at a time before the prompt pass, are not in the table."
+        )
     for precision in options.precisions:
         for batch in options.batches:
             for context in options.contexts:

@@ -41,6 +41,7 @@ from dllm_trt.contract import (
     MOE_OP,
     PRECISION_DTYPES,
     STAGE_BUILD,
+    is_vision_graph,
 )
 from dllm_trt.engines.lint import check_optimized_manifest, lint_artifacts
 from dllm_trt.errors import DllmError
@@ -89,7 +90,7 @@ def _memory_estimate(directory: Path, manifest: dict, ranges: dict[str, prof.Dim
 
     weights = {
         g: manifest["graphs"][g]["bytes"] + sum(f["bytes"] for f in manifest["graphs"][g].get("external_data", []))
-        for g in GRAPH_FILES
+        for g in [*GRAPH_FILES, *vision_graph_names(manifest)]
     }
     meta = memory_plan.meta_model(memory_plan.load_config(str(directory))[1])
     batch, context = ranges["batch"].max, ranges["cache_full"].max
@@ -97,6 +98,11 @@ def _memory_estimate(directory: Path, manifest: dict, ranges: dict[str, prof.Dim
     activations = memory_plan.activation_bytes(meta, batch, context, ranges["new_tokens"].max, precision)
     total = sum(weights.values()) + kv + activations
     return dict(weights=weights, kv_cache=kv, activations=activations, total=total)
+
+
+def vision_graph_names(manifest: dict) -> list[str]:
+    """The vision graphs an optimized directory holds (none for a text-only model)."""
+    return [g for g in manifest["graphs"] if is_vision_graph(g)]
 
 
 def _graph_counts(model: onnx.ModelProto, precision: str) -> dict[str, int]:
@@ -154,10 +160,15 @@ def plan_build(options: BuildOptions, trt_version: str | None = None) -> dict:
             f"run 'dllm-trt lint-trt {directory}' for all"
         )
     graphs = {}
-    for graph, engine_file in ENGINE_FILES.items():
+    # the vision engines beside the step's, one per vision graph (vision.engine, vision-70.engine, ...)
+    engine_files = {**ENGINE_FILES, **{g: f"{g}.engine" for g in vision_graph_names(manifest)}}
+    for graph, engine_file in engine_files.items():
         io = manifest["graphs"][graph]
         model = onnx.load(str(directory / io["file"]), load_external_data=False)
-        profiles = prof.step_profiles(io, ranges, manifest["model"]["canvas_length"], options.profile_per_phase)
+        if is_vision_graph(graph):
+            profiles = prof.vision_profiles(io, ranges)
+        else:
+            profiles = prof.step_profiles(io, ranges, manifest["model"]["canvas_length"], options.profile_per_phase)
         expected = _graph_counts(model, precision) | dict(profiles=len(profiles))
         graphs[graph] = dict(file=io["file"], engine=engine_file, expected=expected, profiles=profiles)
     memory = _memory_estimate(directory, manifest, ranges, precision)
@@ -284,7 +295,8 @@ def build_engines(options: BuildOptions) -> tuple[dict, dict]:
     from dllm_trt.trt.trt_library import load_library
 
     directory, out = options.optimized, options.output
-    progress = Progress(4 + 2 * len(ENGINE_FILES), quiet=options.quiet)
+    progress = Progress(4 + 2 * (len(ENGINE_FILES) + len(vision_graph_names(read_manifest(directory)))),
+                        quiet=options.quiet)  # fmt: skip
     with progress.stage("plan: manifest, preset, profiles, lint-trt pre-flight") as notes:
         plan = plan_build(options)
         notes.append(f"{plan['precision']}, {plan['library']}, {len(plan['warnings'])} warning(s)")
@@ -364,7 +376,7 @@ def build_engines(options: BuildOptions) -> tuple[dict, dict]:
                 ),
                 precision=plan["precision"],
                 profiles=plan["profiles"],
-                graph_profiles={g: plan["graphs"][g]["profiles"] for g in ENGINE_FILES},
+                graph_profiles={g: plan["graphs"][g]["profiles"] for g in plan["graphs"]},
                 optimized_manifest_sha256=file_sha256(directory / MANIFEST),
                 checkpoint_hash=manifest.get("checkpoint", {}).get("hash"),
                 opt_level=options.opt_level,
@@ -392,7 +404,8 @@ def build_engines(options: BuildOptions) -> tuple[dict, dict]:
             write_manifest(tmp, dict(
                 stage=STAGE_BUILD, target="trt", precision=plan["precision"], model=manifest["model"], graphs=graphs,
                 checkpoint=manifest.get("checkpoint", {}), opset=manifest.get("opset"),
-                build=dict(gpu=preset.name, library=lib.name, tensorrt_version=lib.version, engines=ENGINE_FILES),
+                build=dict(gpu=preset.name, library=lib.name, tensorrt_version=lib.version,
+                           engines={g: i["engine"] for g, i in plan["graphs"].items()}),
                 tools=manifest.get("tools", {}),
             ))  # fmt: skip
             for aux in _aux_files(directory, manifest):

@@ -21,15 +21,28 @@ import onnx
 import torch
 from torch.export import Dim
 
-from dllm_trt.contract import LOGITS, ROWS_AXIS, SOFT_EMBEDDING_INPUT, SOFT_EMBEDDING_OUTPUT, STEP_INPUTS, cache_names
+from dllm_trt.contract import (
+    IMAGE_TOKENS_AXIS,
+    IMAGES_AXIS,
+    LOGITS,
+    ROWS_AXIS,
+    SOFT_EMBEDDING_INPUT,
+    SOFT_EMBEDDING_OUTPUT,
+    STEP_IMAGE_INPUTS,
+    STEP_INPUTS,
+    VISION_INPUTS,
+    VISION_OUTPUT,
+    cache_names,
+)
 from dllm_trt.errors import DllmError
-from dllm_trt.models.diffusion_gemma import LayerSpec, SoftEmbedding, Step, layer_specs
+from dllm_trt.models.diffusion_gemma import ImageStep, LayerSpec, SoftEmbedding, Step, layer_specs
+from dllm_trt.models.vision import VisionEncoder
 
 OPSET = 23
 
 # Example sizes for tracing: distinct values so that no two dynamic axes get unified by accident
 # (rows < new_tokens: the trace must not learn rows == new_tokens, which only the canvas has).
-_EXAMPLE = dict(batch=2, new_tokens=5, rows=3, cache_full=11, cache_sliding=7)
+_EXAMPLE = dict(batch=2, new_tokens=5, rows=3, cache_full=11, cache_sliding=7, image_tokens=4, images=2)
 
 
 @dataclass(frozen=True)
@@ -40,8 +53,11 @@ class GraphIO:
     outputs: list[str]
 
 
-def step_io(specs: list[LayerSpec]) -> GraphIO:
-    return GraphIO(inputs=[*STEP_INPUTS, *cache_names(specs, "past_")], outputs=[*cache_names(specs, ""), LOGITS])
+def step_io(specs: list[LayerSpec], images: bool = False) -> GraphIO:
+    image_inputs = list(STEP_IMAGE_INPUTS) if images else []
+    return GraphIO(
+        inputs=[*STEP_INPUTS, *image_inputs, *cache_names(specs, "past_")], outputs=[*cache_names(specs, ""), LOGITS]
+    )
 
 
 def example_cache(
@@ -75,6 +91,9 @@ def trace(spec: TraceSpec, optimize: bool):  # noqa: ANN201 (torch.onnx.ONNXProg
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
         logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+        # the translation of full_like over a dynamic 1-D size (ImageStep's block ids) passes an empty attribute
+        # list, which onnx_ir warns about before defaulting it as the op wants; the saved graph holds none
+        logging.getLogger("onnx_ir").setLevel(logging.ERROR)
         with torch.no_grad():
             return torch.onnx.export(
                 spec.module,
@@ -90,7 +109,8 @@ def trace(spec: TraceSpec, optimize: bool):  # noqa: ANN201 (torch.onnx.ONNXProg
             )
 
 
-def step_spec(model) -> TraceSpec:  # noqa: ANN001
+def step_spec(model, images: bool = False) -> TraceSpec:  # noqa: ANN001
+    """The step; `images` (a checkpoint with a vision tower): ImageStep, with the image inputs."""
     specs = layer_specs(model)
     dtype = model.dtype
     b, t, r, c = _EXAMPLE["batch"], _EXAMPLE["new_tokens"], _EXAMPLE["rows"], _EXAMPLE["cache_full"]
@@ -106,9 +126,37 @@ def step_spec(model) -> TraceSpec:  # noqa: ANN001
     batch, tokens, rows = Dim("batch"), Dim("new_tokens"), Dim(ROWS_AXIS)
     full, sliding = Dim("cache_full"), Dim("cache_sliding")
     per_token = {0: batch, 1: tokens}
-    shapes = (per_token, per_token, per_token, {0: batch, 1: full}, {0: batch, 1: rows},
-              _cache_dims(specs, batch, full, sliding))  # fmt: skip
-    return TraceSpec(Step(model), args, shapes, step_io(specs))
+    head = (per_token, per_token, per_token, {0: batch, 1: full}, {0: batch, 1: rows})
+    cache_dims = _cache_dims(specs, batch, full, sliding)
+    if not images:
+        return TraceSpec(Step(model), args, (*head, cache_dims), step_io(specs))
+    count = _EXAMPLE["image_tokens"]
+    image_args = (
+        torch.randn(count, text.hidden_size).to(dtype),
+        torch.tensor([1, 2, t + 1, t + 2]),  # two images of two tokens, one in each row
+        torch.tensor([0, 0, 1, 1]),
+    )
+    soft = Dim(IMAGE_TOKENS_AXIS)
+    shapes = (*head, {0: soft}, {0: soft}, {0: soft}, cache_dims)
+    return TraceSpec(ImageStep(model), (*args[:5], *image_args, *args[5:]), shapes, step_io(specs, images=True))
+
+
+def vision_spec(model, max_soft_tokens: int) -> TraceSpec:  # noqa: ANN001
+    """The vision tower at `max_soft_tokens` (its patch count fixed: the pooler's cells are a shape)."""
+    vision = model.config.vision_config
+    kernel, patch = vision.pooling_kernel_size, vision.patch_size
+    patches = max_soft_tokens * kernel**2
+    images = _EXAMPLE["images"]
+    # Example positions as the processor lays them out: a grid of k x k cells, then (-1, -1) padding.
+    width = kernel * max(1, int((max_soft_tokens // 2) ** 0.5))
+    count = (patches // 2) // width * width
+    grid = torch.stack([torch.arange(count) % width, torch.arange(count) // width], dim=-1)
+    positions = torch.full((images, patches, 2), -1, dtype=torch.long)
+    positions[:, :count] = grid
+    pixels = torch.rand(images, patches, 3 * patch**2) * (positions[..., :1] >= 0)
+    per_image = {0: Dim(IMAGES_AXIS)}
+    io_names = GraphIO(inputs=list(VISION_INPUTS), outputs=[VISION_OUTPUT])
+    return TraceSpec(VisionEncoder(model), (pixels, positions), (per_image, per_image), io_names)
 
 
 def self_conditioning_spec(model) -> TraceSpec:  # noqa: ANN001

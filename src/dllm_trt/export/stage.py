@@ -22,16 +22,26 @@ from pathlib import Path
 import onnx_ir as ir
 import torch
 
-from dllm_trt.contract import CARRIED_FILES, SELF_CONDITIONING_FILE, STAGE_EXPORT, STEP, STEP_FILE
+from dllm_trt.contract import (
+    CARRIED_FILES,
+    DEFAULT_MAX_SOFT_TOKENS,
+    SELF_CONDITIONING_FILE,
+    STAGE_EXPORT,
+    STEP,
+    STEP_FILE,
+    vision_graph,
+)
+from dllm_trt.errors import DllmError
 from dllm_trt.export.journal import Journal, resumable_output
 from dllm_trt.export.lazy_graph import lazy_graph
-from dllm_trt.export.onnx_export import OPSET, check_experts, self_conditioning_spec, step_spec
+from dllm_trt.export.onnx_export import OPSET, check_experts, self_conditioning_spec, step_spec, vision_spec
 from dllm_trt.export.weights import FOLD_INPUT_LIMIT, CheckpointWeight
 from dllm_trt.export.writer import DEFAULT_SHARD_BYTES, WrittenFile, plan_shards, write_shards
 from dllm_trt.manifest import MANIFEST, check_external_data, describe_graph, tool_versions, write_manifest
 from dllm_trt.models.checkpoint import checkpoint_hash, read_config, safetensors_files, tensor_index
 from dllm_trt.models.diffusion_gemma import fusible_ops, layer_specs
 from dllm_trt.models.skeleton import build_skeleton, checkpoint_dtype, parse_dtype
+from dllm_trt.models.vision import SUPPORTED_SOFT_TOKENS, VisionFacts, has_vision_tower
 from dllm_trt.parity.compare import summary_lines
 from dllm_trt.progress import Progress, human_bytes
 
@@ -40,14 +50,33 @@ GRAPHS = (
     ("self_conditioning", SELF_CONDITIONING_FILE, self_conditioning_spec),
 )
 
+
+def graphs_for(tower: bool, max_soft_tokens: tuple[int, ...]) -> list[tuple]:
+    """(name, file, spec factory) of every graph: the step (with image inputs where there is a tower), the
+    self-conditioning graph, and one vision graph per max_soft_tokens over one copy of the tower's weights."""
+    if not tower:
+        return list(GRAPHS)
+    graphs = [(STEP, STEP_FILE, lambda model: step_spec(model, images=True)), GRAPHS[1]]
+    for count in max_soft_tokens:
+        name = vision_graph(count)
+        graphs.append((name, f"{name}.onnx", lambda model, n=count: vision_spec(model, n)))
+    return graphs
+
+
 # Above this many bytes of checkpoint weights parity is measured layer by layer (parity.per_layer): the
 # whole-graph check holds every weight in one onnxruntime session (16 GB for 2 full-width layers in fp32).
 # bfloat16 exports are always checked per layer: only a piece at a time can run bf16 emulated on this CPU.
 PER_LAYER_PARITY_ABOVE = 1 << 30
 
 
-def model_summary(model) -> dict:  # noqa: ANN001
+def model_summary(model, max_soft_tokens: tuple[int, ...] = ()) -> dict:  # noqa: ANN001
+    """The manifest's model facts; with `max_soft_tokens`, the vision tower's and its graph per count."""
     text = model.config.text_config
+    vision = None
+    if max_soft_tokens:
+        facts = VisionFacts.from_config(model.config.to_dict())
+        vision = dict(facts.to_dict(), graphs={str(n): vision_graph(n) for n in max_soft_tokens},
+                      config=model.config.vision_config.to_dict())  # fmt: skip
     return dict(
         model_type=model.config.model_type,
         dtype=str(model.dtype).removeprefix("torch."),
@@ -62,6 +91,7 @@ def model_summary(model) -> dict:  # noqa: ANN001
         fusible_ops=fusible_ops(model),
         pad_token_id=text.pad_token_id,
         text_config=text.to_dict(),
+        vision=vision,  # None: a text-only checkpoint (no vision graph, no image inputs on the step)
     )
 
 
@@ -84,6 +114,9 @@ class ExportOptions:
     quiet: bool = False
     max_shard_bytes: int = DEFAULT_SHARD_BYTES
     eager_max_elements: int = FOLD_INPUT_LIMIT
+    # One vision graph per count (where the checkpoint holds a vision tower), over one copy of its weights.
+    max_soft_tokens: tuple[int, ...] = (DEFAULT_MAX_SOFT_TOKENS,)
+    vision: bool | None = None  # None: export the tower where the checkpoint holds one; False: text only
 
 
 @dataclass(frozen=True)
@@ -98,11 +131,17 @@ def run(options: ExportOptions) -> ExportResult:
     ckpt, out, dtype, quiet = options.checkpoint, options.output, options.dtype, options.quiet
     parity, seed, force = options.parity, options.seed, options.force
     max_shard_bytes, eager_max_elements = options.max_shard_bytes, options.eager_max_elements
-    progress = Progress(total=3 + len(GRAPHS) + parity, quiet=quiet)
+    soft_counts = _soft_counts(options.max_soft_tokens)
+    config = read_config(ckpt)
+    files = safetensors_files(ckpt)
+    index = tensor_index(files)
+    tower = has_vision_tower(index) if options.vision is None else options.vision
+    if tower and not has_vision_tower(index):
+        raise DllmError(f"{ckpt} holds no vision tower weights (a text-only checkpoint): there is no tower to export")
+    soft_counts = soft_counts if tower else ()
+    graph_list = graphs_for(tower, soft_counts)
+    progress = Progress(total=3 + len(graph_list) + parity, quiet=quiet)
     with progress.stage("checking checkpoint") as notes:
-        config = read_config(ckpt)
-        files = safetensors_files(ckpt)
-        index = tensor_index(files)
         source_dtype = checkpoint_dtype(config, index)
         export_dtype = parse_dtype(dtype) if dtype is not None else source_dtype
         paths = [ckpt / "config.json", *files]
@@ -115,7 +154,7 @@ def run(options: ExportOptions) -> ExportResult:
             f"{len(files)} weight file(s), {human_bytes(weight_bytes)}, {_name(source_dtype)}{cast}, {digest[:19]}…"
         )
     per_layer = export_dtype == torch.bfloat16 or weight_bytes > options.per_layer_parity_above
-    key = _journal_key(digest, export_dtype, max_shard_bytes, eager_max_elements)
+    key = _journal_key(digest, export_dtype, max_shard_bytes, eager_max_elements, soft_counts)
     with resumable_output(out, force=force) as work:
         with progress.stage("building the model without weights") as notes:
             model = build_skeleton(ckpt, export_dtype)
@@ -123,7 +162,7 @@ def run(options: ExportOptions) -> ExportResult:
             notes.append(f"{text.num_hidden_layers} layers, {_name(export_dtype)}, nothing read but config.json")
         journal = Journal(work, key)
         graphs, on_disk = {}, {}
-        for name, file, spec in GRAPHS:
+        for name, file, spec in graph_list:
             with progress.stage(f"exporting {file}") as notes:
                 graphs[name] = _export_graph(
                     name, file, spec, model, index, work, journal, progress, max_shard_bytes, eager_max_elements,
@@ -144,7 +183,7 @@ def run(options: ExportOptions) -> ExportResult:
             checkpoint=dict(
                 path=str(ckpt.resolve()), hash=digest, files=[f.name for f in files], dtype=_name(source_dtype)
             ),
-            model=model_summary(model),
+            model=model_summary(model, soft_counts),
             opset=OPSET,
             tools=tool_versions(),
             graphs=graphs,
@@ -161,7 +200,7 @@ def run(options: ExportOptions) -> ExportResult:
                 progress.note(line)
         elif parity:
             with progress.stage("measuring parity: onnxruntime vs transformers") as notes:
-                result, lines = _measure_parity(ckpt, work, model, export_dtype, source_dtype, index, seed)
+                result, lines = _measure_parity(ckpt, work, model, export_dtype, source_dtype, index, seed, soft_counts)
                 manifest["parity"] = result
                 passed = sum(c["passed"] for c in result["comparisons"])
                 notes.append(f"{passed}/{len(result['comparisons'])} within tolerance")
@@ -238,15 +277,23 @@ def _measure_parity(
     source_dtype: torch.dtype,
     index: dict,
     seed: int,
+    soft_counts: tuple[int, ...] = (),
 ) -> tuple[dict, list[str]]:
-    """Parity of the graphs in `work` against transformers in `export_dtype`, one layer and one session at a time."""
+    """Parity of the graphs in `work` against transformers in `export_dtype`, one layer and one session at a
+    time; with `soft_counts`, the vision graphs too, on fixed images, and the step's prompt pass with images."""
     from dllm_trt.generation.step import OnnxRuntimeStep, StepInfo
     from dllm_trt.models.offloaded import offloaded_reference
     from dllm_trt.parity.step_parity import step_parity
+    from dllm_trt.parity.vision_parity import vision_parity
 
     reference = offloaded_reference(ckpt, export_dtype, index)
     step = OnnxRuntimeStep(work, layer_specs(skeleton), StepInfo.from_model(reference), resident=False)
     result = step_parity(reference, step, seed=seed)
+    if soft_counts:
+        facts = VisionFacts.from_config(reference.config.to_dict())
+        step.vision = {n: f"{vision_graph(n)}.onnx" for n in soft_counts}
+        step.pooling_kernel = facts.pooling_kernel_size
+        result.comparisons += vision_parity(reference, step, ckpt, facts, list(soft_counts))
     out = result.to_dict()
     if export_dtype != source_dtype:
         out["checkpoint_dtype"] = _name(source_dtype)
@@ -259,10 +306,15 @@ def _measure_parity(
 
 def _measure_parity_per_layer(ckpt: Path, work: Path, seed: int, vocab: int) -> tuple[dict, list[str]]:
     """Every layer of the graphs in `work` against transformers' same layer (validate --per-layer's check)."""
+    from dllm_trt.manifest import read_manifest
     from dllm_trt.parity.per_layer import PerLayerOptions, per_layer_parity
     from dllm_trt.parity.prompts import default_prompts
+    from dllm_trt.parity.vision_per_layer import tower_per_layer
 
     result = per_layer_parity(PerLayerOptions(work, ckpt, default_prompts(vocab, seed), seed))
+    manifest = read_manifest(work)
+    if manifest["model"].get("vision"):  # the tower layer by layer too, on the fixed images
+        result.layers = tower_per_layer(work, ckpt, manifest) + result.layers
     lines = result.failures() or [
         f"every layer within its bound ({result.judged_tokens}/{result.tokens} token-layers judged, calls: "
         f"{', '.join(result.calls)})"
@@ -270,11 +322,27 @@ def _measure_parity_per_layer(ckpt: Path, work: Path, seed: int, vocab: int) -> 
     return dict(mode="per-layer", **result.to_dict()), lines
 
 
-def _journal_key(digest: str, dtype: torch.dtype, max_shard_bytes: int, eager_max_elements: int) -> str:
+def _journal_key(
+    digest: str, dtype: torch.dtype, max_shard_bytes: int, eager_max_elements: int, soft_counts: tuple[int, ...] = ()
+) -> str:
     """What finished files depend on besides their own plan: the checkpoint's bytes and the tools that traced it."""
     versions = {name: _version(name) for name in ("dllm-trt", "torch", "onnxscript", "onnx-ir")}
     text = f"{digest}|{dtype}|{max_shard_bytes}|{eager_max_elements}|{sorted(versions.items())}"
+    if soft_counts:  # a text-only export keeps the key it always had
+        text += f"|vision {list(soft_counts)}"
     return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
+
+
+def _soft_counts(values: tuple[int, ...]) -> tuple[int, ...]:
+    """The vision graphs' max_soft_tokens, checked, each once, in the order given."""
+    counts = tuple(dict.fromkeys(int(v) for v in values))
+    bad = [v for v in counts if v not in SUPPORTED_SOFT_TOKENS]
+    if bad or not counts:
+        raise DllmError(
+            f"--max-soft-tokens {bad[0] if bad else 'is empty'}: Gemma 4's image processor takes one of "
+            f"{', '.join(map(str, SUPPORTED_SOFT_TOKENS))}"
+        )
+    return counts
 
 
 def _version(name: str) -> str:

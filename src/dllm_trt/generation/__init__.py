@@ -11,6 +11,8 @@ kv_cache.py          the static KV cache the loop owns and backends bind by addr
 prompt_chunks.py     how a long prompt is cut into encoder passes (the loop's rule, which `plan` counts)
 scheduler.py         continuous batching: requests at different stages sharing step calls, each its own bits
 tokenizer.py         the tokenizer and generation config beside the graphs; streamed text of canvases
+images.py            a prompt's image spans and soft tokens, as each encoder pass takes them
+image_inputs.py      images read, checked and processed as transformers' Gemma 4 processor does; placeholders
 step.py              the Step interface; torch and onnxruntime steps
 backends.py          open the Step for a backend over an artifact directory
 ort_session.py       onnxruntime sessions with this machine's providers

@@ -47,17 +47,19 @@ def open_torch_step(checkpoint: Path, device: str = "cpu", experts: str = "float
     """transformers' modules over the checkpoint. On CPU as they are (TorchStep); on CUDA with the MoE through
     the Triton kernels the engine plugin runs, the experts in `experts` format (the artifact's precision:
     fp8 and nvfp4 as optimize stores them) and the denoise step from a CUDA graph (TritonStep)."""
-    from dllm_trt.models.checkpoint import load_model
+    from dllm_trt.models.checkpoint import load_model, safetensors_files, tensor_index
+    from dllm_trt.models.vision import has_vision_tower
 
     if device not in ("cpu", "cuda"):
         raise DllmError(f"--device {device}: the torch backend runs on cpu or cuda")
+    images = has_vision_tower(tensor_index(safetensors_files(checkpoint)))
     if device == "cpu":
         from dllm_trt.generation.step import TorchStep
 
-        return TorchStep(load_model(checkpoint))
+        return TorchStep(load_model(checkpoint), images=images)
     if not torch.cuda.is_available():
         raise DllmError("--device cuda: torch sees no CUDA device here (no GPU, or a CPU build of torch); "
                         "pass --device cpu")  # fmt: skip
     from dllm_trt.generation.triton_step import TritonStep
 
-    return TritonStep(load_model(checkpoint).to(device), experts, release_float=True)
+    return TritonStep(load_model(checkpoint).to(device), experts, release_float=True, images=images)

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from dllm_trt.generation.images import PromptImages
 from dllm_trt.generation.kv_cache import StaticKVCache
 from dllm_trt.generation.prompt_chunks import Span, chunk_spans, resolve_prompt_chunk
 from dllm_trt.generation.sampler import (
@@ -217,12 +218,15 @@ def generate(
     on_canvas: Callable[[CanvasEvent], None] | None = None,
     prompt_chunk: int | None = None,
     protected_spans: Sequence[Span] = (),
+    images: PromptImages | None = None,
 ) -> GenerationResult:
     """Token-for-token the reference's generate() under `torch.manual_seed(seed)`.
 
     `prompt_chunk`: the most tokens of one encoder pass (None: the backend's maximum, else
     prompt_chunks.DEFAULT_PROMPT_CHUNK); `protected_spans`: [start, end) ranges of `input_ids`'s columns
-    no pass may split (an image's tokens)."""
+    no pass may split. `images`: the prompt's images (their spans in `input_ids` and soft tokens), merged
+    into the prompt's encoder passes as the reference merges pixel_values, each image whole in one pass (its
+    span protected); no later call sees them but through the cache."""
     info = step.info
     canvas, vocab = info.canvas_length, info.vocab_size
     device = torch.device(info.device)
@@ -231,23 +235,31 @@ def generate(
     draws = RandomDraws(generator, input_ids.shape[0], canvas, vocab)
     chunk = resolve_prompt_chunk(prompt_chunk, info.prompt_chunk_max)
     try:
-        return _generate(step, settings, input_ids, attention_mask, draws, on_canvas, chunk, tuple(protected_spans))
+        if images is not None:
+            protected_spans = (*protected_spans, *((span.start, span.stop) for span in images.spans))
+        protected = tuple(protected_spans)
+        return _generate(step, settings, input_ids, attention_mask, draws, on_canvas, chunk, protected, images)
     finally:
         draws.close()
 
 
 def _encode(step, cache: StaticKVCache, pending: torch.Tensor, valid: torch.Tensor, chunk: int,
-            protected: tuple[Span, ...]) -> None:  # noqa: ANN001  # fmt: skip
-    """Encoder passes over the uncached tokens [B, T], each over the cache the previous ones filled."""
+            protected: tuple[Span, ...], images: PromptImages | None) -> None:  # noqa: ANN001  # fmt: skip
+    """Encoder passes over the uncached tokens [B, T], each over the cache the previous ones filled; each image
+    of the prompt goes to the pass holding its span, whole (the reference's first encoder call takes them all)."""
     batch = pending.shape[0]
     for start, end in chunk_spans(pending.shape[1], chunk, protected):
         positions = torch.arange(cache.length, cache.length + end - start, device=pending.device)
         positions = positions.expand(batch, -1).contiguous()  # [B, end - start]
         part = valid[:, start:end]
-        cache.append(step.encode(pending[:, start:end], positions, part, cache.mask(), cache.tensors()), part)
+        extra = {} if images is None else dict(images=images.for_pass(start, end))
+        cache.append(step.encode(pending[:, start:end], positions, part, cache.mask(), cache.tensors(), **extra),
+                     part)  # fmt: skip
 
 
-def _generate(step, settings, input_ids, attention_mask, draws, on_canvas, chunk, protected) -> GenerationResult:  # noqa: ANN001
+def _generate(
+    step, settings, input_ids, attention_mask, draws, on_canvas, chunk, protected, images  # noqa: ANN001
+) -> GenerationResult:
     info = step.info
     canvas = info.canvas_length
     sampler = settings.sampler
@@ -273,7 +285,8 @@ def _generate(step, settings, input_ids, attention_mask, draws, on_canvas, chunk
     for canvas_index in range(max_new_canvases):
         # 1.a encoder step over the uncached tokens, in passes of at most `chunk` (the prompt's spans kept whole)
         t0 = time.perf_counter()
-        _encode(step, cache, pending, pending_valid, chunk, protected if canvas_index == 0 else ())
+        first = canvas_index == 0
+        _encode(step, cache, pending, pending_valid, chunk, protected if first else (), images if first else None)
         cur_len = cache.length
         result.encode_seconds += time.perf_counter() - t0
 

@@ -22,10 +22,14 @@ from dllm_trt.contract import (
     SOFT_EMBEDDING_INPUT,
     SOFT_EMBEDDING_OUTPUT,
     STEP_FILE,
+    STEP_IMAGE_INPUTS,
     STEP_INPUTS,
+    VISION_INPUTS,
+    VISION_OUTPUT,
     cache_names,
 )
 from dllm_trt.errors import DllmError
+from dllm_trt.generation.images import PassImages
 from dllm_trt.generation.sampler import sampling_head
 from dllm_trt.models.diffusion_gemma import LayerSpec, SoftEmbedding, layer_specs
 from dllm_trt.models.diffusion_gemma import Step as StepGraph
@@ -83,8 +87,14 @@ class Step(Protocol):
         input_mask: torch.Tensor,
         cache_mask: torch.Tensor,
         past: list[torch.Tensor],
+        images: PassImages | None = None,
     ) -> list[torch.Tensor]:
-        """K/V of the T new tokens for every layer: key.0, value.0, ... each [B, G, T, D]."""  # fmt: skip
+        """K/V of the T new tokens for every layer: key.0, value.0, ... each [B, G, T, D]; `images`: the
+        pass's image soft tokens and where they go (a checkpoint with a vision tower)."""  # fmt: skip
+
+    def image_features(self, pixel_values: torch.Tensor, position_ids: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        """The vision tower: the image processor's pixels [I, P, 3*patch^2] and positions [I, P, 2] -> every
+        image's valid soft tokens [sum(counts), H], images in order (counts: soft tokens per image)."""  # fmt: skip
 
     def denoise_and_sample(
         self,
@@ -124,9 +134,11 @@ class LogitsStep:
 class TorchStep(LogitsStep):
     """The transformers modules themselves, with transformers' own experts implementation."""
 
-    def __init__(self, model, dense_moe: bool = False) -> None:  # noqa: ANN001
+    def __init__(self, model, dense_moe: bool = False, images: bool = False) -> None:  # noqa: ANN001
         self.specs = layer_specs(model)
         self.info = StepInfo.from_model(model)
+        self.images = images  # the checkpoint has a vision tower: encode() takes images
+        self.model = model
         self.step = StepGraph(model, dense_moe=dense_moe)
         self.soft = SoftEmbedding(model)
 
@@ -136,9 +148,18 @@ class TorchStep(LogitsStep):
         return [t.to(dtype) if t.is_floating_point() and t.dtype != dtype else t for t in tensors]
 
     @torch.no_grad()
-    def encode(self, input_ids, position_ids, input_mask, cache_mask, past):  # noqa: ANN001, ANN201
+    def encode(self, input_ids, position_ids, input_mask, cache_mask, past, images=None):  # noqa: ANN001, ANN201
         no_rows = no_self_conditioning(input_ids, self.info)
-        return list(self.step(input_ids, position_ids, input_mask, cache_mask, no_rows, *self._cast(past))[:-1])
+        merged = None if images is None else (images.embeds.to(self.info.dtype), images.rows, images.block_ids)
+        out = self.step.run(input_ids, position_ids, input_mask, cache_mask, no_rows, self._cast(past), merged)
+        return list(out[:-1])
+
+    @torch.no_grad()
+    def image_features(self, pixel_values, position_ids, counts):  # noqa: ANN001, ANN201
+        """transformers' own tower and embedder (get_image_features), which strip the padding themselves."""
+        from dllm_trt.models.vision import reference_image_features
+
+        return reference_image_features(self.model, pixel_values, position_ids)
 
     @torch.no_grad()
     def denoise(self, canvas_ids, self_conditioning, position_ids, cache_mask, past):  # noqa: ANN001, ANN201
@@ -162,10 +183,26 @@ def step_feeds(past_names: list[str], input_ids, position_ids, input_mask, cache
     return dict(zip(STEP_INPUTS, values)) | dict(zip(past_names, past))
 
 
-def encoder_feeds(step, input_ids, position_ids, input_mask, cache_mask, past) -> dict:  # noqa: ANN001
-    """An encoder pass: the new tokens, zero rows of self-conditioning (and of sampling noise)."""
+def image_feeds(step, images: PassImages | None) -> dict:  # noqa: ANN001
+    """The image inputs of a step graph that has them (contract.STEP_IMAGE_INPUTS); none for one that has not.
+
+    `images` None on a graph with image inputs: S = 0 (a text pass, a denoise step).
+    """
+    if not getattr(step, "images", False):
+        if images is not None and images.rows.numel():
+            raise DllmError("these graphs were exported from a text-only checkpoint: they take no images")
+        return {}
+    if images is None:
+        images = PassImages.empty(step.info.hidden_size, step.info.dtype)
+    values = (images.embeds.to(step.info.dtype), images.rows, images.block_ids)
+    return dict(zip(STEP_IMAGE_INPUTS, values))
+
+
+def encoder_feeds(step, input_ids, position_ids, input_mask, cache_mask, past, images=None) -> dict:  # noqa: ANN001
+    """An encoder pass: the new tokens, zero rows of self-conditioning (and of sampling noise), its images."""
     feeds = step_feeds(step.past_names, input_ids, position_ids, input_mask, cache_mask,
                        no_self_conditioning(input_ids, step.info), past)  # fmt: skip
+    feeds |= image_feeds(step, images)
     temperature, noise = SAMPLING_INPUTS
     feeds[temperature] = torch.ones(input_ids.shape[0], dtype=torch.float32)
     feeds[noise] = torch.zeros(input_ids.shape[0], 0, step.info.vocab_size, dtype=torch.float32)
@@ -173,9 +210,24 @@ def encoder_feeds(step, input_ids, position_ids, input_mask, cache_mask, past) -
 
 
 def denoiser_feeds(step, canvas_ids, self_conditioning, position_ids, cache_mask, past) -> dict:  # noqa: ANN001
-    """A denoise step: the canvas, every position valid, self-conditioning on every row."""
+    """A denoise step: the canvas, every position valid, self-conditioning on every row, no image."""
     valid = torch.ones_like(canvas_ids, dtype=torch.bool)
-    return step_feeds(step.past_names, canvas_ids, position_ids, valid, cache_mask, self_conditioning, past)
+    feeds = step_feeds(step.past_names, canvas_ids, position_ids, valid, cache_mask, self_conditioning, past)
+    return feeds | image_feeds(step, None)
+
+
+def has_image_inputs(graph: Path) -> bool:
+    """Whether a step graph takes image inputs (exported from a checkpoint with a vision tower)."""
+    import onnx
+
+    names = {value.name for value in onnx.load(str(graph), load_external_data=False).graph.input}
+    return STEP_IMAGE_INPUTS[0] in names
+
+
+def vision_files(manifest: dict) -> dict[int, str]:
+    """max_soft_tokens -> the vision graph's file, from an export's or optimize's manifest (empty: text only)."""
+    vision = manifest["model"].get("vision") or {}
+    return {int(n): manifest["graphs"][name]["file"] for n, name in vision.get("graphs", {}).items()}
 
 
 def sampling_feeds(step, canvas_ids, self_conditioning, position_ids, cache_mask, past, temperature, noise) -> dict:  # noqa: ANN001
@@ -207,6 +259,9 @@ class _OnnxRuntimeBase:
 
         self.artifacts, self.specs, self.info, self.device, self.threads = artifacts, specs, info, device, threads
         self.execution = "native"
+        self.images = has_image_inputs(artifacts / STEP_FILE)
+        self.vision: dict[int, str] = {}  # max_soft_tokens -> vision graph file, set by from_artifacts
+        self.pooling_kernel = 1
         self.sessions = {}
         if resident:
             self.sessions = {
@@ -221,9 +276,24 @@ class _OnnxRuntimeBase:
         session = self.sessions.get(file) or open_session(self.artifacts / file, self.device, threads=self.threads)
         return run(session, feeds)
 
-    def encode(self, input_ids, position_ids, input_mask, cache_mask, past):  # noqa: ANN001, ANN201
-        out = self._run(STEP_FILE, encoder_feeds(self, input_ids, position_ids, input_mask, cache_mask, past))
-        return [out[name] for name in self.new_names]
+    def encode(self, input_ids, position_ids, input_mask, cache_mask, past, images=None):  # noqa: ANN001, ANN201
+        feeds = encoder_feeds(self, input_ids, position_ids, input_mask, cache_mask, past, images)
+        return [self._run(STEP_FILE, feeds)[name] for name in self.new_names]
+
+    def image_features(self, pixel_values, position_ids, counts):  # noqa: ANN001, ANN201
+        """The vision graph for the processor's patch count, each image's valid prefix of its soft tokens."""
+        from dllm_trt.models.vision import valid_rows
+
+        soft_tokens = pixel_values.shape[1] // self.pooling_kernel**2
+        file = self.vision.get(soft_tokens)
+        if file is None:
+            raise DllmError(
+                f"{self.artifacts} has no vision graph for {soft_tokens} soft tokens per image (it has: "
+                f"{', '.join(map(str, sorted(self.vision))) or 'none, a text-only export'}); pass --max-soft-tokens "
+                "with one of those, or export with --max-soft-tokens " + str(soft_tokens)
+            )
+        feeds = dict(zip(VISION_INPUTS, (pixel_values.float(), position_ids.long())))
+        return valid_rows(self._run(file, feeds)[VISION_OUTPUT], counts)
 
 
 class OnnxRuntimeStep(_OnnxRuntimeBase, LogitsStep):
@@ -261,6 +331,8 @@ class OnnxRuntimeStep(_OnnxRuntimeBase, LogitsStep):
             raise DllmError(f"{artifacts} was optimized by an earlier dllm-trt (one temperature per call, not one "
                             "per row); run 'dllm-trt optimize' on its export again")  # fmt: skip
         step = kind(artifacts, specs, info, device, threads)
+        step.vision = vision_files(manifest)
+        step.pooling_kernel = (manifest["model"].get("vision") or {}).get("pooling_kernel_size", 1)
         step.execution = manifest.get("cpu_execution", "native") if device == "cpu" else f"onnxruntime {device}"
         step.variant = variant  # removed with the step
         return step

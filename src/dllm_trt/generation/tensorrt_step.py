@@ -44,7 +44,16 @@ from pathlib import Path
 
 import torch
 
-from dllm_trt.contract import SAMPLING_INPUTS, SAMPLING_OUTPUTS, STEP, STEP_INPUTS, cache_names
+from dllm_trt.contract import (
+    SAMPLING_INPUTS,
+    SAMPLING_OUTPUTS,
+    STEP,
+    STEP_IMAGE_INPUTS,
+    STEP_INPUTS,
+    VISION_INPUTS,
+    VISION_OUTPUT,
+    cache_names,
+)
 from dllm_trt.errors import DllmError
 from dllm_trt.generation import cuda_graphs
 
@@ -290,6 +299,15 @@ class TensorRTStep:
         )
         # TensorRT for RTX captures its own graphs (trt_library.RTX_RUNTIME); a capture by hand would nest in it
         self.denoise_graphs = DenoiseGraphs(self.canvas, use_cuda_graphs and not lib.captures_graphs)
+        self.images = STEP_IMAGE_INPUTS[0] in self.canvas.dtypes  # built from a step with image inputs
+        self.artifacts, self.trt, self.runtime = artifacts, trt, runtime
+        self.vision_engines = {
+            int(count): info["engines"][name]["file"]
+            for count, name in ((manifest["model"].get("vision") or {}).get("graphs") or {}).items()
+            if name in info.get("engines", {})
+        }  # fmt: skip
+        self.pooling_kernel = (manifest["model"].get("vision") or {}).get("pooling_kernel_size", 1)
+        self.vision_runners: dict[int, EngineRunner] = {}
         model = manifest["model"]
         cache_dtype = self.canvas.dtypes[self.past_names[0]]
         longest_pass = int(self.prompt.profile(STEP_INPUTS[0])[2][1])  # input_ids [B, T]: the profile's max T
@@ -307,18 +325,42 @@ class TensorRTStep:
         return cls(artifacts, read_manifest(artifacts))
 
     @torch.no_grad()
-    def encode(self, input_ids, position_ids, input_mask, cache_mask, past):  # noqa: ANN001, ANN201
+    def encode(self, input_ids, position_ids, input_mask, cache_mask, past, images=None):  # noqa: ANN001, ANN201
         from dllm_trt.generation.step import encoder_feeds
 
         runner = self.prompt
         if runner is self.canvas:  # one context for both phases: this call re-shapes it
             self.denoise_graphs.drop()
-        feeds = encoder_feeds(self, input_ids, position_ids, input_mask, cache_mask, past)
+        feeds = encoder_feeds(self, input_ids, position_ids, input_mask, cache_mask, past, images)
         feeds = {name: runner.as_input(name, tensor) for name, tensor in feeds.items()}
         runner.set_inputs(feeds)
         outputs = runner.new_outputs()
         runner.enqueue()
         return [outputs[name] for name in self.new_names]
+
+    @torch.no_grad()
+    def image_features(self, pixel_values, position_ids, counts):  # noqa: ANN001, ANN201
+        """The vision engine for the processor's patch count (deserialized on first use), valid rows per image."""
+        from dllm_trt.models.vision import valid_rows
+
+        soft_tokens = pixel_values.shape[1] // self.pooling_kernel**2
+        if soft_tokens not in self.vision_engines:
+            raise DllmError(f"{self.artifacts} has no vision engine for {soft_tokens} soft tokens per image (it has: "
+                            f"{', '.join(map(str, sorted(self.vision_engines))) or 'none'})")  # fmt: skip
+        if soft_tokens not in self.vision_runners:
+            file = self.vision_engines[soft_tokens]
+            engine = self.runtime.deserialize_cuda_engine((self.artifacts / file).read_bytes())
+            if engine is None:
+                raise DllmError(f"TensorRT could not deserialize {self.artifacts / file}; rebuild it on this machine")
+            scratch = torch.empty(max(int(engine.device_memory_size_v2), 1), dtype=torch.uint8, device="cuda")
+            self.vision_runners[soft_tokens] = EngineRunner(self.trt, engine, file, 0, scratch)
+        runner = self.vision_runners[soft_tokens]
+        runner.check_names(list(VISION_INPUTS), [VISION_OUTPUT])
+        feeds = dict(zip(VISION_INPUTS, (pixel_values, position_ids)))
+        runner.set_inputs({name: runner.as_input(name, tensor) for name, tensor in feeds.items()})
+        outputs = runner.new_outputs()
+        runner.enqueue(torch.cuda.current_stream())
+        return valid_rows(outputs[VISION_OUTPUT], counts)
 
     @torch.no_grad()
     def denoise_and_sample(self, canvas_ids, self_conditioning, position_ids, cache_mask, past, temperature, noise):  # noqa: ANN001, ANN201

@@ -116,10 +116,11 @@ class TritonStep(TorchStep):
 
     def __init__(
         self, model, weight_format: str = "float", cuda_graphs: bool = True, layers: int | None = None,
-        release_float: bool = False, experts: TritonMoE | None = None,
+        release_float: bool = False, experts: TritonMoE | None = None, images: bool = False,
     ) -> None:  # noqa: ANN001  # fmt: skip
         """`layers`: the first layers only (a bench's per-layer cost); `release_float`: drop the model's float
-        experts once stored in another format; `experts`: stored experts to share with another step."""
+        experts once stored in another format; `experts`: stored experts to share with another step; `images`:
+        the checkpoint has a vision tower (TorchStep's image path, through transformers' own tower)."""
         from dllm_trt.generation.step import StepInfo
         from dllm_trt.kernels.moe_triton import triton_available
 
@@ -131,6 +132,7 @@ class TritonStep(TorchStep):
         if experts is None:
             experts = TritonMoE(decoder_layers, weight_format, model if release_float else None)
         self.moe = experts
+        self.model, self.images = model, images
         if self.moe.weight_format != weight_format or len(self.moe.stores) < len(decoder_layers):
             raise ValueError(f"the shared experts are {self.moe.weight_format} for {len(self.moe.stores)} layers")
         self.step = StepGraph(model, dense_moe=False, moe=self.moe, layers=layers)

@@ -5,11 +5,14 @@ submodules (projections, norms, rotary embedding, router, MLPs) and re-state onl
 export: the `Cache` object (replaced by plain K/V tensors the caller owns), the mask factories
 (replaced by masks built from two boolean validity tensors), and the experts' loop over
 `nonzero()` (replaced by every expert on every token, weighted by a dense routing matrix, which
-is exact because unrouted experts get weight zero).
+is exact because unrouted experts get weight zero). `ImageStep` adds what the first encoder pass of
+a prompt with images needs: the image soft tokens scattered in at their rows (the reference's
+`masked_scatter`), and each image's block id, which lets an image attend to itself
+bidirectionally (the reference's `blockwise_overlay`, under `use_bidirectional_attention == "vision"`).
 
 Letters: B batch, T new tokens, R rows denoised (T or 0), C canvas, P cache length (Pf full
 layers, Ps sliding layers), H hidden, Q query heads, G key/value heads, D head dim, N tokens (B*T),
-E experts, K active experts, I expert width, V vocab.
+E experts, K active experts, I expert width, V vocab, S image soft tokens in the pass.
 """
 
 from __future__ import annotations
@@ -92,12 +95,19 @@ def fusible_ops(model: DiffusionGemmaForBlockDiffusion) -> dict[str, dict[str, i
 
 
 def attention_bias(
-    key_valid: torch.Tensor, num_queries: int, causal: bool, window: int | None, dtype: torch.dtype
+    key_valid: torch.Tensor,
+    num_queries: int,
+    causal: bool,
+    window: int | None,
+    dtype: torch.dtype,
+    overlay: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Additive mask [B, 1, T, L] for T queries that are the last T of L keys.
 
     Uses the dtype's most negative finite value, as transformers' eager path does, so that a row
-    with no valid key (a left-padding query) stays finite instead of turning into NaN.
+    with no valid key (a left-padding query) stays finite instead of turning into NaN. `overlay`
+    [B, 1, T, L] bool also allows what it marks, whatever the causal and window rules say, as
+    transformers' or_masks does before it applies the padding.
     """
     length = key_valid.shape[1]
     key_pos = torch.arange(length, device=key_valid.device)  # [L]
@@ -108,9 +118,37 @@ def attention_bias(
     if window is not None:
         # transformers' sliding_window_overlay: kv_idx > q_idx - sliding_window
         allowed = allowed & (key_pos[None, :] > query_pos[:, None] - window)
+    if overlay is not None:
+        allowed = allowed | (key_valid[:, None, None, :] & overlay)
     zero = torch.zeros((), dtype=dtype, device=key_valid.device)
     neg = torch.full((), torch.finfo(dtype).min, dtype=dtype, device=key_valid.device)
     return torch.where(allowed, zero, neg)
+
+
+def image_block_ids(image_rows: torch.Tensor, block_ids: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """[B, T] int64: each new token's image block (transformers' block_sequence_ids), -1 on text.
+
+    image_rows [S] are flat indices b * T + t of the image tokens, block_ids [S] their blocks.
+    """
+    flat = torch.full_like(input_ids.reshape(-1), -1).index_put((image_rows,), block_ids)  # [B*T]
+    return flat.view(input_ids.shape)
+
+
+def same_image(token_blocks: torch.Tensor, cached: torch.Tensor) -> torch.Tensor:
+    """[B, 1, T, P + T] bool: query and key in the same image (transformers' blockwise_overlay).
+
+    token_blocks [B, T] of the new tokens; `cached` [B, P] any tensor shaped like the keys in the
+    cache (no cached key is in an image of this pass: images are never split across passes).
+    """
+    keys = torch.cat([torch.full_like(cached, -1, dtype=token_blocks.dtype), token_blocks], dim=1)  # [B, P + T]
+    query = token_blocks[:, :, None]  # [B, T, 1]
+    return ((query == keys[:, None, :]) & (query >= 0))[:, None]
+
+
+def merge_image_embeds(embeds: torch.Tensor, image_embeds: torch.Tensor, image_rows: torch.Tensor) -> torch.Tensor:
+    """[B, T, H] with row image_rows[s] (flat b * T + t) replaced by image_embeds[s]: the reference's masked_scatter."""
+    flat = embeds.reshape(-1, embeds.shape[-1])  # [B*T, H]
+    return flat.index_put((image_rows,), image_embeds.to(flat.dtype)).view(embeds.shape)
 
 
 def attend(
@@ -265,9 +303,27 @@ class Step(_StepBase):
         self.softcap = model.final_logit_softcapping
 
     def forward(self, input_ids, position_ids, input_mask, cache_mask, self_conditioning, *past):  # noqa: ANN001, ANN201
+        return self.run(input_ids, position_ids, input_mask, cache_mask, self_conditioning, past)
+
+    def run(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        input_mask: torch.Tensor,
+        cache_mask: torch.Tensor,
+        self_conditioning: torch.Tensor,
+        past: tuple[torch.Tensor, ...] | list[torch.Tensor],
+        images: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, ...]:
+        """The step; `images` (image_embeds [S, H], image_rows [S], image_block_ids [S]) for ImageStep."""
         tokens, rows = input_ids.shape[1], self_conditioning.shape[1]  # T, R
         torch._check(rows <= tokens)
         embeds = self.embed_tokens(input_ids)  # [B, T, H]
+        token_blocks = None
+        if images is not None:
+            image_embeds, image_rows, block_ids = images
+            embeds = merge_image_embeds(embeds, image_embeds, image_rows)
+            token_blocks = image_block_ids(image_rows, block_ids, input_ids)  # [B, T]
         conditioned = self.self_conditioning(embeds[:, :rows], self_conditioning)  # [B, R, H]
         hidden = torch.cat([conditioned, embeds[:, rows:]], dim=1)  # [B, T, H]
         # The phase as a tensor computed from the row count (a Python bool would be traced as a guard).
@@ -276,7 +332,13 @@ class Step(_StepBase):
         biases = {}
         for sliding, valid in self._cache_valid(cache_mask, past).items():
             keys = torch.cat([valid, input_mask], dim=1)  # [B, P + T]
-            causal = attention_bias(keys, tokens, True, self.window if sliding else None, hidden.dtype)
+            overlay = None
+            if token_blocks is not None:
+                # sized by this layer type's cached keys themselves, so the graph knows the overlay, the bias
+                # and the scores share the key axis (from the mask slice it would be a size of its own)
+                first = next(spec.index for spec in self.specs if spec.sliding == sliding)
+                overlay = same_image(token_blocks, past[2 * first][:, 0, :, 0])  # [B, 1, T, P + T]
+            causal = attention_bias(keys, tokens, True, self.window if sliding else None, hidden.dtype, overlay)
             # The canvas attends bidirectionally to every valid cached key and to itself, sliding or not:
             # sliding layers see only what their cache holds (the last Ps positions).
             bidirectional = attention_bias(keys, tokens, False, None, hidden.dtype)
@@ -291,6 +353,33 @@ class Step(_StepBase):
             outputs += [key, value]
         logits = self.lm_head(self.norm(hidden[:, :rows])).to(torch.float32)  # [B, R, V]
         return (*outputs, torch.tanh(logits / self.softcap) * self.softcap)
+
+
+class ImageStep(Step):
+    """The step of a checkpoint with a vision tower: three more inputs, used by a prompt's first encoder pass.
+
+    image_embeds [S, H] (the vision graph's soft tokens of the pass's images, valid rows only, in the
+    model dtype), image_rows [S] int64 (where each goes: flat index b * T + t of its image token) and
+    image_block_ids [S] int64 (its image's block: tokens of one image attend to each other
+    bidirectionally in this pass; -1 keeps the pass causal, as transformers does without
+    `use_bidirectional_attention == "vision"`). Every other call passes S = 0: a text-only pass
+    and the denoise step compute what Step computes.
+    """
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        input_mask: torch.Tensor,
+        cache_mask: torch.Tensor,
+        self_conditioning: torch.Tensor,
+        image_embeds: torch.Tensor,
+        image_rows: torch.Tensor,
+        image_block_ids: torch.Tensor,
+        *past: torch.Tensor,
+    ) -> tuple[torch.Tensor, ...]:
+        images = (image_embeds, image_rows, image_block_ids)
+        return self.run(input_ids, position_ids, input_mask, cache_mask, self_conditioning, past, images)
 
 
 class SoftEmbedding(nn.Module):

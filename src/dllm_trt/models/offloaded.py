@@ -4,7 +4,8 @@ The reference is transformers' own model and forward, untouched; only where its 
 changes. Everything outside the decoder layers (embedding = lm_head, final norm, the
 self-conditioning block, derived buffers) is read once; each encoder or decoder layer's weights
 are read from the checkpoint by a forward pre-hook and dropped by a forward hook, so at most one
-layer is resident, whatever the number of layers. Weights are cast exactly as `from_pretrained`
+layer is resident, whatever the number of layers (the vision tower's layers alike, where the
+checkpoint has a tower). Weights are cast exactly as `from_pretrained`
 casts them, so the numbers are those of a loaded model.
 
 Export's parity check and `validate --per-layer` run it beside graphs they open one at a time, so
@@ -21,6 +22,7 @@ import torch
 from dllm_trt.errors import DllmError
 from dllm_trt.models.checkpoint import TensorEntry, read_rows
 from dllm_trt.models.skeleton import CheckpointSources, build_skeleton, is_fake
+from dllm_trt.models.vision import has_vision_tower
 
 
 class _Reader:
@@ -60,19 +62,30 @@ Transform = Callable[[str, torch.Tensor], torch.Tensor]
 
 
 def offloaded_reference(  # noqa: ANN201
-    ckpt: Path, dtype: torch.dtype, index: dict[str, TensorEntry], transform: Transform | None = None
+    ckpt: Path,
+    dtype: torch.dtype,
+    index: dict[str, TensorEntry],
+    transform: Transform | None = None,
+    tower_only: bool = False,
 ):
-    """transformers' DiffusionGemmaForBlockDiffusion of `ckpt` in `dtype`, holding at most one layer's weights;
-    `transform` changes each weight as read (the envelope of a quantized artifact quantizes its experts so)."""
+    """transformers' DiffusionGemmaForBlockDiffusion of `ckpt` in `dtype`, holding at most one layer's weights.
+
+    `transform` changes each weight as read (the envelope of a quantized artifact quantizes its experts so).
+    `tower_only`: only the vision tower and its embedder are given weights (what get_image_features runs);
+    the text model's embedding, a few GB at the released widths, is never read."""
     model = build_skeleton(ckpt, dtype)
     reader = _Reader(model, index, transform)
-    text_models = (model.model.encoder.language_model, model.model.decoder)
-    layer_modules = {id(m) for text in text_models for layer in text.layers for m in layer.modules()}
+    tower = has_vision_tower(index)
+    stacks = [model.model.encoder.language_model.layers, model.model.decoder.layers]
+    if tower:
+        stacks.append(model.model.encoder.vision_tower.encoder.layers)
+    layer_modules = {id(m) for layers in stacks for layer in layers for m in layer.modules()}
     for name, module in model.named_modules():
-        if id(module) not in layer_modules and "vision" not in name:  # the vision tower is not exported
+        # a text-only checkpoint has no tower to read (transformers builds one for every config)
+        if id(module) not in layer_modules and (tower or "vision" not in name) and (not tower_only or "vision" in name):
             reader.fill(module, resident=True)
-    for text in text_models:
-        for layer in text.layers:
+    for layers in stacks:
+        for layer in layers:
             layer.register_forward_pre_hook(_load_layer(reader))
             layer.register_forward_hook(_drop_layer())
     return model

@@ -8,6 +8,13 @@ self-conditioning block. Only the sizes shrink.
 `full-width` keeps the released widths and dtype (bfloat16): a layer is about 1.6 GB. It is
 written tensor by tensor into safetensors shards with an index (`write_streamed_checkpoint`),
 never holding more than one chunk of one tensor, so any layer count fits in memory.
+
+The `-vision` presets add a Gemma 4 vision tower (`tiny-vision`, `small-vision`; `full-width-vision`
+with the released tower's widths: 27 layers, hidden 1152, 16 heads of 72) and the image tokens, with
+images attending to themselves bidirectionally in the encoder pass (`use_bidirectional_attention`
+"vision"). The text presets are text-only checkpoints: transformers builds a tower for every
+DiffusionGemma config (a placeholder one, TEXT_ONLY_VISION, here), but their files hold none of its
+weights, which is what tells the export there is no tower to export.
 """
 
 from __future__ import annotations
@@ -25,8 +32,11 @@ from transformers.models.diffusion_gemma.generation_diffusion_gemma import (
     EntropyBoundSamplerConfig,
 )
 
-# The vision tower is not exported (text only); it is kept as small as transformers allows.
-TINY_VISION = dict(
+from dllm_trt.models.vision import TOWER_PREFIXES
+
+# transformers builds a vision tower for every DiffusionGemma config: the text presets' placeholder, as small
+# as transformers allows, never written to their checkpoints (models.vision.has_vision_tower).
+TEXT_ONLY_VISION = TINY_VISION = dict(
     model_type="gemma4_vision",
     hidden_size=16,
     intermediate_size=32,
@@ -129,6 +139,25 @@ PRESETS: dict[str, dict] = {
     ),
 }
 
+# Vision towers of the `-vision` presets. Head size 72 in every one (the released tower's): what fuses in
+# TensorRT at that size is what the engines of the small presets show. tiny standardizes its soft tokens
+# (the optional std_bias/std_scale path); the others keep transformers' default.
+VISION_TOWERS: dict[str, dict] = {
+    "tiny": dict(hidden_size=144, intermediate_size=192, num_hidden_layers=2, num_attention_heads=2,
+                 num_key_value_heads=2, head_dim=72, standardize=True),
+    "small": dict(hidden_size=288, intermediate_size=576, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=4, head_dim=72),
+    "full-width": dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
+                       num_key_value_heads=16, head_dim=72),
+}  # fmt: skip
+for _text_preset, _tower in VISION_TOWERS.items():
+    PRESETS[f"{_text_preset}-vision"] = dict(PRESETS[_text_preset], vision=dict(model_type="gemma4_vision", **_tower))
+
+
+def has_tower(preset: str) -> bool:
+    """Whether the preset's checkpoint holds a vision tower (the text presets' do not)."""
+    return "vision" in PRESETS[preset]
+
 
 def build_config(preset: str, num_layers: int | None = None) -> DiffusionGemmaConfig:
     spec = PRESETS[preset]
@@ -140,7 +169,16 @@ def build_config(preset: str, num_layers: int | None = None) -> DiffusionGemmaCo
             "full_attention" if (i + 1) % 6 == 0 or i == num_layers - 1 else "sliding_attention"
             for i in range(num_layers)
         ]
-    return DiffusionGemmaConfig(text_config=text, vision_config=TINY_VISION, canvas_length=spec["canvas_length"])
+    if "vision" not in spec:
+        canvas = spec["canvas_length"]
+        return DiffusionGemmaConfig(text_config=text, vision_config=TEXT_ONLY_VISION, canvas_length=canvas)
+    # The image tokens at the end of the vocabulary (the released ids, 255999 and up, are past a small one).
+    vocab = text["vocab_size"]
+    text["use_bidirectional_attention"] = "vision"
+    return DiffusionGemmaConfig(
+        text_config=text, vision_config=spec["vision"], canvas_length=spec["canvas_length"],
+        boi_token_id=vocab - 3, eoi_token_id=vocab - 2, image_token_id=vocab - 1,
+    )  # fmt: skip
 
 
 def generation_config_for(preset: str) -> DiffusionGemmaGenerationConfig:
@@ -158,7 +196,7 @@ def generation_config_for(preset: str) -> DiffusionGemmaGenerationConfig:
 
 
 @torch.no_grad()
-def randomize_(model: DiffusionGemmaForBlockDiffusion, seed: int) -> None:
+def randomize_(model: DiffusionGemmaForBlockDiffusion, seed: int, tower: bool = False) -> None:
     """Random weights that exercise every parameter the reference multiplies by.
 
     transformers initialises norms, router scales, per-expert scales and layer scalars to one;
@@ -170,11 +208,12 @@ def randomize_(model: DiffusionGemmaForBlockDiffusion, seed: int) -> None:
     in its predictions, contracts as well. At the `small` sizes (6 layers, vocab 8192) the loop still
     amplified round-off about 4x per step, so the self-conditioning block's output projection is
     scaled down a further 10x: its signal stays in every step (parity still sees it), the loop
-    contracts.
+    contracts. `tower`: the vision tower gets the same treatment (its norms, position table and
+    standardize buffers included), else it is left as transformers initialises it (never written).
     """
     gen = torch.Generator().manual_seed(seed)
     for name, param in model.named_parameters():
-        if "vision" in name or "embed_vision" in name:
+        if "vision" in name and not tower:
             continue
         if param.ndim == 1:
             param.copy_(1.0 + 0.25 * torch.randn(param.shape, generator=gen))
@@ -190,6 +229,10 @@ def randomize_(model: DiffusionGemmaForBlockDiffusion, seed: int) -> None:
     for layers in (model.model.encoder.language_model.layers, model.model.decoder.layers):
         for layer, value in zip(layers, scalars):
             layer.layer_scalar.fill_(float(value))
+    vision = model.model.encoder.vision_tower
+    if tower and vision.config.standardize:
+        vision.std_bias.copy_(0.25 * torch.randn(vision.std_bias.shape, generator=gen))
+        vision.std_scale.copy_(1.0 + 0.25 * torch.randn(vision.std_scale.shape, generator=gen))
 
 
 @torch.no_grad()
@@ -260,10 +303,21 @@ def make_checkpoint(
         return write_streamed_checkpoint(out, preset, seed, num_layers, dtype=dtype)
     torch.manual_seed(seed)
     model = DiffusionGemmaForBlockDiffusion(build_config(preset, num_layers)).eval()
-    randomize_(model, seed)
+    tower = has_tower(preset)
+    randomize_(model, seed, tower=tower)
     model.generation_config = generation_config_for(preset)
-    model.save_pretrained(out, safe_serialization=True)
+    save_checkpoint(model, out, tower)
     return model
+
+
+def save_checkpoint(model: DiffusionGemmaForBlockDiffusion, out: Path, tower: bool) -> None:
+    """save_pretrained (safetensors); without `tower` a text-only checkpoint: none of the tower's weights."""
+    state = None if tower else {k: v for k, v in model.state_dict().items() if not _is_tower(k)}
+    model.save_pretrained(out, safe_serialization=True, state_dict=state)
+
+
+def _is_tower(name: str) -> bool:
+    return name.startswith(TOWER_PREFIXES)
 
 
 # Shards of about this size: a full-width layer (about 1.6 GB in bfloat16) per shard, like released checkpoints.
@@ -277,8 +331,8 @@ def _random_tensor_chunks(name: str, shape: tuple[int, ...], seed: int, vocab_pa
 
     Same distributions as `randomize_` (vectors about one, matrices std 0.5/sqrt(fan_in), the
     padding row of the embedding zero, layer scalars 1 + 0.25 U[0,1), equal in encoder and
-    decoder), but each tensor has its own seed, so a tensor can be drawn alone and in pieces.
-    Vision weights (never exported) get a small normal init.
+    decoder; the vision tower's alike), but each tensor has its own seed, so a tensor can be drawn
+    alone and in pieces.
     """
     if name.endswith("layer_scalar"):
         layer = name.split(".layers.")[1].split(".")[0]  # encoder and decoder layer i share the value
@@ -287,9 +341,10 @@ def _random_tensor_chunks(name: str, shape: tuple[int, ...], seed: int, vocab_pa
         return
     gen = torch.Generator().manual_seed(_tensor_seed(name, seed))
     if len(shape) <= 1:
-        yield (0.02 if "vision" in name else 0.25) * torch.randn(shape, generator=gen) + (0 if "vision" in name else 1)
+        center = 0.0 if name.endswith("std_bias") else 1.0  # a standardize bias about zero, every scale about one
+        yield 0.25 * torch.randn(shape, generator=gen) + center
         return
-    scale = 0.02 if "vision" in name else 0.5 / math.sqrt(shape[-1])
+    scale = 0.5 / math.sqrt(shape[-1])
     row = math.prod(shape[1:])
     step = max(1, _CHUNK_ELEMENTS // row)
     for first in range(0, shape[0], step):
@@ -321,7 +376,10 @@ def write_streamed_checkpoint(
     with torch.device("meta"):
         model = DiffusionGemmaForBlockDiffusion(config).eval()
     tied = set(getattr(model, "all_tied_weights_keys", {}) or {})
-    entries = [(k, tuple(v.shape)) for k, v in model.state_dict().items() if k not in tied]
+    tower = has_tower(preset)
+    entries = [
+        (k, tuple(v.shape)) for k, v in model.state_dict().items() if k not in tied and (tower or not _is_tower(k))
+    ]
     itemsize = dtype.itemsize
     shards: list[list[tuple[str, tuple[int, ...]]]] = [[]]
     size = 0

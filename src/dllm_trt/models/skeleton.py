@@ -6,8 +6,9 @@ parameters are exactly those of a loaded model. Then:
 
 - parameters and persistent buffers become fake CPU tensors: shape and dtype, no storage, so
   torch.export traces them as it traces real ones;
-- non-persistent buffers (RoPE inverse frequencies, the embedding scale) are computed for real
-  by transformers' own `_init_weights`: they are derived from the config, not stored.
+- non-persistent buffers (RoPE inverse frequencies, the vision tower's included, the embedding
+  scale) are computed for real by transformers' own `_init_weights`: they are derived from the
+  config, not stored.
 
 Every fake tensor is later given its bytes from the checkpoint (see `weights.py`).
 """
@@ -85,10 +86,15 @@ def build_skeleton(ckpt: Path, dtype: torch.dtype):  # noqa: ANN201 (transformer
                 continue
             if f"{prefix}.{name}".lstrip(".") in persistent:
                 module._buffers[name] = fake(buffer, parameter=False)
-            elif "vision" not in prefix:  # the vision tower is not exported
+            else:
                 module._buffers[name] = torch.empty_like(buffer, device="cpu")
                 derived = True
-        if derived:
+        if derived and hasattr(module, "compute_axial_rope_parameters"):
+            # the vision tower's 2-D RoPE: DiffusionGemma's _init_weights looks "axial" up among the 1-D
+            # RoPE types and fails (transformers 5.25); the module's own function is what its __init__ calls
+            inv_freq, _ = module.compute_axial_rope_parameters(module.config)
+            module.inv_freq, module.original_inv_freq = inv_freq, inv_freq.clone()
+        elif derived:
             model._init_weights(module)
     # from_pretrained builds untied and ties after loading: tied names (lm_head and the embedding,
     # every encoder layer and its decoder layer) become one tensor, read from one checkpoint tensor.

@@ -11,6 +11,8 @@ sampling_head.py  the sampler's per-step work inside the step graph, over its ro
 quantize.py       fp8/nvfp4 expert and projection weights, stored quantized (kernels/quantization.py)
 precision.py      fp16/bf16 with fp32 kept where the reference keeps it
 report.py         fusion_report.json / .md
+vision.py         which passes act on the vision graphs, and with which function
+vision_fusions.py the vision tower's 2-D RoPE and attention fusions
 """
 
 from dllm_trt.optimize.stage import OptimizeOptions, OptimizeResult, run

@@ -27,12 +27,13 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes import common as common_passes
 
-from dllm_trt.contract import PRECISION_DTYPES, SAMPLING_INPUTS, derived_name
+from dllm_trt.contract import PRECISION_DTYPES, SAMPLING_INPUTS, VISION_INPUTS, derived_name
 from dllm_trt.optimize.context import PassContext
 
 LAZY_ELEMENTS = 1 << 20  # constants larger than this are converted when saved, not when the pass runs
 # fp8 and nvfp4 are bf16 graphs whose quantized weights optimize.quantize stored before this pass
 LOW_DTYPES = {p: ir.DataType[d.upper()] for p, d in PRECISION_DTYPES.items() if d != "float32"}
+FP32_INPUTS = (*SAMPLING_INPUTS, VISION_INPUTS[0])  # the sampling head's, and pixels: the reference scales them in fp32
 # Ops whose activation inputs must be in the low precision (they carry their own fp32 internals).
 LOW_ANCHORS = {"RMSNormalization", "Attention", "RotaryEmbedding"}
 # Ops that start an fp32 region: the reference upcasts before them.
@@ -154,7 +155,7 @@ class _Converter:
         self.clamp_mask_constants()
         for value in self.graph.inputs:
             if _is_float(value):
-                fp32 = value.name in SAMPLING_INPUTS  # fp32 always (contract)
+                fp32 = value.name in FP32_INPUTS
                 value.type = ir.TensorType(ir.DataType.FLOAT if fp32 else self.low)
                 self.tags[value] = Tag.FP32 if fp32 else Tag.LOW
         for node in list(self.graph):

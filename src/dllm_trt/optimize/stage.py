@@ -44,6 +44,7 @@ from dllm_trt.optimize.context import PassContext
 from dllm_trt.optimize.fusion_census import count_fusions
 from dllm_trt.optimize.pipeline import CONVERT, PIPELINE, QUANTIZE, Pass, clean_up, diff_counts, op_counts
 from dllm_trt.optimize.report import write_fusion_report
+from dllm_trt.optimize.vision import graph_runs, vision_graph_files
 from dllm_trt.progress import Progress
 
 PARITY_MODES = ("each", "final", "none")
@@ -115,9 +116,11 @@ def _check_quantizable(precision: str, target: str, model: dict) -> None:
 def _measure(reference, directory: Path, seed: int, dtype: str) -> dict:  # noqa: ANN001
     from dllm_trt.generation.step import OnnxRuntimeStep
     from dllm_trt.parity.step_parity import step_parity
+    from dllm_trt.parity.vision_parity import artifact_vision_parity
 
     step = OnnxRuntimeStep.from_artifacts(directory)
     result = step_parity(reference, step, seed=seed, tolerance_dtype=dtype)
+    result.comparisons += artifact_vision_parity(reference, step, directory, dtype)
     failed = [c.name for c in result.comparisons if not c.passed]
     # fp32 graphs must match; reduced precision is measured and reported against an informative
     # bound (a router top-k flip under rounding is a legitimate precision effect, not a bug).
@@ -157,7 +160,8 @@ def run(options: OptimizeOptions) -> OptimizeResult:
             reference = load_model(checkpoint)
             notes.append(str(checkpoint))
 
-    graphs = {name: ir.load(str(source / file)) for name, file in GRAPH_FILES.items()}
+    files = GRAPH_FILES | vision_graph_files(manifest)  # the vision graphs where the export has a tower
+    graphs = {name: ir.load(str(source / file)) for name, file in files.items()}
     dtype = manifest["model"]["dtype"]
     entries: list[dict] = []
     unfused: list[str] = []
@@ -168,15 +172,15 @@ def run(options: OptimizeOptions) -> OptimizeResult:
         for index, step in enumerate(active):
             with progress.stage(f"{step.name} ({target}, {precision})") as notes:
                 entry: dict = dict(name=step.name, graphs={})
-                for name in step.graphs:
+                for name, run_pass in graph_runs(step, graphs):
                     ctx = PassContext(target, precision, name, manifest["model"])
                     before = op_counts(graphs[name])
-                    matched = step.run(graphs[name], ctx)
+                    matched = run_pass(graphs[name], ctx)
                     clean_up(graphs[name])
                     after = op_counts(graphs[name])
                     entry["graphs"][name] = dict(matched=matched, ops_before=before, ops_after=after,
                                                  changed=diff_counts(before, after))  # fmt: skip
-                    if step.census is not None:
+                    if step.census is not None and name == STEP:  # the census is the text model's
                         count = count_fusions(graphs[name], ctx, step.census)
                         entry["graphs"][name]["fusion"] = count.to_dict()
                         missed = [miss.line(count.op) for miss in count.misses]
@@ -198,14 +202,14 @@ def run(options: OptimizeOptions) -> OptimizeResult:
                     dtype = PRECISION_DTYPES[precision]
                 if reference is not None and (parity == "each" or index == len(active) - 1):
                     scratch.mkdir(exist_ok=True)
-                    described = _save(graphs, source, scratch)
+                    described = _save(graphs, source, scratch, files)
                     write_manifest(scratch, _stage_manifest(manifest, target, precision, described, source_hash, dtype))
                     entry["parity"] = _measure(reference, scratch, seed, dtype)
                     notes.append(_parity_note(entry["parity"]))
                 entries.append(entry)
         shutil.rmtree(scratch, ignore_errors=True)
         with progress.stage("writing graphs, manifest.json, fusion_report") as notes:
-            described = _save(graphs, source, tmp)
+            described = _save(graphs, source, tmp, files)
             for name in CARRIED_FILES:
                 if (source / name).is_file():
                     shutil.copy2(source / name, tmp / name)
@@ -227,13 +231,13 @@ def run(options: OptimizeOptions) -> OptimizeResult:
     return OptimizeResult(out, result, failed, unfused)
 
 
-def _save(graphs: dict[str, ir.Model], source: Path, directory: Path) -> dict[str, dict]:
+def _save(graphs: dict[str, ir.Model], source: Path, directory: Path, files: dict[str, str]) -> dict[str, dict]:
     """The graphs, and beside a step still in logits form (no sampling head) the export's
     self-conditioning graph, which the runtime then needs; all described for the manifest.
 
     The export's self-conditioning graph reads the embedding from the step's external data, which
     this directory's step replaces: it is saved with a data file of its own."""
-    described = save_graphs(graphs, directory, GRAPH_FILES)
+    described = save_graphs(graphs, directory, files)
     if SAMPLING_OUTPUTS[0] not in {o["name"] for o in described[STEP]["outputs"]}:
         path = directory / SELF_CONDITIONING_FILE
         ir.save(ir.load(source / SELF_CONDITIONING_FILE), path, external_data=f"{SELF_CONDITIONING_FILE}.data")

@@ -6,6 +6,8 @@ compare.py            one comparison (relative error, argmax agreement) with tol
 reference.py          transformers' own forward passes, called as its generate() calls them; quantized alike
 prompts.py            the prompts and lengths parity uses when the user gives none
 step_parity.py        step parity on fresh random inputs (what export and optimize measure)
+vision_parity.py      the vision graphs against transformers' tower, on fixed images made in code
+vision_per_layer.py   every tower layer of a vision graph against transformers' same layer
 generation_parity.py  every call of a real generation replayed on two backends; tokens end to end
 layer_graphs.py       the step graph cut into per-layer pieces onnxruntime runs one at a time
 layer_reference.py    transformers' layers hooked for the same boundaries

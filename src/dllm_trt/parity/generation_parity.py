@@ -156,18 +156,19 @@ class TeeStep:
             return ours, None
         return ours, compare(name, envelope, expected, GENERATION_TOLERANCES["float32"].step, valid, argmax)
 
-    def encode(self, input_ids, position_ids, input_mask, cache_mask, past):  # noqa: ANN001, ANN201
+    def encode(self, input_ids, position_ids, input_mask, cache_mask, past, images=None):  # noqa: ANN001, ANN201
         self.canvas += 1
         self.step = 0
         self.probe.take()
         self.probe.rows = input_mask.reshape(-1)
+        extra = {} if images is None else dict(images=images)
         try:
-            expected = self.reference.encode(input_ids, position_ids, input_mask, cache_mask, past)
+            expected = self.reference.encode(input_ids, position_ids, input_mask, cache_mask, past, **extra)
         finally:
             self.probe.rows = None
         args = (input_ids, position_ids, input_mask, cache_mask, past)
-        actual = self.candidate.encode(*args)
-        envelope = self.envelope.encode(*args) if self.envelope is not None else [None] * len(expected)
+        actual = self.candidate.encode(*args, **extra)
+        envelope = self.envelope.encode(*args, **extra) if self.envelope is not None else [None] * len(expected)
         valid = input_mask[:, None, :, None]  # [B, 1, T, 1]: padding K/V is never attended
         pairs = [
             self._both(f"key/value.{i // 2}", a, e, v, valid)
@@ -323,8 +324,11 @@ def _decisions(tee: TeeStep) -> list[Agreement]:
 
 
 @torch.no_grad()
-def reference_generate(model, input_ids, attention_mask, settings: GenerationSettings, seed: int):  # noqa: ANN001, ANN201
-    """transformers' generate() under torch.manual_seed(seed); also counts its decoder calls per canvas."""
+def reference_generate(model, input_ids, attention_mask, settings: GenerationSettings, seed: int, images=None):  # noqa: ANN001, ANN201
+    """transformers' generate() under torch.manual_seed(seed); also counts its decoder calls per canvas.
+
+    `images` (a dict: pixel_values, image_position_ids, mm_token_type_ids, as the processor returns
+    them) go to generate() as its keyword arguments."""
     calls: list[int] = []
     encoder = model.model.encoder
     original_encoder, original_forward = encoder.forward, model.forward
@@ -347,7 +351,7 @@ def reference_generate(model, input_ids, attention_mask, settings: GenerationSet
             t_max=settings.sampler.t_max, stability_threshold=settings.sampler.stability_threshold,
             confidence_threshold=settings.sampler.confidence_threshold,
             sampler_config=EntropyBoundSamplerConfig(entropy_bound=settings.sampler.entropy_bound),
-            eos_token_id=list(settings.eos_token_ids) or None, pad_token_id=settings.pad_token_id,
+            eos_token_id=list(settings.eos_token_ids) or None, pad_token_id=settings.pad_token_id, **(images or {}),
         )  # fmt: skip
     finally:
         del encoder.forward, model.forward
@@ -364,9 +368,13 @@ def generation_parity(
     seeds: list[int],
     tolerance_dtype: str | None = None,
     envelope_step=None,  # noqa: ANN001
+    images=None,  # noqa: ANN001 (generation.image_inputs.ProcessedImages)
 ) -> GenerationParity:
     """`tolerance_dtype` names the artifact's dtype where it is not the reference model's;
-    `envelope_step`, transformers in that dtype, sets the bounds of a reduced-precision artifact."""
+    `envelope_step`, transformers in that dtype, sets the bounds of a reduced-precision artifact.
+    `images` (processed; their placeholders expanded in `input_ids`): the replay hands every backend the
+    reference tower's soft tokens (identical inputs); end to end, transformers' generate() takes the pixels
+    and the candidate runs its own vision graph."""
     dtype = tolerance_dtype or str(model.dtype).removeprefix("torch.")
     tolerance = GENERATION_TOLERANCES[dtype]
     lengths = attention_mask.sum(dim=-1).tolist()
@@ -374,13 +382,24 @@ def generation_parity(
     result = GenerationParity(dtype, seeds, lengths, settings.max_new_tokens, probe.threshold)
     result.envelope = envelope_step is not None
     tee = TeeStep(reference_step, candidate_step, tolerance, settings.sampler.entropy_bound, probe, envelope_step)
+    replay = own = multimodal = None
+    if images is not None:
+        from dllm_trt.generation.images import PromptImages
+
+        image = model.config.image_token_id
+        bidirectional = getattr(model.config.text_config, "use_bidirectional_attention", None) == "vision"
+        args = (images.pixel_values, images.position_ids, images.counts)
+        replay = PromptImages.locate(input_ids, image, reference_step.image_features(*args), bidirectional)
+        own = PromptImages.locate(input_ids, image, candidate_step.image_features(*args), bidirectional)
+        multimodal = dict(pixel_values=images.pixel_values, image_position_ids=images.position_ids,
+                          mm_token_type_ids=(input_ids == image).long())  # fmt: skip
     try:
-        generate(tee, settings, input_ids, attention_mask, seed=seeds[0])
+        generate(tee, settings, input_ids, attention_mask, seed=seeds[0], images=replay)
         result.steps = tee.records
         result.decisions = _decisions(tee)
         for seed in seeds:
-            expected, expected_calls = reference_generate(model, input_ids, attention_mask, settings, seed)
-            actual = generate(candidate_step, settings, input_ids, attention_mask, seed=seed)
+            expected, expected_calls = reference_generate(model, input_ids, attention_mask, settings, seed, multimodal)
+            actual = generate(candidate_step, settings, input_ids, attention_mask, seed=seed, images=own)
             result.end_to_end.append(_end_to_end(seed, input_ids.shape[1], expected, expected_calls, actual, tolerance))
     finally:
         probe.close()

@@ -18,6 +18,10 @@ Inside a layer, the tensors compared are found the same way: a norm's output is 
 node emits, its input is that node's data input (RMSNormalization's input 0, or in the exported
 form, the `x` of `x * rsqrt(mean(x^2) + eps) * w`), the router's logits are what `router.proj`
 emits. A tensor not found is reported as not located, never guessed.
+
+The vision graph is cut the same way (VISION_LAYOUT): its layers are the tower's encoder layers; it
+has no final norm, so the epilogue (pooler, standardize, the embedder) starts at the last layer's
+output, the residual Add after that layer's post-feedforward norm.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from pathlib import Path
 
 import onnx
 
-from dllm_trt.contract import derives_from, layer_weight
+from dllm_trt.contract import derives_from
 from dllm_trt.errors import DllmError
 
 PROLOGUE = -1
@@ -56,9 +60,33 @@ PICKS = "router picks"  # the TopK indices where the graph picks experts itself 
 AFTER_ROUTER = ("MoE", "MoE norm", "feed-forward norm", "layer output")
 
 
-def weight_of(name: str, module: str, layer: int) -> bool:
+# The vision tower's layer blocks (sandwich norms around attention and a gated MLP), in their order.
+VISION_BLOCKS: tuple[tuple[str, str, str], ...] = (
+    ("input norm", "input_layernorm", "out"),
+    ("attention", "post_attention_layernorm", "in"),
+    ("attention norm", "post_attention_layernorm", "out"),
+    ("MLP input norm", "pre_feedforward_layernorm", "out"),
+    ("MLP", "post_feedforward_layernorm", "in"),
+    ("MLP norm", "post_feedforward_layernorm", "out"),
+)
+
+
+@dataclass(frozen=True)
+class GraphLayout:
+    """Where a graph's layers are: their weights' checkpoint prefix, their blocks, what starts the epilogue."""
+
+    prefix: str  # layer i's weights are f"{prefix}.{i}.<module>.weight"
+    blocks: tuple[tuple[str, str, str], ...]
+    final_norm: str | None  # the epilogue starts at this norm's input; None: at the last layer's output
+
+
+STEP_LAYOUT = GraphLayout("model.decoder.layers", BLOCKS, FINAL_NORM)
+VISION_LAYOUT = GraphLayout("model.encoder.vision_tower.encoder.layers", VISION_BLOCKS, None)
+
+
+def weight_of(name: str, module: str, layer: int, prefix: str = STEP_LAYOUT.prefix) -> bool:
     """Whether initializer `name` is `module`'s weight in `layer`, under any pass's suffixes."""
-    return derives_from(name, layer_weight(layer, module))
+    return derives_from(name, f"{prefix}.{layer}.{module}.weight")
 
 
 @dataclass
@@ -143,14 +171,30 @@ class _Graph:
         return None
 
 
-def _boundaries(graph: _Graph, layers: int) -> list[str]:
+def _last_output(graph: _Graph, layout: GraphLayout, layers: int) -> str | None:
+    """The last layer's output: the residual Add reading its post-feedforward norm's output."""
+    use = graph.weight_use(partial(weight_of, module="post_feedforward_layernorm", layer=layers - 1,
+                                   prefix=layout.prefix))  # fmt: skip
+    if use is None:
+        return None
+    users = graph.consumers.get(graph.cast_chain(use[0].output[0])[-1], [])
+    adds = [graph.graph.node[u] for u in users if graph.graph.node[u].op_type == "Add"]
+    return adds[0].output[0] if len(users) == 1 and adds else None
+
+
+def _boundaries(graph: _Graph, layers: int, layout: GraphLayout = STEP_LAYOUT) -> list[str]:
     """The residual stream entering each layer, then the epilogue: the data input of each layer's input norm
-    (of the final norm), above any Cast or Slice of it."""
+    (of the final norm, or the last layer's output), above any Cast or Slice of it."""
     out = []
     for index in range(layers + 1):
         module = "input_layernorm" if index < layers else None
-        use = graph.weight_use(partial(weight_of, module=module, layer=index) if module else _is_final_norm)
-        value = graph.norm_input(*use) if use is not None else None
+        if module is None and layout.final_norm is None:
+            value = _last_output(graph, layout, layers)
+        else:
+            final = partial(_is_weight, layout.final_norm)
+            use = graph.weight_use(partial(weight_of, module=module, layer=index, prefix=layout.prefix) if module
+                                   else final)  # fmt: skip
+            value = graph.norm_input(*use) if use is not None else None
         while (
             value is not None
             and (producer := graph.node_of(value)) is not None
@@ -167,8 +211,8 @@ def _boundaries(graph: _Graph, layers: int) -> list[str]:
     return out
 
 
-def _is_final_norm(name: str) -> bool:
-    return derives_from(name, FINAL_NORM)
+def _is_weight(weight: str, name: str) -> bool:
+    return derives_from(name, weight)
 
 
 def _labels(graph: _Graph, boundaries: list[str]) -> list[int]:
@@ -193,10 +237,11 @@ def _labels(graph: _Graph, boundaries: list[str]) -> list[int]:
     return labels
 
 
-def split_step_graph(model: onnx.ModelProto, layers: int) -> list[Segment]:
-    """The prologue, one piece per layer and the epilogue of a step graph (loaded without its weights)."""
+def split_step_graph(model: onnx.ModelProto, layers: int, layout: GraphLayout = STEP_LAYOUT) -> list[Segment]:
+    """The prologue, one piece per layer and the epilogue of a step graph (or with VISION_LAYOUT a vision
+    graph), loaded without its weights."""
     graph = _Graph(model.graph)
-    boundaries = _boundaries(graph, layers)
+    boundaries = _boundaries(graph, layers, layout)
     labels = _labels(graph, boundaries)
     graph_inputs = {i.name for i in model.graph.input}
     graph_outputs = [o.name for o in model.graph.output]
@@ -225,16 +270,16 @@ def split_step_graph(model: onnx.ModelProto, layers: int) -> list[Segment]:
     if sorted(by_index) != expected:
         raise DllmError(
             f"the step graph cuts into pieces {sorted(by_index)}, not the prologue, {layers} layers and the "
-            "epilogue: are its weights named after the checkpoint (model.decoder.layers.N...)?"
+            f"epilogue: are its weights named after the checkpoint ({layout.prefix}.N...)?"
         )
     for segment in segments:
         if segment.index >= 0:
             segment.hidden_in = boundaries[segment.index]
-            _locate(graph, segment, label_of, layers)
+            _locate(graph, segment, label_of, layers, layout)
     return segments
 
 
-def _locate(graph: _Graph, segment: Segment, label_of: dict[str, int], layers: int) -> None:
+def _locate(graph: _Graph, segment: Segment, label_of: dict[str, int], layers: int, layout: GraphLayout) -> None:
     """The residual stream entering `segment` and its blocks' tensors."""
     index = segment.index
     crossing = [name for name in segment.inputs if label_of.get(name, PROLOGUE) >= 0 and name != segment.hidden_in]
@@ -245,8 +290,8 @@ def _locate(graph: _Graph, segment: Segment, label_of: dict[str, int], layers: i
         )
     if index == layers:
         return
-    for block, module, side in BLOCKS:
-        use = graph.weight_use(partial(weight_of, module=module, layer=index))
+    for block, module, side in layout.blocks:
+        use = graph.weight_use(partial(weight_of, module=module, layer=index, prefix=layout.prefix))
         if use is None:
             continue
         value = graph.cast_chain(use[0].output[0])[-1] if side == "out" else graph.norm_input(*use)
@@ -349,10 +394,12 @@ def piece_name(index: int) -> str:
 class LayerGraphs:
     """The pieces of an artifact directory's step graph, written on demand into `scratch`, runnable on CPU."""
 
-    def __init__(self, artifacts: Path, graph_file: str, layers: int, scratch: Path) -> None:
+    def __init__(
+        self, artifacts: Path, graph_file: str, layers: int, scratch: Path, layout: GraphLayout = STEP_LAYOUT
+    ) -> None:
         self.artifacts, self.scratch = artifacts, scratch
         self.model = onnx.load(str(artifacts / graph_file), load_external_data=False)
-        self.segments = {s.index: s for s in split_step_graph(self.model, layers)}
+        self.segments = {s.index: s for s in split_step_graph(self.model, layers, layout)}
         self.types = _value_types(self.model)
         self.layers = layers
 

@@ -33,19 +33,20 @@ from types import SimpleNamespace
 
 import torch
 
-from dllm_trt.contract import LOGITS, SAMPLING_OUTPUTS, STEP_FILE, cache_names
+from dllm_trt.contract import LOGITS, SAMPLING_OUTPUTS, STEP_FILE, STEP_IMAGE_INPUTS, cache_names
 from dllm_trt.generation.kv_cache import StaticKVCache
 from dllm_trt.generation.sampler import accepted_positions, sampling_head, sampling_noise
 from dllm_trt.generation.step import StepInfo, encoder_feeds, sampling_feeds
 from dllm_trt.manifest import read_manifest
 from dllm_trt.models.checkpoint import safetensors_files, tensor_index
-from dllm_trt.models.diffusion_gemma import layer_specs, soft_embedding
+from dllm_trt.models.diffusion_gemma import layer_specs, merge_image_embeds, soft_embedding
 from dllm_trt.models.offloaded import offloaded_reference
 from dllm_trt.parity.compare import ENVELOPE_MULTIPLE, TOLERANCES
 from dllm_trt.parity.generation_parity import MIN_JUDGED_SHARE, NEAR_TIE_ULPS
 from dllm_trt.parity.layer_graphs import AFTER_ROUTER, BLOCKS, PICKS, ROUTER, LayerGraphs
 from dllm_trt.parity.layer_reference import CallRecord, LayerRecorder, envelope_weights
 from dllm_trt.parity.reference import new_cache, reference_denoise, reference_encode
+from dllm_trt.parity.step_parity import scenario_images
 from dllm_trt.progress import Progress
 
 EXPERT_PICKS = "expert picks"
@@ -81,6 +82,7 @@ class LayerVerdict:
     blocks: list[BlockVerdict] = field(default_factory=list)
     expert_agreement: float | None = None  # share of the artifact's picks equal to the reference's
     envelope_expert_agreement: float | None = None
+    order: tuple[str, ...] = ()  # the blocks in the order the layer computes them; () : the step's (ORDER)
 
     @property
     def passed(self) -> bool:
@@ -88,7 +90,7 @@ class LayerVerdict:
 
     def first_failing_block(self) -> str | None:
         failing = {b.block for b in self.blocks if not b.passed}
-        return next((block for block in (*ORDER, *HEAD_ORDER) if block in failing), None)
+        return next((block for block in (*(self.order or ORDER), *HEAD_ORDER) if block in failing), None)
 
     def worst(self, block: str | None = None) -> BlockVerdict | None:
         """The block verdict with the largest share of its bound (of one block, or of any)."""
@@ -261,8 +263,10 @@ class PerLayerOptions:
     scratch: Path | None = None  # where pieces are written; None: a temporary directory
 
 
-def _calls(model, recorder: LayerRecorder, options: PerLayerOptions, io_dtype: torch.dtype):  # noqa: ANN001, ANN202
-    """Run the reference over the three calls; the artifact's feeds for each, beside its record."""
+def _calls(model, recorder: LayerRecorder, options: PerLayerOptions, io_dtype: torch.dtype, images: bool = False):  # noqa: ANN001, ANN202
+    """Run the reference over the three calls; the artifact's feeds for each, beside its record. `images` (a
+    step with image inputs): the encoder pass's prompts hold image spans with soft tokens merged in, so that
+    the embedding block judges the merge (scatter at the image rows) and layer 0 on sees the image blocks."""
     from dllm_trt.generation.loop import GenerationSettings, left_pad
 
     text = model.config.get_text_config(decoder=True)
@@ -275,13 +279,15 @@ def _calls(model, recorder: LayerRecorder, options: PerLayerOptions, io_dtype: t
     gen = torch.Generator().manual_seed(options.seed)
     specs = layer_specs(model)
     info = StepInfo.from_model(model)
-    step = SimpleNamespace(past_names=cache_names(specs, "past_"), info=replace(info, dtype=io_dtype))
+    step = SimpleNamespace(past_names=cache_names(specs, "past_"), info=replace(info, dtype=io_dtype), images=images)
     empty = StaticKVCache(specs, batch, length + canvas, window, io_dtype)
     positions = torch.arange(length)[None, :].expand(batch, -1).contiguous()
     cache = new_cache(model)
-    recorder.start("encode", "encoder pass")
-    reference_encode(model, cache, ids, valid, positions[:1])
-    feeds = [encoder_feeds(step, ids, positions, valid, empty.mask(), empty.tensors())]
+    pictures = scenario_images(model, ids, valid, gen) if images else None
+    recorder.start("encode", "encoder pass" + (" with images" if images else ""))
+    reference_encode(model, cache, ids, valid, positions[:1], None if pictures is None else pictures.embeds)
+    merged = None if pictures is None else pictures.for_pass(0, length)
+    feeds = [encoder_feeds(step, ids, positions, valid, empty.mask(), empty.tensors(), merged)]
     ours = StaticKVCache(specs, batch, length + canvas, window, io_dtype)
     new = [layer.reference.tensors[kind] for layer in recorder.calls[0].layers for kind in ("key", "value")]
     ours.append(new, valid)
@@ -324,7 +330,7 @@ def per_layer_parity(options: PerLayerOptions, progress: Progress | None = None)
     with progress.stage(f"reference: transformers layer by layer, {len(options.prompts)} prompt(s), 3 calls") as notes:
         try:
             with torch.no_grad():
-                feeds, masks, heads = _calls(model, recorder, options, io_dtype)
+                feeds, masks, heads = _calls(model, recorder, options, io_dtype, bool(manifest["model"].get("vision")))
         finally:
             recorder.close()
         notes.append(f"{layers} layers" + (f", envelope: the same layers in {dtype}" if envelope_dtype else ""))
@@ -471,6 +477,9 @@ def _envelope_embedding(model, feeds: dict, dtype: torch.dtype, precision: str) 
     decoder = model.model.decoder
     embeds = torch.func.functional_call(decoder.embed_tokens, envelope_weights(decoder.embed_tokens, dtype, ""),
                                         (feeds["input_ids"],))  # fmt: skip
+    rows = feeds.get(STEP_IMAGE_INPUTS[1])
+    if rows is not None and rows.numel():  # the encoder's masked_scatter of the image soft tokens
+        embeds = merge_image_embeds(embeds, feeds[STEP_IMAGE_INPUTS[0]].to(dtype), rows)
     signal = feeds["self_conditioning"]
     if not signal.shape[1]:
         return embeds

@@ -22,13 +22,25 @@ def reference_encode(
     input_ids: torch.Tensor,
     history_mask: torch.Tensor,
     position_ids: torch.Tensor,  # noqa: ANN001
+    image_features: torch.Tensor | None = None,
 ) -> None:
-    """Encoder step over `input_ids` [B, T]; `history_mask` [B, cached + T] covers the whole history."""
+    """Encoder step over `input_ids` [B, T]; `history_mask` [B, cached + T] covers the whole history.
+
+    `image_features` [image tokens, H]: soft tokens merged at the image tokens (`mm_encoder_outputs`, as
+    the encoder merges its tower's), with `mm_token_type_ids` 1 on them, as the processor marks them.
+    """
     dummy = torch.empty((input_ids.shape[0], input_ids.shape[1], 0), dtype=model.dtype)
+    extra, mm_token_type_ids = {}, None
+    if image_features is not None:
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+        mm_token_type_ids = (input_ids == model.config.image_token_id).long()
+        extra["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=image_features)}
     masks = model.model.encoder.create_masks_for_generate(
-        config=model.config, inputs_embeds=dummy, attention_mask=history_mask, cache=cache, position_ids=position_ids
-    )
-    model.model.encoder(input_ids=input_ids, attention_mask=masks, cache=cache, position_ids=position_ids)
+        config=model.config, inputs_embeds=dummy, attention_mask=history_mask, cache=cache, position_ids=position_ids,
+        mm_token_type_ids=mm_token_type_ids,
+    )  # fmt: skip
+    model.model.encoder(input_ids=input_ids, attention_mask=masks, cache=cache, position_ids=position_ids, **extra)
 
 
 @torch.no_grad()

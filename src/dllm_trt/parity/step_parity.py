@@ -141,6 +141,25 @@ def quantity(name: str) -> str:
     return group_name(name)
 
 
+def scenario_images(model, ids: torch.Tensor, valid: torch.Tensor, gen: torch.Generator):  # noqa: ANN001, ANN202
+    """In place: image spans written into the prompt (two in row 0, one in the padded row 1, each as the
+    processor writes it, boi + image tokens + eoi), with random soft tokens for them; a PromptImages."""
+    from dllm_trt.generation.images import PromptImages
+
+    config = model.config
+    special = (config.image_token_id, config.boi_token_id, config.eoi_token_id)
+    ids[torch.isin(ids, torch.tensor(special)) & valid] = 3  # no stray image token outside the spans
+    context = ids.shape[1]
+    size = max(1, min(5, context // 2 - 2))  # image tokens per image (2 or more from a context of 8 on)
+    for row, start in ((0, 0), (0, size + 2), (1, context - size - 2)):
+        ids[row, start : start + size + 2] = torch.tensor([config.boi_token_id, *[config.image_token_id] * size,
+                                                           config.eoi_token_id])  # fmt: skip
+    count = int((ids == config.image_token_id).sum())
+    features = torch.randn(count, config.text_config.hidden_size, generator=gen).to(model.dtype)
+    bidirectional = getattr(config.text_config, "use_bidirectional_attention", None) == "vision"
+    return PromptImages.locate(ids, config.image_token_id, features, bidirectional)
+
+
 def _scenario(model, step, seed: int, context: int, head: bool) -> list[_Check]:  # noqa: ANN001
     """Every output of `step` on the scenario's inputs, beside transformers' own."""
     text = model.config.text_config
@@ -157,11 +176,15 @@ def _scenario(model, step, seed: int, context: int, head: bool) -> list[_Check]:
     valid = torch.arange(context)[None, :] >= (context - lengths)[:, None]  # [B, L]
     ids[~valid] = pad
     positions = torch.arange(context)[None, :]
+    images = scenario_images(model, ids, valid, gen) if getattr(step, "images", False) else None
     reference = new_cache(model)
-    reference_encode(model, reference, ids, valid, positions)
+    reference_encode(model, reference, ids, valid, positions, None if images is None else images.embeds)
     ours = StaticKVCache(layer_specs(model), batch, context + canvas, window, io_dtype)
-    ours.append(step.encode(ids, positions.expand(batch, -1).contiguous(), valid, ours.mask(), ours.tensors()), valid)
-    checks += _cache_checks("encoder prompt", ours, reference_cache_tensors(reference))
+    extra = {} if images is None else dict(images=images.for_pass(0, context))
+    ours.append(step.encode(ids, positions.expand(batch, -1).contiguous(), valid, ours.mask(), ours.tensors(),
+                            **extra), valid)  # fmt: skip
+    checks += _cache_checks("encoder prompt" + (" with images" if images else ""), ours,
+                            reference_cache_tensors(reference))  # fmt: skip
 
     # 2. commit a canvas: an encoder call with a non-empty cache
     committed = torch.randint(0, vocab, (batch, canvas), generator=gen)

@@ -10,6 +10,10 @@ keeps each profile's kernels: +13 MiB for the 6-layer `small` preset on SM121) a
 execution context, for tactics tuned to prompt shapes. Defaults come from the GPU preset;
 `--profile name=min:opt:max` (or `name=N` for a fixed size) overrides batch, new_tokens (the
 prompt phase) or a cache length.
+
+A model with a vision tower has two more: `image_tokens` (the step's image soft tokens: 0 on every
+call but a prompt pass with images, at most batch x new_tokens) and `images` (the vision engine's
+images per call; `--profile images=1:1:16` for more).
 """
 
 from __future__ import annotations
@@ -19,8 +23,9 @@ from dataclasses import dataclass
 from dllm_trt.errors import DllmError
 from dllm_trt.trt.gpu_presets import GpuPreset
 
-DIMS = ("batch", "new_tokens", "rows", "cache_full", "cache_sliding")
-USER_DIMS = ("batch", "new_tokens", "cache_full", "cache_sliding")  # what --profile may set
+DIMS = ("batch", "new_tokens", "rows", "cache_full", "cache_sliding", "image_tokens", "images")
+USER_DIMS = ("batch", "new_tokens", "cache_full", "cache_sliding", "images")  # what --profile may set
+IMAGES_PER_CALL = (1, 1, 8)  # the vision engine's default images per call: min, opt, max
 PHASES = ("prompt", "canvas")  # the optimization profiles of a per-phase engine, in this order
 BOTH = "step"  # the one profile of a default engine
 
@@ -62,12 +67,15 @@ def default_ranges(preset: GpuPreset, model: dict) -> dict[str, DimRange]:
     canvas = model["canvas_length"]
     window = model["sliding_window"] - 1  # the cache holds the last window - 1 positions of sliding layers
     opt_ctx, max_ctx = preset.context
-    return {
+    ranges = {
         "batch": DimRange(*preset.batch),
         "new_tokens": DimRange(1, canvas, max(canvas, preset.new_tokens_max)),
         "cache_full": DimRange(0, opt_ctx, max_ctx),
         "cache_sliding": DimRange(0, min(opt_ctx, window), min(max_ctx, window)),
     }
+    if model.get("vision"):
+        ranges["images"] = DimRange(*IMAGES_PER_CALL)
+    return ranges
 
 
 def resolve_ranges(preset: GpuPreset, model: dict, overrides: dict[str, DimRange] | None = None) -> dict[str, DimRange]:
@@ -95,6 +103,11 @@ def resolve_ranges(preset: GpuPreset, model: dict, overrides: dict[str, DimRange
             f"profile cache_sliding={ranges['cache_sliding']} reaches past cache_full={ranges['cache_full']}: "
             "a sliding layer never holds more positions than a full layer"
         )
+    if "images" in ranges:
+        if ranges["images"].min < 1:
+            raise DllmError(f"profile images={ranges['images']}: a vision engine call has at least one image")
+        # every image token of a pass, whatever its rows: none but in a prompt pass with images
+        ranges["image_tokens"] = DimRange(0, 0, ranges["batch"].max * ranges["new_tokens"].max)
     return ranges
 
 
@@ -109,6 +122,8 @@ def phase_ranges(ranges: dict[str, DimRange], phase: str, canvas: int) -> dict[s
         return out
     fixed = DimRange(canvas, canvas, canvas)
     out["new_tokens"] = out["rows"] = fixed
+    if "image_tokens" in out:
+        out["image_tokens"] = DimRange(0, 0, 0)  # a denoise step never takes an image
     for name in ("cache_full", "cache_sliding"):
         dim = out[name]
         lo = max(dim.min, 1)
@@ -147,3 +162,8 @@ def step_profiles(graph_io: dict, ranges: dict[str, DimRange], canvas: int, per_
     """The step engine's optimization profiles in order: profile name -> input name -> (min, opt, max)."""
     phases = PHASES if per_phase else (BOTH,)
     return {phase: input_shapes(graph_io, phase_ranges(ranges, phase, canvas)) for phase in phases}
+
+
+def vision_profiles(graph_io: dict, ranges: dict[str, DimRange]) -> dict:
+    """A vision engine's one profile: its images per call (its patch count is fixed per graph)."""
+    return {"vision": input_shapes(graph_io, ranges)}

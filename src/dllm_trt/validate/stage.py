@@ -64,12 +64,14 @@ def run(options: ValidateOptions) -> ValidateResult:
         raise DllmError("--canvas must be a positive integer")
     manifest = read_manifest(artifacts)
     layers = len(manifest.get("model", {}).get("layers", []))
+    vision = manifest.get("model", {}).get("vision")
+    tower = vision["num_layers"] + 1 if vision and options.per_layer else 0  # its layers and its reference
     # Whole generations judge the typical error, which one layer's 5% norm error or a 2x error confined to one
     # expert hardly moves (measured: such bf16 and nvfp4 copies pass them), so every reduced-precision graph
     # has each layer judged on its own as well.
     reduced = manifest["model"]["dtype"] != "float32"
     layered = reduced and backend == "onnxruntime" and options.layer_check and (artifacts / STEP_FILE).is_file()
-    total = layers + 4 if options.per_layer else 5 + (layers + 1) * layered
+    total = layers + 4 + tower if options.per_layer else 5 + (layers + 1) * layered
     progress = Progress(total=total + _writes_golden(options), quiet=options.quiet)
     with progress.stage("checking artifacts against the reference checkpoint") as notes:
         digest = checkpoint_hash(reference, safetensors_files(reference))
@@ -90,25 +92,35 @@ def run(options: ValidateOptions) -> ValidateResult:
         if dtype != "float32":
             low = load_model(reference, dtype=torch.float32)
             quantize_as_stored(low, manifest.get("precision", ""))
-            envelope = TorchStep(low.to(getattr(torch, dtype)))
+            envelope = TorchStep(low.to(getattr(torch, dtype)), images=vision is not None)
         candidate = open_step(artifacts, backend, checkpoint=reference)
         notes.append(f"{backend} ({getattr(candidate, 'execution', 'native')}), {dtype}" +
                      (f", envelope: transformers in {dtype}" if envelope else "") +
                      (f", its weights quantized as {manifest['precision']} stores them"
                       if manifest.get("precision") in QUANTIZED_PRECISIONS else ""))  # fmt: skip
     text = model.config.text_config
-    with progress.stage("random-input step parity") as notes:
+    title = "random-input step parity" + (", the vision graphs on fixed images" if vision else "")
+    with progress.stage(title) as notes:
         step = step_parity(model, candidate, seed=seeds[0], tolerance_dtype=dtype, envelope=envelope)
+        if vision is not None:
+            step.comparisons += _vision_parity(model, candidate, artifacts, dtype)
         notes.append(f"{sum(c.passed for c in step.comparisons)}/{len(step.comparisons)} within tolerance")
     settings = GenerationSettings.from_generation_config(
         model.generation_config.to_dict(),
         max_new_tokens=max_new_tokens or default_max_new_tokens(model.config.canvas_length, text.sliding_window),
     )
+    images = None
+    if vision is not None:  # the prompts with images at their heads: the fixed test images, at the fewest soft tokens
+        prompts, images = _with_images(prompts or default_prompts(text.vocab_size, seeds[0]), vision, artifacts)
     ids, mask = left_pad(prompts or default_prompts(text.vocab_size, seeds[0]), text.pad_token_id or 0)
-    with progress.stage(f"generation parity ({len(seeds)} seed(s), {settings.max_new_tokens} new tokens)") as notes:
+    pictured = f", {len(images.counts)} images in the first prompt" if images else ""
+    with progress.stage(
+        f"generation parity ({len(seeds)} seed(s), {settings.max_new_tokens} new tokens{pictured})"
+    ) as notes:
         generation = generation_parity(
-            model, TorchStep(model), candidate, settings, ids, mask, list(seeds), dtype, envelope
-        )
+            model, TorchStep(model, images=vision is not None), candidate, settings, ids, mask, list(seeds), dtype,
+            envelope, images,
+        )  # fmt: skip
         notes.append(f"{len(generation.steps)} calls replayed, {generation.judged} judged, "
                      f"{len(generation.failures())} failure(s)")  # fmt: skip
     report = report_dict(artifacts, backend, getattr(candidate, "execution", "native"), step, generation)
@@ -132,6 +144,33 @@ def run(options: ValidateOptions) -> ValidateResult:
     return ValidateResult(report["passed"], report["failures"], report, text_md)
 
 
+def _with_images(prompts: list[list[int]], vision: dict, artifacts: Path):  # noqa: ANN202
+    """The first prompt with two fixed test images of different aspect ratios (one before its text, one
+    inside it), the others as they are, placeholders expanded as the processor does; and the processed
+    images (at the fewest soft tokens exported: the prompt pass grows with them)."""
+    from dllm_trt.generation.image_inputs import expand_prompt_ids, image_processor, process_images
+    from dllm_trt.parity.vision_parity import fixed_images
+
+    image = vision["image_token_id"]
+    count = min(int(n) for n in vision["graphs"])
+    marked = [[image, *prompt[:2], image, *prompt[2:]] if row == 0 else list(prompt)
+              for row, prompt in enumerate(prompts)]  # fmt: skip
+    pictures = fixed_images(sum(p.count(image) for p in marked))
+    processed = process_images(pictures, image_processor(artifacts, vision["patch_size"],
+                                                         vision["pooling_kernel_size"], count))  # fmt: skip
+    expanded = expand_prompt_ids(marked, iter(processed.counts), vision["boi_token_id"], image, vision["eoi_token_id"])
+    return expanded, processed
+
+
+def _vision_parity(model, candidate, artifacts: Path, dtype: str) -> list:  # noqa: ANN001
+    """The candidate's vision graphs on the fixed images against transformers' tower: judged in fp32 (1e-4),
+    reported in reduced precision as the rest of step parity is (--per-layer judges the tower against its
+    envelope, layer by layer)."""
+    from dllm_trt.parity.vision_parity import artifact_vision_parity
+
+    return artifact_vision_parity(model, candidate, artifacts, dtype)
+
+
 def _per_layer(options: ValidateOptions, manifest: dict, prompts: list[list[int]] | None, progress: Progress):
     """`--per-layer`: the artifact's step graph piece by piece against transformers layer by layer."""
     if options.backend != "onnxruntime":
@@ -146,6 +185,10 @@ def _per_layer(options: ValidateOptions, manifest: dict, prompts: list[list[int]
     result = per_layer_parity(
         PerLayerOptions(options.artifacts, options.reference, prompts, options.seeds[0], options.canvas), progress
     )
+    if manifest["model"].get("vision"):  # the tower's layers first: its soft tokens enter the step's prompt pass
+        from dllm_trt.parity.vision_per_layer import tower_per_layer
+
+        result.layers = tower_per_layer(options.artifacts, options.reference, manifest, progress) + result.layers
     execution = "onnxruntime, one layer at a time; " + execution_on_cpu(options.artifacts)
     report = dict(
         artifacts=str(options.artifacts), backend="onnxruntime", execution=execution, mode="per-layer",

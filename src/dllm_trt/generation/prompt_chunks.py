@@ -29,13 +29,16 @@ def chunk_spans(length: int, chunk: int, protected: Sequence[Span] = ()) -> list
     """The [start, end) of each encoder pass over `length` tokens (module docstring)."""
     if chunk < 1:
         raise ValueError(f"a prompt chunk holds at least one token, not {chunk}")
-    spans = sorted(protected)
-    for (a, b), (c, _) in zip(spans, spans[1:]):
-        if c < b:
-            raise ValueError(f"protected spans [{a}, {b}) and [{c}, ...) overlap")
-    for a, b in spans:
+    for a, b in protected:
         if not 0 <= a < b <= length:
             raise ValueError(f"protected span [{a}, {b}) is empty or outside the {length} tokens")
+    # Spans that overlap (images of different rows over the same columns of the batch) are kept whole together.
+    spans: list[Span] = []
+    for a, b in sorted(protected):
+        if spans and a < spans[-1][1]:
+            spans[-1] = (spans[-1][0], max(spans[-1][1], b))
+        else:
+            spans.append((a, b))
     passes, start = [], 0
     while start < length:
         end = min(start + chunk, length)

@@ -8,7 +8,6 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import onnxruntime as ort
-import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from dllm_trt import optimize
@@ -65,19 +64,9 @@ def test_an_fp32_export_is_left_alone(tiny_export):
     assert Counter(n.op_type for n in model.graph) == before
 
 
-@pytest.fixture(scope="module")
-def bf16_export(tiny_ckpt, tmp_path_factory):
-    from dllm_trt import export
-
-    out = tmp_path_factory.mktemp("bf16-export") / "onnx"
-    # the graphs are compared below
-    export.run(export.ExportOptions(tiny_ckpt, out, parity=False, quiet=True, dtype="bfloat16"))
-    return out
-
-
-def test_a_bf16_export_fuses_as_an_fp32_one_and_gives_the_same_graph(bf16_export, tiny_export, tmp_path):
+def test_a_tiny_export_bf16_fuses_as_an_fp32_one_and_gives_the_same_graph(tiny_export_bf16, tiny_export, tmp_path):
     graphs = {}
-    for name, source in (("bf16", bf16_export), ("fp32", tiny_export)):
+    for name, source in (("bf16", tiny_export_bf16), ("fp32", tiny_export)):
         # the graphs are compared below
         options = optimize.OptimizeOptions(source, tmp_path / name, "trt", "bf16", parity="none", quiet=True)
         manifest = optimize.run(options).manifest
@@ -92,11 +81,11 @@ def test_a_bf16_export_fuses_as_an_fp32_one_and_gives_the_same_graph(bf16_export
     assert weights["bf16"] == weights["fp32"]
 
 
-def test_a_bf16_export_optimized_for_cpu_passes_validate(bf16_export, tiny_ckpt, tmp_path):
+def test_a_tiny_export_bf16_optimized_for_cpu_passes_validate(tiny_export_bf16, tiny_ckpt, tmp_path):
     from dllm_trt import validate
 
     # the graphs are compared below
-    options = optimize.OptimizeOptions(bf16_export, tmp_path / "opt", "ort-cpu", "bf16", parity="none", quiet=True)
+    options = optimize.OptimizeOptions(tiny_export_bf16, tmp_path / "opt", "ort-cpu", "bf16", parity="none", quiet=True)
     optimize.run(options)
     result = validate.run(validate.ValidateOptions(tmp_path / "opt", tiny_ckpt, seeds=(0,), quiet=True))
     assert result.passed, result.failures

@@ -138,14 +138,12 @@ def test_nvfp4_graph_judged_against_the_reference_quantized_alike(tiny_ckpt, tin
 
 
 @pytest.mark.skipif(not (TRAINED / "model.safetensors").exists(), reason="no trained checkpoint")
-def test_trained_checkpoint_bf16_passes_and_a_norm_5_percent_off_fails(tmp_path):
-    from dllm_trt import export, optimize
+def test_trained_checkpoint_bf16_passes_and_a_norm_5_percent_off_fails(trained_export, tmp_path):
+    from dllm_trt import optimize
 
-    exported, optimized = tmp_path / "onnx", tmp_path / "bf16"
+    optimized = tmp_path / "bf16"
     # validate --per-layer judges it below
-    export.run(export.ExportOptions(TRAINED, exported, dtype="float32", parity=False, quiet=True, vision=False))
-    # validate --per-layer judges it below
-    optimize.run(optimize.OptimizeOptions(exported, optimized, "ort-cpu", "bf16", parity="none", quiet=True))
+    optimize.run(optimize.OptimizeOptions(trained_export, optimized, "ort-cpu", "bf16", parity="none", quiet=True))
     code, report = _per_layer(optimized, TRAINED, tmp_path / "honest")
     assert code == 0, report["per_layer"]["failures"]
     layers = len(report["per_layer"]["layers"]) - 1

@@ -70,29 +70,6 @@ PRESETS: dict[str, dict] = {
         canvas_length=8,
         max_denoising_steps=12,
     ),
-    # The tiny preset with the released full layers' attention shape: head 512, 16 query heads over 2
-    # key/value heads (the head size TensorRT fuses no attention for: the DllmAttention plugin's case).
-    "tiny-head512": dict(
-        text=dict(
-            vocab_size=512,
-            hidden_size=64,
-            intermediate_size=96,
-            num_hidden_layers=2,
-            layer_types=["sliding_attention", "full_attention"],
-            num_attention_heads=16,
-            num_key_value_heads=2,
-            head_dim=16,
-            global_head_dim=512,
-            num_global_key_value_heads=2,
-            sliding_window=8,
-            num_experts=8,
-            top_k_experts=2,
-            moe_intermediate_size=32,
-            max_position_embeddings=4096,
-        ),
-        canvas_length=8,
-        max_denoising_steps=12,
-    ),
     # Benchmarks: about 25M parameters.
     "small": dict(
         text=dict(
@@ -138,6 +115,13 @@ PRESETS: dict[str, dict] = {
         dtype="bfloat16",  # the released checkpoint's dtype; written streamed (see write_streamed_checkpoint)
     ),
 }
+
+# The tiny preset with the released full layers' attention shape: head 512, 16 query heads over 2 key/value
+# heads (the head size TensorRT fuses no attention for: the DllmAttention plugin's case).
+PRESETS["tiny-head512"] = dict(
+    PRESETS["tiny"],
+    text=dict(PRESETS["tiny"]["text"], num_attention_heads=16, global_head_dim=512, num_global_key_value_heads=2),
+)
 
 # Vision towers of the `-vision` presets. Head size 72 in every one (the released tower's): what fuses in
 # TensorRT at that size is what the engines of the small presets show. tiny standardizes its soft tokens

@@ -65,7 +65,20 @@ def envelope_weights(module: torch.nn.Module, dtype: torch.dtype, precision: str
     return out
 
 
-def _low(value, dtype: torch.dtype):  # noqa: ANN001, ANN202
+def record_norm(recorder, name: str):  # noqa: ANN001, ANN201
+    """A forward hook keeping a norm's input and output in the recorder's current layer run (`recorder._run`,
+    None outside a recorded layer)."""
+
+    def hook(module, inputs, output) -> None:  # noqa: ANN001
+        run = recorder._run
+        if run is not None:
+            run.tensors[f"{name}.in"] = inputs[0].detach().float().clone()
+            run.tensors[f"{name}.out"] = output.detach().float().clone()
+
+    return hook
+
+
+def as_layer_input(value, dtype: torch.dtype):  # noqa: ANN001, ANN202
     """An fp32 layer input as the same layer would get it in `dtype` (bool masks stay bool)."""
     if isinstance(value, torch.Tensor):
         if value.is_floating_point():
@@ -74,7 +87,7 @@ def _low(value, dtype: torch.dtype):  # noqa: ANN001, ANN202
             return value.to(dtype)
         return value
     if isinstance(value, tuple):
-        return tuple(_low(v, dtype) for v in value)
+        return tuple(as_layer_input(v, dtype) for v in value)
     return value
 
 
@@ -94,20 +107,12 @@ class LayerRecorder:
                 # prepend: runs before models.offloaded drops the layer's weights
                 self.handles.append(layer.register_forward_hook(self._after, with_kwargs=True, prepend=True))
                 for name in NORMS:
-                    self.handles.append(getattr(layer, name).register_forward_hook(self._norm(name)))
+                    self.handles.append(getattr(layer, name).register_forward_hook(record_norm(self, name)))
                 self.handles.append(layer.router.register_forward_hook(self._router))
 
     def start(self, kind: str, label: str) -> CallRecord:
         self.calls.append(CallRecord(kind, label))
         return self.calls[-1]
-
-    def _norm(self, name: str):  # noqa: ANN202
-        def hook(module, inputs, output) -> None:  # noqa: ANN001
-            if self._run is not None:
-                self._run.tensors[f"{name}.in"] = inputs[0].detach().float().clone()
-                self._run.tensors[f"{name}.out"] = output.detach().float().clone()
-
-        return hook
 
     def _router(self, module, inputs, outputs) -> None:  # noqa: ANN001
         if self._run is not None:
@@ -140,13 +145,13 @@ class LayerRecorder:
         if kind == "denoise":  # the decoder reads the encoder's K/V; the encoder's own call starts empty
             seen = kwargs["cache"].layers[index]
             cache.update(seen.keys.to(dtype), seen.values.to(dtype), index)
-        low_kwargs = {k: (cache if k == "cache" else _low(v, dtype)) for k, v in kwargs.items()}
+        low_kwargs = {k: (cache if k == "cache" else as_layer_input(v, dtype)) for k, v in kwargs.items()}
         stashed = {store: getattr(layer, store) for store in HOOK_STORES}
         for store in HOOK_STORES:  # the layer's own hooks (ours, the offloader's) must not see this call
             setattr(layer, store, type(stashed[store])())
         self._run = LayerRun()
         try:
-            output = torch.func.functional_call(layer, weights, (_low(args[0], dtype),), low_kwargs)
+            output = torch.func.functional_call(layer, weights, (as_layer_input(args[0], dtype),), low_kwargs)
         finally:
             for store, hooks in stashed.items():
                 setattr(layer, store, hooks)

@@ -153,7 +153,7 @@ class PerLayerResult:
         )  # fmt: skip
 
 
-def _tokens(tensor: torch.Tensor, count: int) -> torch.Tensor:
+def token_rows(tensor: torch.Tensor, count: int) -> torch.Tensor:
     """[N, features] view of a per-token tensor ([B, T, ...], [N, ...] or K/V [B, G, T, D])."""
     return tensor.reshape(count, -1)
 
@@ -190,7 +190,7 @@ class _Samples:
     decision: bool = False
 
 
-class _Judge:
+class LayerJudge:
     """Pools each layer's blocks over the calls, then judges them (see the module doc): a handful of prompt
     tokens makes a noisy median on its own, the calls together do not."""
 
@@ -344,20 +344,20 @@ def per_layer_parity(options: PerLayerOptions, progress: Progress | None = None)
                 env_logits[i] = _envelope_logits(model, calls[i].layers[-1].reference.tensors["output"], envelope_dtype)
     del model, recorder.model  # its embedding (fp32) must not sit beside the artifact's pieces
     gc.collect()
-    judge = _Judge(dtype, top_k)
+    judge = LayerJudge(dtype, top_k)
     verdicts = []
     total = judged = 0
     with tempfile.TemporaryDirectory(prefix="dllm-trt-layers-", dir=options.scratch) as scratch:
         graphs = LayerGraphs(options.artifacts, STEP_FILE, layers, Path(scratch))
-        own = _run_piece(graphs, -1, feeds, [{} for _ in calls])
+        own = run_layer_piece(graphs, -1, feeds, [{} for _ in calls])
         for call, env, out, mask in zip(calls, env_embeddings, own, masks):
             ours, ref, n = out[graphs.segments[0].hidden_in], call.layers[0].hidden_in, mask.numel()
-            judge.value(0, call.label, "embedding", _tokens(ours, n), _tokens(ref, n), _optional(env, n), mask)
+            judge.value(0, call.label, "embedding", token_rows(ours, n), token_rows(ref, n), _optional(env, n), mask)
         for index in range(layers):
             with progress.stage(f"layer {index}: the artifact's piece on {len(calls)} calls") as notes:
                 segment = graphs.segments[index]
                 teacher = [{segment.hidden_in: call.layers[index].hidden_in.to(io_dtype)} for call in calls]
-                outs = _run_piece(graphs, index, [f | o for f, o in zip(feeds, own)], teacher)
+                outs = run_layer_piece(graphs, index, [f | o for f, o in zip(feeds, own)], teacher)
                 for call, out, mask in zip(calls, outs, masks):
                     counted, ok = _judge_layer(judge, graphs, index, call, out, mask)
                     total, judged = total + counted, judged + ok
@@ -369,10 +369,10 @@ def per_layer_parity(options: PerLayerOptions, progress: Progress | None = None)
 
 
 def _optional(tensor: torch.Tensor | None, count: int) -> torch.Tensor | None:
-    return None if tensor is None else _tokens(tensor, count)
+    return None if tensor is None else token_rows(tensor, count)
 
 
-def _layer_verdict(judge: _Judge, index: int) -> LayerVerdict:
+def _layer_verdict(judge: LayerJudge, index: int) -> LayerVerdict:
     verdict = LayerVerdict(index, judge.verdicts(index))
     picks = next((b for b in verdict.blocks if b.block == EXPERT_PICKS), None)
     if picks is not None:
@@ -381,7 +381,7 @@ def _layer_verdict(judge: _Judge, index: int) -> LayerVerdict:
     return verdict
 
 
-def _run_piece(graphs: LayerGraphs, index: int, feeds: list[dict], teacher: list[dict]) -> list[dict]:
+def run_layer_piece(graphs: LayerGraphs, index: int, feeds: list[dict], teacher: list[dict]) -> list[dict]:
     from dllm_trt.generation.ort_session import run
 
     session = graphs.open(index)
@@ -393,7 +393,7 @@ def _run_piece(graphs: LayerGraphs, index: int, feeds: list[dict], teacher: list
         graphs.close(index)
 
 
-def _judge_layer(judge: _Judge, graphs: LayerGraphs, index: int, call: CallRecord, out: dict, mask: torch.Tensor):
+def _judge_layer(judge: LayerJudge, graphs: LayerGraphs, index: int, call: CallRecord, out: dict, mask: torch.Tensor):
     """Hand one call's tensors of layer `index` to the judge; (tokens, tokens judged on what the router feeds)."""
     record, segment = call.layers[index], graphs.segments[index]
     ref, env = record.reference.tensors, record.envelope.tensors if record.envelope else None
@@ -422,11 +422,11 @@ def _judge_layer(judge: _Judge, graphs: LayerGraphs, index: int, call: CallRecor
         later = block in AFTER_ROUTER
         valid, env_valid = (agree, env_agree) if later else (mask, None)
         env_tensor = _optional(env[key], count) if env else None
-        judge.value(index, call.label, block, _tokens(ours, count), _tokens(ref[key], count), env_tensor, valid,
+        judge.value(index, call.label, block, token_rows(ours, count), token_rows(ref[key], count), env_tensor, valid,
                     env_valid)  # fmt: skip
-    leaving = _tokens(out[graphs.output_of_layer(index)].float(), count)
+    leaving = token_rows(out[graphs.output_of_layer(index)].float(), count)
     env_out = _optional(env["output"], count) if env else None
-    judge.value(index, call.label, "layer output", leaving, _tokens(ref["output"], count), env_out, agree, env_agree)
+    judge.value(index, call.label, "layer output", leaving, token_rows(ref["output"], count), env_out, agree, env_agree)
     if call.kind == "encode":
         for kind in ("key", "value"):
             name = next(n for n in segment.kv if n.startswith(kind + "."))
@@ -441,7 +441,7 @@ def _picks_differing(picks: torch.Tensor, reference: torch.Tensor) -> torch.Tens
     return ~(picks.unsqueeze(-1) == reference.unsqueeze(-2)).any(-1).reshape(-1)
 
 
-def _judge_head(judge: _Judge, graphs: LayerGraphs, calls, feeds, own, heads, env_logits: dict, layers: int):  # noqa: ANN001
+def _judge_head(judge: LayerJudge, graphs: LayerGraphs, calls, feeds, own, heads, env_logits: dict, layers: int):  # noqa: ANN001
     """The epilogue (final norm, LM head, softcap, a fused sampling head) on the reference's last hidden state."""
     denoise = [i for i, call in enumerate(calls) if call.kind == "denoise"]
     segment = graphs.segments[layers]
@@ -449,15 +449,15 @@ def _judge_head(judge: _Judge, graphs: LayerGraphs, calls, feeds, own, heads, en
     for i in denoise:
         last = calls[i].layers[-1].reference.tensors["output"]
         teacher.append({segment.hidden_in: last.to(feeds[i]["self_conditioning"].dtype)})
-    outs = _run_piece(graphs, layers, [feeds[i] | own[i] for i in denoise], teacher)
+    outs = run_layer_piece(graphs, layers, [feeds[i] | own[i] for i in denoise], teacher)
     for i, out, (temperature, noise, head) in zip(denoise, outs, heads):
         call = calls[i]
         count = call.logits.shape[0] * call.logits.shape[1]
         valid = torch.ones(count, dtype=torch.bool)
         logits = env_logits.get(i)
         if LOGITS in out:
-            env = None if logits is None else _tokens(logits, count)
-            ours, ref = _tokens(out[LOGITS], count), _tokens(call.logits, count)
+            env = None if logits is None else token_rows(logits, count)
+            ours, ref = token_rows(out[LOGITS], count), token_rows(call.logits, count)
             judge.value("head", call.label, "logits", ours, ref, env, valid)
             continue
         if SAMPLING_OUTPUTS[0] not in out:

@@ -10,7 +10,7 @@ The artifact's vision graph is cut into its prologue (patch embedding, positions
 padding bias), one piece per layer and its epilogue (pooler, standardize, the embedder), as the step
 graph is (parity.layer_graphs, VISION_LAYOUT); each piece runs alone in onnxruntime, given the
 reference's input to its layer, so a layer's error is its own. Judged as the step's layers are
-(parity.per_layer._Judge) on the images' valid patches, and the epilogue on their valid soft tokens.
+(parity.per_layer.LayerJudge) on the images' valid patches, and the epilogue on their valid soft tokens.
 Letters: I images, P patches, S soft tokens, H hidden.
 """
 
@@ -28,8 +28,8 @@ from dllm_trt.models.checkpoint import safetensors_files, tensor_index
 from dllm_trt.models.offloaded import offloaded_reference
 from dllm_trt.models.vision import reference_image_features
 from dllm_trt.parity.layer_graphs import VISION_BLOCKS, VISION_LAYOUT, LayerGraphs
-from dllm_trt.parity.layer_reference import HOOK_STORES, LayerRun, _low, envelope_weights
-from dllm_trt.parity.per_layer import LayerVerdict, _Judge, _run_piece, _tokens
+from dllm_trt.parity.layer_reference import HOOK_STORES, LayerRun, as_layer_input, envelope_weights, record_norm
+from dllm_trt.parity.per_layer import LayerJudge, LayerVerdict, run_layer_piece, token_rows
 from dllm_trt.parity.vision_parity import fixed_images
 from dllm_trt.progress import Progress
 
@@ -59,18 +59,10 @@ class _TowerRecorder:
             # prepend: runs before models.offloaded drops the layer's weights
             self.handles.append(layer.register_forward_hook(self._after, with_kwargs=True, prepend=True))
             for name in NORMS:
-                self.handles.append(getattr(layer, name).register_forward_hook(self._norm(name)))
+                self.handles.append(getattr(layer, name).register_forward_hook(record_norm(self, name)))
 
     def _embedded(self, module, inputs, output) -> None:  # noqa: ANN001
         self.embedding = output.detach().float().clone()
-
-    def _norm(self, name: str):  # noqa: ANN202
-        def hook(module, inputs, output) -> None:  # noqa: ANN001
-            if self._run is not None:
-                self._run.tensors[f"{name}.in"] = inputs[0].detach().float().clone()
-                self._run.tensors[f"{name}.out"] = output.detach().float().clone()
-
-        return hook
 
     def _before(self, layer, args, kwargs) -> None:  # noqa: ANN001
         self._run = LayerRun()
@@ -90,8 +82,8 @@ class _TowerRecorder:
             setattr(layer, store, type(stashed[store])())
         self._run = LayerRun()
         try:
-            low = {key: _low(value, dtype) for key, value in kwargs.items()}
-            output = torch.func.functional_call(layer, weights, (_low(args[0], dtype),), low)
+            low = {key: as_layer_input(value, dtype) for key, value in kwargs.items()}
+            output = torch.func.functional_call(layer, weights, (as_layer_input(args[0], dtype),), low)
         finally:
             for store, hooks in stashed.items():
                 setattr(layer, store, hooks)
@@ -125,25 +117,27 @@ def tower_per_layer(
     valid = (inputs.position_ids != -1).all(-1).reshape(-1)  # [I*P]: padding patches are never pooled
     patches = valid.numel()
     feeds = dict(zip(VISION_INPUTS, (inputs.pixel_values, inputs.position_ids)))
-    judge = _Judge(dtype, 1)
+    judge = LayerJudge(dtype, 1)
     verdicts: list[LayerVerdict] = []
     with tempfile.TemporaryDirectory(prefix="dllm-trt-vision-layers-") as scratch:
         graphs = LayerGraphs(artifacts, file, layers, Path(scratch), VISION_LAYOUT)
-        own = _run_piece(graphs, -1, [feeds], [{}])[0]  # the prologue: patch embedding, RoPE tables, padding bias
+        own = run_layer_piece(graphs, -1, [feeds], [{}])[0]  # the prologue: patch embedding, RoPE tables, padding bias
 
         def on_layer(index: int, hidden_in: torch.Tensor, ref: LayerRun, env: LayerRun | None) -> None:
             segment = graphs.segments[index]
-            out = _run_piece(graphs, index, [feeds | own], [{segment.hidden_in: hidden_in.to(io_dtype)}])[0]
+            out = run_layer_piece(graphs, index, [feeds | own], [{segment.hidden_in: hidden_in.to(io_dtype)}])[0]
             where = layer_name(index)
             for block, module, side in VISION_BLOCKS:
                 if block in segment.blocks:
                     key = f"{module}.{side}"
-                    ours = _tokens(out[segment.blocks[block]].float(), patches)
-                    env_tensor = None if env is None else _tokens(env.tensors[key], patches)
-                    judge.value(where, CALL, block, ours, _tokens(ref.tensors[key], patches), env_tensor, valid)
-            leaving = _tokens(out[graphs.output_of_layer(index)].float(), patches)
-            env_out = None if env is None else _tokens(env.tensors["output"], patches)
-            judge.value(where, CALL, "layer output", leaving, _tokens(ref.tensors["output"], patches), env_out, valid)
+                    ours = token_rows(out[segment.blocks[block]].float(), patches)
+                    env_tensor = None if env is None else token_rows(env.tensors[key], patches)
+                    judge.value(where, CALL, block, ours, token_rows(ref.tensors[key], patches), env_tensor, valid)
+            leaving = token_rows(out[graphs.output_of_layer(index)].float(), patches)
+            env_out = None if env is None else token_rows(env.tensors["output"], patches)
+            judge.value(
+                where, CALL, "layer output", leaving, token_rows(ref.tensors["output"], patches), env_out, valid
+            )
             verdicts.append(LayerVerdict(where, judge.verdicts(where), order=ORDER))
             progress.note(
                 f"{where}: " + ("ok" if verdicts[-1].passed else f"FAIL at {verdicts[-1].first_failing_block()}")
@@ -171,14 +165,14 @@ def tower_per_layer(
                 inputs.pixel_values, inputs.position_ids, padding)).float()  # fmt: skip
         del model, tower
         gc.collect()
-        embedded = _tokens(own[graphs.segments[0].hidden_in].float(), patches)
-        env_embedded = None if envelope_embedding is None else _tokens(envelope_embedding, patches)
-        judge.value(layer_name(0), CALL, "embedding", embedded, _tokens(recorder.embedding, patches), env_embedded,
+        embedded = token_rows(own[graphs.segments[0].hidden_in].float(), patches)
+        env_embedded = None if envelope_embedding is None else token_rows(envelope_embedding, patches)
+        judge.value(layer_name(0), CALL, "embedding", embedded, token_rows(recorder.embedding, patches), env_embedded,
                     valid)  # fmt: skip
         verdicts[0] = LayerVerdict(layer_name(0), judge.verdicts(layer_name(0)), order=ORDER)  # with the embedding
         last = graphs.segments[layers]
         teacher = {last.hidden_in: recorder.last_output.to(io_dtype)}
-        soft = _run_piece(graphs, layers, [feeds | own], [teacher])[0][graphs.model.graph.output[0].name]
+        soft = run_layer_piece(graphs, layers, [feeds | own], [teacher])[0][graphs.model.graph.output[0].name]
         ours = torch.cat([soft[i, :n].float() for i, n in enumerate(inputs.counts)])  # each image's valid prefix
         rows = torch.ones(ours.shape[0], dtype=torch.bool)
         judge.value(layer_name("head"), CALL, "soft tokens", ours, features.float(), envelope_features, rows)

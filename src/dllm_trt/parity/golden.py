@@ -335,6 +335,7 @@ def write_golden(options: GoldenOptions, out: Path) -> dict:
     from polygraphy.comparator import RunResults
     from polygraphy.comparator.struct import IterationResult
     from polygraphy.json import save_json
+    from polygraphy.logger import G_LOGGER
 
     from dllm_trt.generation.cpu_variant import execution_on_cpu, needs_cpu_variant
     from dllm_trt.models.checkpoint import safetensors_files, tensor_index
@@ -370,10 +371,15 @@ def write_golden(options: GoldenOptions, out: Path) -> dict:
 
     out.mkdir(parents=True, exist_ok=True)
     feeds = [{name: _feed(call.feeds[name], inputs[name]) for name in inputs} for call in calls]
-    save_json(feeds, str(out / GOLDEN_INPUTS), description="golden inputs")
-    for file, per_call in files.items():
-        iterations = [IterationResult({n: t.numpy() for n, t in c.items()}, runner_name=RUNNER) for c in per_call]
-        RunResults([(RUNNER, iterations)]).save(str(out / file))
+    # Polygraphy logs each save ("[I] Saving ... to <the temporary path>") and, on its first coloured line,
+    # a notice about the optional 'colored' module: neither is the user's business in the middle of a
+    # progress line; its warnings and errors still show.
+    G_LOGGER.colors = False
+    with G_LOGGER.verbosity(G_LOGGER.WARNING):
+        save_json(feeds, str(out / GOLDEN_INPUTS), description="golden inputs")
+        for file, per_call in files.items():
+            iterations = [IterationResult({n: t.numpy() for n, t in c.items()}, runner_name=RUNNER) for c in per_call]
+            RunResults([(RUNNER, iterations)]).save(str(out / file))
     held = ["the embedding (and self-conditioning) entering layer 0"] + [
         f"layer {i}'s output" + (" (the final norm's input)" if i == layers - 1 else "") for i in range(layers)
     ]

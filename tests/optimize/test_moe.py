@@ -274,14 +274,16 @@ def _adversarial_logits(kind: str, rows: int = 64) -> np.ndarray:
     raise ValueError(kind)
 
 
-@pytest.mark.parametrize("kind", ["all negative", "near ties", "exact ties"])
-@pytest.mark.parametrize("target", TARGETS)
+# Not ("trt", "exact ties"): the DllmMoE stand-in is moe_reference, whose torch.topk has no specified tie order
+# on CPU, so the cell would judge torch, not the graph; the plugin kernel's lowest-index rule is tested in
+# tests/kernels.
+ADVERSARIAL = [
+    (t, k) for t in TARGETS for k in ("all negative", "near ties", "exact ties") if (t, k) != ("trt", "exact ties")
+]
+
+
+@pytest.mark.parametrize(("target", "kind"), ADVERSARIAL)
 def test_expert_ids_agree_on_adversarial_logits(target, kind):
-    if kind == "exact ties" and target == "trt":
-        pytest.skip(
-            "the DllmMoE stand-in is moe_reference, whose torch.topk has no specified tie order on CPU; "
-            "the plugin kernel's lowest-index rule is tested in tests/kernels"
-        )
     original = moe_block(router_gemm=False, weights=_probe_weights())
     model, count = fused(original, target)
     assert count == 1

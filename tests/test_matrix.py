@@ -44,12 +44,13 @@ def expected(verb: str, artifact: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def artifacts(tiny_export, tiny_export_bf16, tmp_path_factory):
+def artifacts(tiny_export, tiny_export_bf16, tiny_trt, tiny_trt_fp32, tmp_path_factory):
     root = tmp_path_factory.mktemp("matrix")
-    # the session's exports of the tiny checkpoint (export without parity: the validate cells judge them)
-    made = {"export-float32": tiny_export, "export-bfloat16": tiny_export_bf16}
+    # the session's artifacts of the tiny checkpoint, made without parity: the validate cells judge them
+    made = {"export-float32": tiny_export, "export-bfloat16": tiny_export_bf16, "optimize-trt-fp32": tiny_trt_fp32}
+    made |= {f"optimize-trt-{precision}": path for precision, path in tiny_trt.items()}
     # --parity none below: every artifact is judged by the validate cells of the matrix itself
-    for name in OPTIMIZED:
+    for name in (n for n in OPTIMIZED if n not in made):
         target, precision = name.removeprefix("optimize-").rsplit("-", 1)
         made[name] = root / name
         argv = ["optimize", str(made["export-float32"]), "--target", target, "--precision", precision]

@@ -14,7 +14,6 @@ import onnx.numpy_helper
 import pytest
 import trt_graphs as graphs
 
-from dllm_trt import optimize
 from dllm_trt.cli import main
 from dllm_trt.engines.stage import (
     BuildOptions,
@@ -39,15 +38,10 @@ def optimized(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def tiny_trt(tiny_export, tmp_path_factory):
-    """The tiny preset optimized for TensorRT, bf16 and fp32."""
-    out = {}
-    for precision in ("bf16", "fp32"):
-        path = tmp_path_factory.mktemp("trt") / precision
-        # the build is what these tests judge
-        optimize.run(optimize.OptimizeOptions(tiny_export, path, "trt", precision, parity="none", quiet=True))
-        out[precision] = path
-    return out
+def tiny_trt_graphs(tiny_trt, tiny_trt_fp32):
+    """The tiny preset optimized for TensorRT, bf16 and fp32 (the session's graphs; the build is what these
+    tests judge)."""
+    return {"bf16": tiny_trt["bf16"], "fp32": tiny_trt_fp32}
 
 
 def test_dry_run_plan_resolves_presets_profiles_and_memory(optimized):
@@ -171,16 +165,16 @@ def test_an_engine_missing_what_the_graph_holds_is_judged():
 
 @needs_rtx
 @pytest.mark.parametrize("precision, gpu", [("bf16", "dgx-spark"), ("fp32", "dgx-spark"), ("bf16", "rtx-4090")])
-def test_tensorrt_for_rtx_builds_the_tiny_preset_with_the_moe_plugin(tiny_trt, precision, gpu, tmp_path, capsys):
+def test_tensorrt_for_rtx_builds_the_tiny_preset_with_the_moe_plugin(tiny_trt_graphs, precision, gpu, tmp_path, capsys):
     out = tmp_path / "engines"
-    assert main(["build", str(tiny_trt[precision]), "--gpu", gpu, "-o", str(out)]) == 0, capsys.readouterr().err
+    assert main(["build", str(tiny_trt_graphs[precision]), "--gpu", gpu, "-o", str(out)]) == 0, capsys.readouterr().err
     info = json.loads((out / "build_info.json").read_text())
     assert info["library"] == "tensorrt-rtx" and info["gpu"]["built_on"] is None  # ahead of time, no GPU
     # the tiny preset's head sizes (16, 32) fuse in bf16; no fp32 attention has a fused TensorRT kernel, so
     # optimize gave every fp32 attention to the DllmAttention plugin: no attention is decomposed in either
     plugins = ["dllm_trt::DllmMoE"] + (["dllm_trt::DllmAttention"] if precision == "fp32" else [])
     assert info["runtime_requirements"]["python_plugins"] == plugins
-    layers = len(json.loads((tiny_trt[precision] / "manifest.json").read_text())["model"]["layers"])
+    layers = len(json.loads((tiny_trt_graphs[precision] / "manifest.json").read_text())["model"]["layers"])
     assert list(info["engines"]) == ["step"]  # one engine: one copy of the weights
     for engine in info["engines"].values():
         moe_layers = layers
@@ -200,14 +194,16 @@ def test_tensorrt_for_rtx_builds_the_tiny_preset_with_the_moe_plugin(tiny_trt, p
 
 
 @needs_rtx
-def test_a_profile_per_phase_builds_and_costs_bytes_not_weights(tiny_trt, tmp_path):
+def test_a_profile_per_phase_builds_and_costs_bytes_not_weights(tiny_trt_graphs, tmp_path):
     """Two profiles: the attention kernels are listed once per profile, the weights stored once."""
-    one = build_engines(BuildOptions(tiny_trt["bf16"], tmp_path / "one", "dgx-spark", quiet=True))[1]["engines"]["step"]
-    two = build_engines(BuildOptions(tiny_trt["bf16"], tmp_path / "two", "dgx-spark", quiet=True,
+    one = build_engines(BuildOptions(tiny_trt_graphs["bf16"], tmp_path / "one", "dgx-spark", quiet=True))[1]["engines"][
+        "step"
+    ]
+    two = build_engines(BuildOptions(tiny_trt_graphs["bf16"], tmp_path / "two", "dgx-spark", quiet=True,
                                      profile_per_phase=True))[1]["engines"]["step"]  # fmt: skip
     assert two["fused_attention_kernels"] == 2 * one["fused_attention_kernels"] > 0
     engine = (tmp_path / "two" / "step.engine").read_bytes()
-    graph = onnx.load(str(tiny_trt["bf16"] / "step.onnx")).graph  # with its external data
+    graph = onnx.load(str(tiny_trt_graphs["bf16"] / "step.onnx")).graph  # with its external data
     probed = 0
     for init in graph.initializer:
         raw = onnx.numpy_helper.to_array(init).tobytes()

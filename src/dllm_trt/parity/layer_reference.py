@@ -78,6 +78,24 @@ def record_norm(recorder, name: str):  # noqa: ANN001, ANN201
     return hook
 
 
+def envelope_call(recorder, layer, weights: dict, hidden: torch.Tensor, kwargs: dict) -> LayerRun:  # noqa: ANN001
+    """`layer` called once more with `weights` (its envelope copy) on inputs already in the envelope's dtype;
+    the recorder's norm hooks fill the returned run (its `output` included), the layer's own hooks (the
+    recorder's layer hooks, the offloader's) are set aside for the call."""
+    stashed = {store: getattr(layer, store) for store in HOOK_STORES}
+    for store in HOOK_STORES:
+        setattr(layer, store, type(stashed[store])())
+    recorder._run = LayerRun()
+    try:
+        output = torch.func.functional_call(layer, weights, (hidden,), kwargs)
+    finally:
+        for store, hooks in stashed.items():
+            setattr(layer, store, hooks)
+        run, recorder._run = recorder._run, None
+    run.tensors["output"] = output.detach().float()
+    return run
+
+
 def as_layer_input(value, dtype: torch.dtype):  # noqa: ANN001, ANN202
     """An fp32 layer input as the same layer would get it in `dtype` (bool masks stay bool)."""
     if isinstance(value, torch.Tensor):
@@ -146,17 +164,7 @@ class LayerRecorder:
             seen = kwargs["cache"].layers[index]
             cache.update(seen.keys.to(dtype), seen.values.to(dtype), index)
         low_kwargs = {k: (cache if k == "cache" else as_layer_input(v, dtype)) for k, v in kwargs.items()}
-        stashed = {store: getattr(layer, store) for store in HOOK_STORES}
-        for store in HOOK_STORES:  # the layer's own hooks (ours, the offloader's) must not see this call
-            setattr(layer, store, type(stashed[store])())
-        self._run = LayerRun()
-        try:
-            output = torch.func.functional_call(layer, weights, (as_layer_input(args[0], dtype),), low_kwargs)
-        finally:
-            for store, hooks in stashed.items():
-                setattr(layer, store, hooks)
-            run, self._run = self._run, None
-        run.tensors["output"] = output.detach().float()
+        run = envelope_call(self, layer, weights, as_layer_input(args[0], dtype), low_kwargs)
         if kind == "encode":
             tokens = args[0].shape[1]
             run.tensors["key"] = cache.layers[index].keys[:, :, -tokens:].float()

@@ -28,7 +28,7 @@ from dllm_trt.models.checkpoint import safetensors_files, tensor_index
 from dllm_trt.models.offloaded import offloaded_reference
 from dllm_trt.models.vision import reference_image_features
 from dllm_trt.parity.layer_graphs import VISION_BLOCKS, VISION_LAYOUT, LayerGraphs
-from dllm_trt.parity.layer_reference import HOOK_STORES, LayerRun, as_layer_input, envelope_weights, record_norm
+from dllm_trt.parity.layer_reference import LayerRun, as_layer_input, envelope_call, envelope_weights, record_norm
 from dllm_trt.parity.per_layer import LayerJudge, LayerVerdict, run_layer_piece, token_rows
 from dllm_trt.parity.vision_parity import fixed_images
 from dllm_trt.progress import Progress
@@ -77,19 +77,8 @@ class _TowerRecorder:
     def _envelope(self, layer, args, kwargs) -> LayerRun:  # noqa: ANN001
         dtype = self.envelope_dtype
         weights = envelope_weights(layer, dtype, "")
-        stashed = {store: getattr(layer, store) for store in HOOK_STORES}
-        for store in HOOK_STORES:  # the layer's own hooks (ours, the offloader's) must not see this call
-            setattr(layer, store, type(stashed[store])())
-        self._run = LayerRun()
-        try:
-            low = {key: as_layer_input(value, dtype) for key, value in kwargs.items()}
-            output = torch.func.functional_call(layer, weights, (as_layer_input(args[0], dtype),), low)
-        finally:
-            for store, hooks in stashed.items():
-                setattr(layer, store, hooks)
-            run, self._run = self._run, None
-        run.tensors["output"] = output.detach().float()
-        return run
+        low = {key: as_layer_input(value, dtype) for key, value in kwargs.items()}
+        return envelope_call(self, layer, weights, as_layer_input(args[0], dtype), low)
 
     def close(self) -> None:
         for handle in self.handles:
